@@ -1,0 +1,102 @@
+"""Decoding untrusted image bytes into 8-bit RGB arrays, or a reason why not.
+
+Inputs come from photo dumps and user uploads, so anything can arrive: empty
+or truncated files, text files named ``.jpg``, grayscale, palette, CMYK,
+alpha and 16-bit images, and decompression bombs (a few KB of PNG that claim
+a 100,000 x 100,000 canvas). Every failure maps to one reject reason from
+:mod:`facesearch.manifest`; nothing here raises anything but
+:class:`ImageRejected`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from facesearch.manifest import Reason
+
+# Formats a face photo plausibly comes in; anything else PIL can parse (EPS,
+# ICNS, PSD, ...) widens the attack surface for no benefit.
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"})
+
+
+class ImageRejected(Exception):
+    """The bytes are not a usable image; ``reason`` is a :class:`Reason` value."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    rgb: np.ndarray  # H x W x 3, uint8
+    width: int
+    height: int
+    source_mode: str  # PIL mode before conversion, e.g. "RGB", "CMYK", "I;16"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16/32-bit grayscale: scale the used range into 8 bits rather than
+        # clipping, so a 16-bit PNG is not rendered as all-white.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 / 65535.0 if hi > 255 else 1.0
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        span = hi - lo if hi > lo else 1.0
+        img = Image.fromarray(((arr - lo) / span * 255 + 0.5).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency onto mid-gray: black or white would invent
+        # strong edges that a Haar detector responds to.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Decode ``data`` to RGB uint8, honouring EXIF orientation.
+
+    Raises :class:`ImageRejected` for empty, non-image, unsupported-format,
+    oversized (``width * height > max_pixels``, checked from the header before
+    any pixel is decoded) or corrupt/truncated data.
+    """
+    if not data:
+        raise ImageRejected(Reason.EMPTY_FILE)
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (not raises) between MAX_IMAGE_PIXELS and twice that;
+            # our own header check below is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            width, height = img.size
+            if fmt not in ALLOWED_FORMATS:
+                raise ImageRejected(Reason.UNSUPPORTED_FORMAT, str(fmt))
+            if width <= 0 or height <= 0 or width * height > max_pixels:
+                raise ImageRejected(Reason.TOO_LARGE, f"{width}x{height} exceeds {max_pixels} pixels")
+            img.load()
+            source_mode = img.mode
+            img = ImageOps.exif_transpose(img)
+            rgb = np.asarray(_to_rgb(img), dtype=np.uint8)
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageRejected(Reason.NOT_AN_IMAGE, str(exc)) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(Reason.TOO_LARGE, str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL reports truncation as OSError("image file is truncated ...").
+        reason = Reason.TRUNCATED if "truncated" in str(exc).lower() else Reason.CORRUPT
+        raise ImageRejected(reason, str(exc)) from None
+    return DecodedImage(rgb=rgb, width=rgb.shape[1], height=rgb.shape[0], source_mode=source_mode)
