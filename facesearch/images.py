@@ -49,12 +49,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         hi = float(arr.max()) if arr.size else 0.0
         scale = 255.0 / 65535.0 if hi > 255 else 1.0
-        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8))
     elif mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         span = hi - lo if hi > lo else 1.0
-        img = Image.fromarray(((arr - lo) / span * 255 + 0.5).astype(np.uint8), "L")
+        img = Image.fromarray(((arr - lo) / span * 255 + 0.5).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite transparency onto mid-gray: black or white would invent
         # strong edges that a Haar detector responds to.

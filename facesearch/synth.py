@@ -14,7 +14,8 @@ once per identity at random, so they behave like identity traits, as
 annotator judgements do in CelebA.
 
 Every photo is rendered from its own RNG seeded by (seed, identity index,
-photo index), so growing the data set leaves the existing photos unchanged.
+photo index), so the same params give the same bytes, and an identity looks
+the same whatever the size of the data set.
 """
 
 from __future__ import annotations

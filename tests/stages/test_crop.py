@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import broken_files, variants_of, write_params
+from PIL import Image
+
+from facesearch import manifest as M
+from facesearch.celeba import ATTRIBUTE_FILE, IDENTITY_FILE
+from facesearch.detect import DetectorConfig, detect_face
+from stages import crop
+
+
+def run_crop(workdir: Path, data: Path, overrides: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Run the stage in ``workdir`` (as DVC would, from the repo root) and load its outputs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = write_params(workdir / "params.yaml", {"crop.n_jobs": 1, **(overrides or {})})
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        crop.main(
+            ["--data", str(data), "--crops", "data/crops", "--manifest", "data/manifest.parquet",
+             "--metrics", "metrics/crop.json", "--sheet", "reports/crops.png", "--params", str(params)]
+        )  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return pd.read_parquet(workdir / "data/manifest.parquet"), json.loads((workdir / "metrics/crop.json").read_text())
+
+
+@pytest.fixture
+def messy_data(small_sample) -> Path:
+    """The small sample plus every kind of bad file and broken annotation row."""
+    img_dir = small_sample / "img_celeba"
+    cfg = DetectorConfig()
+    face_file = next(
+        p for p in sorted(img_dir.glob("*.jpg")) if detect_face(np.asarray(Image.open(p).convert("RGB")), cfg).chosen
+    )
+    face = Image.open(face_file).convert("RGB")
+    extra = {**broken_files(face_file.read_bytes()), **variants_of(face)}
+    for name, data in extra.items():
+        (img_dir / name).write_bytes(data)
+    ids = (small_sample / IDENTITY_FILE).read_text().splitlines()
+    identity = ids[0].split()[1]
+    rows = [f"{name} {identity}" for name in extra] + ["999998.jpg 42", "broken row without id", "999999.jpg"]
+    (small_sample / IDENTITY_FILE).write_text("\n".join(ids[1:] + rows) + "\n")  # ids[0]: image without identity
+    attr = (small_sample / ATTRIBUTE_FILE).read_text().splitlines()
+    (small_sample / ATTRIBUTE_FILE).write_text("\n".join(attr[:-3]) + "\n" + attr[-3][:30])  # truncated mid-row
+    return small_sample
+
+
+def test_every_input_is_accounted_for(messy_data, tmp_path):
+    df, metrics = run_crop(tmp_path, messy_data)
+    M.validate_manifest(df, base_dir=tmp_path)
+    files = sorted(p.name for p in (messy_data / "img_celeba").iterdir())
+    assert sorted(df[M.FILE_NAME]) == files
+    reason = dict(zip(df[M.FILE_NAME], df[M.REASON], strict=True))
+    status = dict(zip(df[M.FILE_NAME], df[M.STATUS], strict=True))
+    expected = {
+        "zero.jpg": "empty_file", "text.jpg": "not_an_image", "random.jpg": "not_an_image",
+        "truncated.jpg": "truncated", "bomb.png": "too_large", "notes.txt": "not_an_image",
+    }  # fmt: skip
+    for name, why in expected.items():
+        assert (status[name], reason[name]) == ("rejected", why), name
+    assert reason["corrupt.jpg"] in ("corrupt", "truncated", "no_face", None)
+    # Awkward but valid encodings of a detectable face are converted and kept.
+    modes = dict(zip(df[M.FILE_NAME], df[M.SOURCE_MODE], strict=True))
+    for name, mode in (("gray.jpg", "L"), ("cmyk.jpg", "CMYK"), ("rgba.png", "RGBA"), ("sixteen.png", "I;16")):
+        assert status[name] == "kept", name
+        assert modes[name] == mode
+    first = messy_data / IDENTITY_FILE  # the image whose identity row was removed
+    assert (df[M.REASON] == "no_identity").sum() == 1
+    assert first.exists()
+    ann = metrics["annotations"]
+    assert ann["images_without_identity"] == 1
+    assert ann["identity_rows_without_image"] == 1  # 999998.jpg
+    assert ann["malformed_rows"][IDENTITY_FILE] == 2
+    assert ann["malformed_rows"][ATTRIBUTE_FILE] == 1
+    assert ann["images_without_attributes"] >= 3 + len(broken_files(b"x")) + 5
+    assert metrics["n_input"] == len(files)
+    assert metrics["n_kept"] + sum(metrics["rejected"].values()) == len(files)
+    assert metrics["n_kept"] == int((df[M.STATUS] == "kept").sum())
+    # Every kept crop exists at the recorded, repo-relative path, and is the configured size.
+    for path in df.loc[df[M.STATUS] == "kept", M.CROP_PATH]:
+        assert not Path(path).is_absolute()
+        assert Image.open(tmp_path / path).size == (218, 218)
+    # Attributes are nullable: rows without an attribute line are null, not False.
+    assert df.loc[df[M.FILE_NAME] == "zero.jpg", "Male"].isna().all()
+    assert Image.open(tmp_path / "reports/crops.png").size[0] > 0
+
+
+def test_same_params_byte_identical_manifest(small_sample, tmp_path):
+    run_crop(tmp_path, small_sample)
+    first = (tmp_path / "data/manifest.parquet").read_bytes()
+    crops = {p.name: p.read_bytes() for p in (tmp_path / "data/crops").iterdir()}
+    run_crop(tmp_path, small_sample)
+    assert (tmp_path / "data/manifest.parquet").read_bytes() == first
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data/crops").iterdir()} == crops
+
+
+def test_loky_workers_match_sequential(small_sample, tmp_path):
+    seq, _ = run_crop(tmp_path / "seq", small_sample)
+    par, metrics = run_crop(tmp_path / "par", small_sample, {"crop.n_jobs": 2, "crop.backend": "loky"})
+    assert metrics["n_jobs"] == 2
+    pd.testing.assert_frame_equal(seq, par)
+
+
+def test_failed_run_leaves_previous_outputs_untouched(small_sample, tmp_path, monkeypatch):
+    run_crop(tmp_path, small_sample)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed half-way")
+
+    monkeypatch.setattr(crop, "build_manifest", boom)
+    with pytest.raises(RuntimeError, match="half-way"):
+        run_crop(tmp_path, small_sample, {"crop.margin": 0.4})
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    after.pop(Path("params.yaml"))
+    before.pop(Path("params.yaml"))
+    assert after == before  # no half-written output, no temp files left behind
+
+
+def test_missing_identity_file_fails_before_writing(small_sample, tmp_path):
+    (small_sample / IDENTITY_FILE).unlink()
+    with pytest.raises(Exception, match="identity file is required"):
+        run_crop(tmp_path / "work", small_sample)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["params.yaml"]
+
+
+def test_single_policy_and_unknown_detector_key(small_sample, tmp_path):
+    df, _ = run_crop(tmp_path, small_sample, {"crop.detector.policy": "single"})
+    M.validate_manifest(df, base_dir=tmp_path)
+    write_params(tmp_path / "bad.yaml", {"crop.detector.polcy": "single"})
+    with pytest.raises(ValueError, match="unknown keys"):
+        crop.load_crop_params(str(tmp_path / "bad.yaml"))
+
+
+def test_crop_names_never_collide():
+    names = crop.crop_names(["a.jpg", "a.png", "b.jpg"])
+    assert names == {"a.jpg": "a_jpg.jpg", "a.png": "a_png.jpg", "b.jpg": "b.jpg"}
+
+
+@pytest.mark.slow
+def test_real_faces_keep_rate(celeba_dev, tmp_path):
+    """The stage on 120 real in-the-wild CelebA photos (symlinked, not copied)."""
+    data = tmp_path / "celeba"
+    (data / "img_celeba").mkdir(parents=True)
+    names = sorted(p.name for p in (celeba_dev / "img_celeba").iterdir())[::18]
+    for name in names:
+        (data / "img_celeba" / name).symlink_to(celeba_dev / "img_celeba" / name)
+    for name in ("identity_CelebA.txt", "list_attr_celeba.txt", "list_eval_partition.txt"):
+        (data / name).symlink_to(celeba_dev / name)
+    df, metrics = run_crop(tmp_path / "work", data)
+    M.validate_manifest(df, base_dir=tmp_path / "work")
+    assert metrics["n_input"] == len(names)
+    assert metrics["keep_rate"] >= 0.85, metrics
+    assert metrics["annotations"]["images_without_attributes"] == int(df["Male"].isna().sum())
+    shutil.rmtree(tmp_path / "work" / "data" / "crops")
