@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
+from facesearch import manifest as M
+from facesearch.celeba import ATTRIBUTE_NAMES
 from facesearch.synth import SampleSpec, generate_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +122,41 @@ def write_params(path: Path, overrides: dict | None = None) -> Path:
         node[leaf] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def run_crop(workdir: Path, data: Path, overrides: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Run the crop stage in ``workdir`` (as DVC would, from the repo root) and load its outputs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = write_params(workdir / "params.yaml", {"crop.n_jobs": 1, **(overrides or {})})
+    from stages import crop
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        crop.main(
+            ["--data", str(data), "--crops", "data/crops", "--manifest", "data/manifest.parquet",
+             "--metrics", "metrics/crop.json", "--sheet", "reports/crops.png", "--params", str(params)]
+        )  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return pd.read_parquet(workdir / "data/manifest.parquet"), json.loads((workdir / "metrics/crop.json").read_text())
+
+
+def fake_manifest(counts: dict[int, int], partitions: dict[int, int] | None = None) -> pd.DataFrame:
+    """A manifest with ``counts[identity]`` kept images per identity and one rejected row."""
+    rows = []
+    for ident, n in counts.items():
+        for k in range(n):
+            name = f"{ident:05d}_{k}.jpg"
+            rows.append({
+                M.IMAGE_PATH: f"img_celeba/{name}", M.FILE_NAME: name, M.IDENTITY: ident,
+                M.PARTITION: (partitions or {}).get(ident), M.STATUS: "kept", M.REASON: None,
+                M.SOURCE_MODE: "RGB", M.WIDTH: 100, M.HEIGHT: 100, M.N_FACES: 1, M.DETECTOR: "haar_frontal",
+                M.BBOX_X: 10, M.BBOX_Y: 10, M.BBOX_W: 50, M.BBOX_H: 50, M.CROP_PATH: f"crops/{name}",
+                M.SHA256: "0" * 64, **{a: None for a in ATTRIBUTE_NAMES},
+            })  # fmt: skip
+    rows.append({M.IMAGE_PATH: "img_celeba/zzz.jpg", M.FILE_NAME: "zzz.jpg", M.STATUS: "rejected", M.REASON: "no_face"})
+    df = pd.DataFrame(rows).reindex(columns=list(M.MANIFEST_COLUMNS))
+    df = M.conform(df.sort_values(M.IMAGE_PATH), M.MANIFEST_DTYPES)
+    M.validate_manifest(df)
+    return df

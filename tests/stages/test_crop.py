@@ -1,36 +1,18 @@
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import broken_files, variants_of, write_params
+from conftest import broken_files, run_crop, variants_of, write_params
 from PIL import Image
 
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_FILE, IDENTITY_FILE
 from facesearch.detect import DetectorConfig, detect_face
 from stages import crop
-
-
-def run_crop(workdir: Path, data: Path, overrides: dict | None = None) -> tuple[pd.DataFrame, dict]:
-    """Run the stage in ``workdir`` (as DVC would, from the repo root) and load its outputs."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    params = write_params(workdir / "params.yaml", {"crop.n_jobs": 1, **(overrides or {})})
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        crop.main(
-            ["--data", str(data), "--crops", "data/crops", "--manifest", "data/manifest.parquet",
-             "--metrics", "metrics/crop.json", "--sheet", "reports/crops.png", "--params", str(params)]
-        )  # fmt: skip
-    finally:
-        os.chdir(cwd)
-    return pd.read_parquet(workdir / "data/manifest.parquet"), json.loads((workdir / "metrics/crop.json").read_text())
 
 
 @pytest.fixture

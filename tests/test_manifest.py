@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from conftest import fake_manifest
+
+from facesearch import manifest as M
+
+
+@pytest.fixture
+def manifest() -> pd.DataFrame:
+    return fake_manifest({1: 2, 2: 3})
+
+
+def test_valid_manifest_passes(manifest):
+    M.validate_manifest(manifest)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda df: df.drop(columns=[M.SHA256]), "columns differ"),
+        (lambda df: df.assign(**{M.WIDTH: df[M.WIDTH].astype("float64")}), "dtype"),
+        (lambda df: df.iloc[::-1].reset_index(drop=True), "sorted"),
+        (lambda df: pd.concat([df, df.iloc[[0]]]).sort_values(M.IMAGE_PATH).reset_index(drop=True), "unique"),
+        (lambda df: df.assign(**{M.STATUS: "maybe"}), "status"),
+        (lambda df: df.assign(**{M.CROP_PATH: pd.array([None] * len(df), dtype="string")}), "kept rows must have"),
+        (lambda df: df.assign(**{M.REASON: pd.array(["no_face"] * len(df), dtype="string")}), "must not have a reject"),
+        (lambda df: df.assign(**{M.REASON: pd.array(["bad luck"] * len(df), dtype="string")}), "reject"),
+    ],
+)
+def test_validator_catches(manifest, mutate, message):
+    with pytest.raises(M.SchemaError, match=message):
+        M.validate_manifest(mutate(manifest))
+
+
+def test_rejected_row_needs_reason(manifest):
+    df = manifest.copy()
+    df.loc[df[M.STATUS] == "rejected", M.REASON] = None
+    with pytest.raises(M.SchemaError, match="needs a reject_reason"):
+        M.validate_manifest(df)
+
+
+def test_missing_crop_files_are_caught(manifest, tmp_path):
+    with pytest.raises(M.SchemaError, match="paths do not exist"):
+        M.validate_manifest(manifest, base_dir=tmp_path)
