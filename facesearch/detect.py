@@ -21,6 +21,7 @@ Box = tuple[int, int, int, int]  # x, y, w, h in pixels
 
 FRONTAL_CASCADE = "haarcascade_frontalface_default.xml"
 PROFILE_CASCADE = "haarcascade_profileface.xml"
+EYE_CASCADE = "haarcascade_eye_tree_eyeglasses.xml"
 
 
 @dataclass(frozen=True)
@@ -28,16 +29,18 @@ class DetectorConfig:
     """Detector settings; the field names match ``params.yaml: crop.detector``."""
 
     detect_side: int = 160  # longer side of the scanned copy, px (0 = full resolution)
-    scale_factor: float = 1.1  # cascade pyramid step
-    min_neighbors: int = 5  # overlapping hits needed to accept a face
+    scale_factor: float = 1.15  # cascade pyramid step
+    min_neighbors: int = 4  # overlapping hits needed to accept a face
     min_face_frac: float = 0.15  # smallest face side as a fraction of the longer image side
     retry_detect_side: int = 256  # the finer second pass, for none or several faces
     retry_scale_factor: float = 1.1
     retry_min_neighbors: int = 3
-    retry_min_face_frac: float = 0.08
+    retry_min_face_frac: float = 0.1
+    profile_detect_side: int = 256  # copy size for the profile cascade, px
     policy: Literal["single", "largest"] = "largest"  # what to do with several faces after retry
     profile_fallback: bool = True  # try the profile cascade (and its mirror) when no frontal face
     equalize: bool = True  # histogram-equalise before scanning (robust to lighting)
+    verify_eyes: bool = True  # second-pass boxes must contain an eye (the looser pass finds clutter too)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,19 @@ def _rescale(boxes: list[Box], scale: float) -> tuple[Box, ...]:
     return tuple((round(x * scale), round(y * scale), round(w * scale), round(h * scale)) for x, y, w, h in boxes)
 
 
+def has_eye(gray: np.ndarray, box: Box) -> bool:
+    """Whether the eye cascade fires in the upper part of ``box`` (``gray``: full-resolution)."""
+    x, y, w, h = box
+    top = gray[max(0, y) : max(0, y) + int(h * 0.65), max(0, x) : max(0, x) + w]
+    if top.size == 0:
+        return False
+    # At 96 px box width an eye spans ~20 px: the eye cascade's native 20 px window.
+    scale = 96 / max(1, w)
+    top = cv2.equalizeHist(cv2.resize(top, (96, max(1, round(top.shape[0] * scale))), interpolation=cv2.INTER_AREA))
+    eyes = load_cascade(EYE_CASCADE).detectMultiScale(top, scaleFactor=1.1, minNeighbors=1, minSize=(12, 12))
+    return len(eyes) > 0
+
+
 def largest_face(boxes: tuple[Box, ...], width: int, height: int) -> Box:
     """The largest box; among near-equal sizes (within 10%) the most central one."""
     cx, cy = width / 2, height / 2
@@ -123,12 +139,17 @@ def detect_face(rgb: np.ndarray, cfg: DetectorConfig) -> Detection:
         retry = (cfg.retry_scale_factor, cfg.retry_min_neighbors, cfg.retry_min_face_frac)
         boxes, detector = _rescale(_scan(frontal, gray, *retry), scale), "haar_frontal_retry"
         if not boxes and cfg.profile_fallback:
+            if cfg.profile_detect_side != cfg.retry_detect_side:
+                gray, scale = _prepare_gray(rgb, cfg.profile_detect_side, cfg.equalize)
             profile = load_cascade(PROFILE_CASCADE)
             found = _scan(profile, gray, *retry)
             # The profile cascade only knows faces turned one way; mirror for the other.
             gw = gray.shape[1]
             found += [(gw - x - bw, y, bw, bh) for x, y, bw, bh in _scan(profile, cv2.flip(gray, 1), *retry)]
             boxes, detector = _rescale(found, scale), "haar_profile"
+        if boxes and cfg.verify_eyes:
+            full = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+            boxes = tuple(b for b in boxes if has_eye(full, b))
     if len(boxes) == 1:
         return Detection(boxes, detector, boxes[0], None)
     if not boxes:
