@@ -164,18 +164,22 @@ def validate_split(
     query: pd.DataFrame,
     gallery: pd.DataFrame,
     triplets: pd.DataFrame,
+    val: pd.DataFrame | None = None,
     base_dir: str | os.PathLike | None = None,
 ) -> None:
     """Check the split tables against each other.
 
-    Train, query and gallery are manifest-shaped (kept rows only). Rules: train
-    and test (query + gallery) identities are disjoint; exactly one query per
+    Train, val, query and gallery are manifest-shaped (kept rows only). Rules:
+    train and test (query + gallery) identities are disjoint; val holds unseen
+    images of train identities (none of them in train); exactly one query per
     test identity; every query identity has at least one gallery image; no image
     is both query and gallery; triplets use train crops only, anchor and
     positive of one identity (different images), negative of another. With
     ``base_dir``, every crop path must exist.
     """
-    for name, df in (("train", train), ("query", query), ("gallery", gallery)):
+    val = val if val is not None else train.iloc[:0]
+    tables = (("train", train), ("val", val), ("query", query), ("gallery", gallery))
+    for name, df in tables:
         _check_columns(df, MANIFEST_DTYPES, name)
         if (df[STATUS] != Status.KEPT).any():
             raise SchemaError(f"{name}: only kept images may enter a split")
@@ -195,6 +199,10 @@ def validate_split(
         raise SchemaError("split: a gallery identity has no query")
     if set(query[CROP_PATH]) & set(gallery[CROP_PATH]):
         raise SchemaError("split: an image is both query and gallery")
+    if not set(val[IDENTITY]) <= train_ids:
+        raise SchemaError("split: val identities must be train identities")
+    if set(val[CROP_PATH]) & set(train[CROP_PATH]):
+        raise SchemaError("split: a val image is also a train image")
 
     train_paths = set(train[CROP_PATH])
     for col in (ANCHOR, POSITIVE, NEGATIVE):
@@ -209,5 +217,5 @@ def validate_split(
         if (triplets[col].map(path_identity).astype("Int64") != triplets[id_col]).any():
             raise SchemaError(f"triplets: {col} identity does not match the manifest")
     if base_dir is not None:
-        for name, df in (("train", train), ("query", query), ("gallery", gallery)):
+        for name, df in tables:
             _check_paths_exist(df[CROP_PATH], base_dir, name)

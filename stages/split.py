@@ -4,8 +4,10 @@
         --metrics metrics/split.json
 
 Reads ``params.yaml: split``. Writes ``train.parquet`` (kept images of train
-identities), ``triplets.parquet`` (offline triplets over train), and for the
-held-out identities ``query.parquet`` (one seeded image per identity) and
+identities), ``val.parquet`` (a few held-out images of some train identities:
+retrieval among unseen photos of people the model was trained on, for
+validation during training), ``triplets.parquet`` (offline triplets over
+train), and for the held-out identities ``query.parquet`` (one seeded image per identity) and
 ``gallery.parquet`` (all their other images; the other identities act as
 distractors for each query).
 """
@@ -25,7 +27,7 @@ from facesearch.params import load_params
 
 log = logging.getLogger("facesearch.split")
 
-SPLIT_FILES = ("train", "triplets", "query", "gallery")
+SPLIT_FILES = ("train", "val", "triplets", "query", "gallery")
 
 
 def eligible_images(manifest: pd.DataFrame, min_images: int) -> pd.DataFrame:
@@ -66,6 +68,24 @@ def choose_queries(test_images: pd.DataFrame, rng: np.random.Generator) -> tuple
     return test_images[is_query].reset_index(drop=True), test_images[~is_query].reset_index(drop=True)
 
 
+def hold_out_val(
+    train: pd.DataFrame, n_identities: int, n_images: int, rng: np.random.Generator
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out ``n_images`` images of up to ``n_identities`` train identities.
+
+    Only identities that keep at least two training images are eligible, so
+    every train identity can still form anchor-positive pairs.
+    """
+    groups = sorted(train.groupby(M.IDENTITY).indices.items())
+    eligible = [(i, pos) for i, pos in groups if len(pos) >= n_images + 2]
+    chosen = rng.permutation(len(eligible))[: max(0, n_identities)] if n_images > 0 else []
+    held = np.zeros(len(train), dtype=bool)
+    for k in sorted(chosen):
+        positions = eligible[k][1]
+        held[rng.choice(positions, size=n_images, replace=False)] = True
+    return train[~held].reset_index(drop=True), train[held].reset_index(drop=True)
+
+
 def make_triplets(train: pd.DataFrame, per_identity: int, rng: np.random.Generator) -> pd.DataFrame:
     """Offline triplets: anchor and positive of one identity, negative of a random other one."""
     paths = train[M.CROP_PATH].to_numpy()
@@ -92,19 +112,22 @@ def make_split(manifest: pd.DataFrame, params: dict) -> dict[str, pd.DataFrame]:
     train = images[images[M.IDENTITY].isin(train_ids)].reset_index(drop=True)
     test = images[images[M.IDENTITY].isin(test_ids)].reset_index(drop=True)
     query, gallery = choose_queries(test, rng)
+    train, val = hold_out_val(train, params["val_identities"], params["val_images"], rng)
     triplets = make_triplets(train, params["triplets_per_identity"], rng)
-    return {"train": train, "triplets": triplets, "query": query, "gallery": gallery}
+    return {"train": train, "val": val, "triplets": triplets, "query": query, "gallery": gallery}
 
 
 def split_metrics(manifest: pd.DataFrame, tables: dict[str, pd.DataFrame], min_images: int) -> dict:
     kept = manifest[manifest[M.STATUS] == M.Status.KEPT]
-    used = pd.concat([tables["train"], tables["query"], tables["gallery"]])
+    used = pd.concat([tables["train"], tables["val"], tables["query"], tables["gallery"]])
     return {
         "identities_kept": int(kept[M.IDENTITY].nunique()),
         "identities_dropped_below_min_images": int(kept[M.IDENTITY].nunique() - used[M.IDENTITY].nunique()),
         "min_images": min_images,
         "train_identities": int(tables["train"][M.IDENTITY].nunique()),
         "train_images": len(tables["train"]),
+        "val_identities": int(tables["val"][M.IDENTITY].nunique()),
+        "val_images": len(tables["val"]),
         "test_identities": int(tables["query"][M.IDENTITY].nunique()),
         "test_images": len(tables["query"]) + len(tables["gallery"]),
         "triplets": len(tables["triplets"]),
@@ -129,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     manifest = pd.read_parquet(args.manifest)
     M.validate_manifest(manifest)
     tables = make_split(manifest, params)
-    M.validate_split(tables["train"], tables["query"], tables["gallery"], tables["triplets"], base_dir=".")
+    M.validate_split(
+        tables["train"], tables["query"], tables["gallery"], tables["triplets"], tables["val"], base_dir="."
+    )
     if tables["query"].empty or tables["train"].empty:
         raise SystemExit("split: too few identities with enough kept images for a train and a test set")
     out = Path(args.out)

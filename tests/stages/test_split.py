@@ -11,11 +11,14 @@ from conftest import fake_manifest, run_crop, write_params
 from facesearch import manifest as M
 from stages import split
 
-PARAMS = {"seed": 0, "test_fraction": 0.2, "min_images": 2, "triplets_per_identity": 5, "use_partition": False}
+PARAMS = {
+    "seed": 0, "test_fraction": 0.2, "min_images": 2, "triplets_per_identity": 5, "use_partition": False,
+    "val_identities": 0, "val_images": 2,
+}  # fmt: skip
 
 
 def check(tables):
-    M.validate_split(tables["train"], tables["query"], tables["gallery"], tables["triplets"])
+    M.validate_split(tables["train"], tables["query"], tables["gallery"], tables["triplets"], tables["val"])
 
 
 def test_split_properties():
@@ -98,3 +101,20 @@ def test_stage_writes_validated_byte_identical_tables(small_sample, tmp_path):
         os.chdir(cwd)
     assert first == second
     assert len(tables["query"]) == 2 and len(tables["triplets"]) > 0
+
+
+def test_val_slice_holds_out_unseen_images_of_train_identities():
+    counts = {i: 2 + i % 6 for i in range(1, 41)}
+    tables = split.make_split(fake_manifest(counts), PARAMS | {"val_identities": 10, "val_images": 2})
+    check(tables)
+    val, train = tables["val"], tables["train"]
+    assert val[M.IDENTITY].nunique() == 10 and (val.groupby(M.IDENTITY).size() == 2).all()
+    assert set(val[M.IDENTITY]) <= set(train[M.IDENTITY])
+    assert not set(val[M.CROP_PATH]) & set(train[M.CROP_PATH])
+    assert (train.groupby(M.IDENTITY).size() >= 2).all()
+    used = set(tables["triplets"][M.ANCHOR]) | set(tables["triplets"][M.POSITIVE]) | set(tables["triplets"][M.NEGATIVE])
+    assert not used & set(val[M.CROP_PATH])
+    with pytest.raises(M.SchemaError, match="val image is also a train image"):
+        M.validate_split(
+            train, tables["query"], tables["gallery"], tables["triplets"], pd.concat([val, train.iloc[[0]]])
+        )

@@ -1,0 +1,175 @@
+"""Embedding networks: torchvision backbones with the report's 128-d head.
+
+``get_model(name)`` is the one factory the training stage, the export and the
+app use; backbones are data (``params.yaml: train.<backbone>``), not code paths.
+
+ImageNet weights come through torchvision's weights API and its cache
+(``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``).
+Where they are neither cached nor downloadable, :class:`WeightsUnavailable`
+names the exact file and folder to put it in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+
+# ImageNet statistics the torchvision weights were trained with (RGB, 0..1 scale).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights are not cached and could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; saved inside every checkpoint."""
+
+    backbone: str
+    weights: str = "imagenet"  # "imagenet" or "none" (random init)
+    embedding_dim: int = 128
+    normalize: bool = True  # L2-normalise the embedding
+    trainable_layers: int = 10  # see freeze_all_but_last; -1 = everything trainable
+    img_size: int = 218  # input side the model is trained and served at, px
+
+
+def _resnet50(pretrained: bool) -> tuple[nn.Module, int, tvm.WeightsEnum]:
+    weights = tvm.ResNet50_Weights.IMAGENET1K_V2
+    net = tvm.resnet50(weights=None)
+    if pretrained:
+        net.load_state_dict(load_pretrained_state_dict("resnet50", weights))
+    features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return features, 2048, weights
+
+
+def _mobilenet_v2(pretrained: bool) -> tuple[nn.Module, int, tvm.WeightsEnum]:
+    weights = tvm.MobileNet_V2_Weights.IMAGENET1K_V2
+    net = tvm.mobilenet_v2(weights=None)
+    if pretrained:
+        net.load_state_dict(load_pretrained_state_dict("mobilenet_v2", weights))
+    return net.features, 1280, weights
+
+
+BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int, tvm.WeightsEnum]]] = {
+    "resnet50": _resnet50,
+    "mobilenet_v2": _mobilenet_v2,
+}
+
+
+def weights_cache_path(weights: tvm.WeightsEnum) -> Path:
+    """Where torchvision looks for (and downloads) ``weights``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def load_pretrained_state_dict(name: str, weights: tvm.WeightsEnum) -> dict:
+    """Load torchvision weights from its cache, downloading them if possible."""
+    path = weights_cache_path(weights)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # no network, proxy, truncated cache file, ...
+        raise WeightsUnavailable(
+            f"ImageNet weights for {name} ({weights}) are not in torchvision's cache and could not be "
+            f"downloaded ({type(exc).__name__}: {exc}). Download {weights.url} and save it as {path} "
+            f"(the folder is $TORCH_HOME/hub/checkpoints), or set weights: none in params.yaml."
+        ) from exc
+
+
+class EmbeddingNet(nn.Module):
+    """backbone -> AdaptiveAvgPool -> Flatten -> Linear(C, d) -> ReLU -> Linear(d, d) [-> L2 norm]."""
+
+    def __init__(self, features: nn.Module, channels: int, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = features
+        d = config.embedding_dim
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, d), nn.ReLU(inplace=True), nn.Linear(d, d)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.backbone(x))
+        return F.normalize(z.float(), dim=1) if self.config.normalize else z.float()
+
+    def train(self, mode: bool = True) -> EmbeddingNet:
+        super().train(mode)
+        # Frozen batch-norm layers keep their (pretrained) running statistics:
+        # updating them from small fine-tuning batches would shift the features
+        # the frozen convolutions were trained to produce.
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+        return self
+
+
+def parameter_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's "layers" in forward order: every leaf module that owns parameters.
+
+    That is each convolution, batch norm and linear layer (activations, pooling
+    and dropout own no parameters and do not count). Registration order is
+    forward order for the torchvision backbones used here, then the head.
+    """
+    return [m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+
+
+def freeze_all_but_last(model: nn.Module, n: int) -> int:
+    """Make only the last ``n`` parameter layers trainable (``n < 0``: all); returns trainable params."""
+    layers = parameter_layers(model)
+    keep = set(map(id, layers if n < 0 else layers[len(layers) - n :] if n else []))
+    for layer in layers:
+        for p in layer.parameters(recurse=False):
+            p.requires_grad = id(layer) in keep
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def get_model(name: str, **overrides) -> EmbeddingNet:
+    """Build the embedding network ``name`` (``resnet50``, ``mobilenet_v2``).
+
+    ``overrides`` are :class:`ModelConfig` fields (weights, embedding_dim,
+    normalize, trainable_layers, img_size). Random initialisation follows the
+    global torch seed, so seed first for a reproducible untrained network.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    config = ModelConfig(backbone=name, **overrides)
+    if config.weights not in ("imagenet", "none"):
+        raise ValueError(f"weights must be 'imagenet' or 'none', not {config.weights!r}")
+    features, channels, _ = BACKBONES[name](config.weights == "imagenet")
+    model = EmbeddingNet(features, channels, config)
+    freeze_all_but_last(model, config.trainable_layers)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_model(path: str | os.PathLike, model: EmbeddingNet, extra: dict | None = None) -> None:
+    """Save a servable model: config + weights (+ ``extra`` metadata), atomically."""
+    from facesearch.io import atomic_path
+
+    payload = {"config": asdict(model.config), "state_dict": model.state_dict(), **(extra or {})}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[EmbeddingNet, dict]:
+    """Load a model saved by :func:`save_model`; returns (model in eval mode, the saved payload)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    config = ModelConfig(**payload["config"])
+    features, channels, _ = BACKBONES[config.backbone](False)  # weights come from the file
+    model = EmbeddingNet(features, channels, config)
+    model.load_state_dict(payload["state_dict"])
+    freeze_all_but_last(model, config.trainable_layers)
+    return model.eval(), payload

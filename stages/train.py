@@ -1,0 +1,373 @@
+"""Stage ``train@<backbone>``: fine-tune one backbone into a face embedding.
+
+    python -m stages.train --backbone mobilenet_v2 --split data/split --arrays data/arrays \
+        --out models/mobilenet_v2.pt --checkpoint models/checkpoints/mobilenet_v2.ckpt \
+        --live metrics/train/mobilenet_v2
+
+Reads ``params.yaml: train.<backbone>``. Losses: the report's offline triplets
+(``loss: triplet``) or P x K batches with online ``semi_hard`` / ``batch_hard``
+mining. GPU first (bf16 autocast, channels_last, optional ``torch.compile``),
+CPU for small runs; several GPUs with ``torchrun --nproc_per_node N -m
+stages.train ...`` (DDP; gloo on CPU). A checkpoint is written atomically after
+every epoch and a killed run resumes from it when its config is unchanged.
+Curves (loss, share of active triplets, Rank-1/mAP on the validation slice)
+are logged with dvclive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from facesearch import manifest as M
+from facesearch.data import AugmentConfig, augment, load_array, to_model_input
+from facesearch.io import atomic_path
+from facesearch.losses import MINING, offline_triplet_loss, pairwise_distances
+from facesearch.models import get_model, save_model, trainable_parameters
+from facesearch.params import load_params
+from facesearch.retrieval import leave_one_out_metrics
+
+log = logging.getLogger("facesearch.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``params.yaml: train.<backbone>``; see the comments there for meaning and units."""
+
+    weights: str = "imagenet"
+    trainable_layers: int = 10
+    embedding_dim: int = 128
+    normalize: bool = True
+    img_size: int = 218
+    loss: str = "semi_hard"  # triplet | semi_hard | batch_hard
+    margin: float = 0.2
+    soft_margin: bool = False
+    semi_hard_epochs: int = 1  # batch_hard only: semi-hard mining for these first epochs
+    collapse_spread: float = 0.0  # batch_hard only: below this mean pairwise distance, mine semi-hard
+    p_identities: int = 16
+    k_images: int = 4
+    batch_triplets: int = 32
+    epochs: int = 10
+    steps_per_epoch: int = 0  # 0: one pass over the images (P x K) or the triplets
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True
+    compile: bool = False
+    eval_batch: int = 128
+
+    @classmethod
+    def from_params(cls, params: dict) -> TrainConfig:
+        params = dict(params)
+        aug = dict(params.pop("augment", {}))
+        for key in ("erase_scale", "erase_ratio"):
+            if key in aug:
+                aug[key] = tuple(aug[key])
+        unknown = set(params) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown train params {sorted(unknown)}")
+        return cls(**params, augment=AugmentConfig(**aug))
+
+    def digest(self) -> str:
+        """Identifies the run a checkpoint belongs to (device and compile settings excluded)."""
+        d = asdict(self)
+        for key in ("device", "compile", "eval_batch"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- sampling ---
+def identity_groups(labels: np.ndarray, min_size: int = 2) -> list[np.ndarray]:
+    """Row indices per identity (sorted by identity) for identities with >= ``min_size`` rows."""
+    order = np.argsort(labels, kind="stable")
+    _, starts = np.unique(labels[order], return_index=True)
+    groups = np.split(order, starts[1:])
+    return [g for g in groups if len(g) >= min_size]
+
+
+def pk_batch(groups: list[np.ndarray], p: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """P identities x K images each (images repeat only when an identity has fewer than K)."""
+    chosen = rng.choice(len(groups), size=min(p, len(groups)), replace=False)
+    return np.concatenate([rng.choice(groups[c], size=k, replace=len(groups[c]) < k) for c in chosen])
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------- devices ---
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, ctx: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("train: device cuda requested but no CUDA device is available")
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- embedding ---
+@torch.no_grad()
+def embed_array(
+    model: torch.nn.Module, images: np.ndarray, size: int, device: torch.device, batch: int = 128,
+    amp: bool = True, channels_last: bool = False, desc: str | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Embeddings (N, d) float32 of a uint8 (N, H, W, 3) array, in eval mode, batched."""
+    was_training = model.training
+    model.eval()
+    out = []
+    use_amp = amp and device.type == "cuda"
+    for start in tqdm(range(0, len(images), batch), desc=desc, disable=desc is None, unit="batch"):
+        x = to_model_input(torch.from_numpy(np.ascontiguousarray(images[start : start + batch])), size, device,
+                           channels_last)  # fmt: skip
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out.append(model(x).float().cpu().numpy())
+    model.train(was_training)
+    d = model.module.config.embedding_dim if hasattr(model, "module") else model.config.embedding_dim
+    return np.concatenate(out) if out else np.zeros((0, d), np.float32)
+
+
+# ---------------------------------------------------------------- training ---
+def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: bool):
+    """Loss and stats for one batch: ``active`` triplets, embedding ``spread``, ``fallback`` step."""
+    emb = model(x)
+    spread = float(pairwise_distances(emb.detach().float()).mean())
+    if triplet_mode:
+        a, p, n = emb.chunk(3)
+        loss, stats = offline_triplet_loss(a, p, n, cfg.margin, cfg.soft_margin)
+        return loss, {**stats, "spread": spread, "fallback": 0.0}
+    mining, fallback = cfg.loss, 0.0
+    if mining == "batch_hard" and epoch < cfg.semi_hard_epochs:
+        mining = "semi_hard"  # anti-collapse: easier negatives first
+    elif mining == "batch_hard" and spread < cfg.collapse_spread:
+        # Anti-collapse guard: the batch's embeddings are closing in on one point,
+        # which batch-hard mining drives to a total collapse; semi-hard negatives
+        # push them apart again.
+        mining, fallback = "semi_hard", 1.0
+    loss, stats = MINING[mining](emb, labels, cfg.margin, cfg.soft_margin)
+    return loss, {**stats, "spread": spread, "fallback": fallback}
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig, history: list) -> None:
+    payload = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "digest": cfg.digest(), "config": asdict(cfg), "history": history,
+    }  # fmt: skip
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig) -> dict | None:
+    """The checkpoint at ``path`` if it belongs to this exact config, else None."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a checkpoint from another torch version, a damaged file, ...
+        log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+        return None
+    if payload.get("digest") != cfg.digest():
+        log.info("checkpoint %s is from other params: starting fresh", path)
+        return None
+    return payload
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--split", required=True, help="folder with train/val/triplets .parquet")
+    parser.add_argument("--arrays", required=True, help="folder with the packed train/val .npy")
+    parser.add_argument("--out", required=True, help="the trained model, models/<backbone>.pt")
+    parser.add_argument("--checkpoint", required=True, help="resumable per-epoch checkpoint")
+    parser.add_argument("--live", required=True, help="dvclive folder for metrics and curves")
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    cfg = TrainConfig.from_params(load_params(args.params)["train"][args.backbone])
+    ctx = setup_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device, ctx)
+    try:
+        train(args, cfg, ctx, device)
+    finally:
+        if ctx.world > 1:
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.device) -> None:
+    split, arrays = Path(args.split), Path(args.arrays)
+    train_df = pd.read_parquet(split / "train.parquet")
+    val_df = pd.read_parquet(split / "val.parquet")
+    train_img = load_array(arrays / "train.npy", len(train_df))
+    val_img = load_array(arrays / "val.npy", len(val_df))
+    labels = train_df[M.IDENTITY].to_numpy(dtype=np.int64)
+    triplet_mode = cfg.loss == "triplet"
+    if triplet_mode:
+        trip = pd.read_parquet(split / "triplets.parquet")
+        row = {p: i for i, p in enumerate(train_df[M.CROP_PATH])}
+        triplets = np.stack([trip[c].map(row).to_numpy(dtype=np.int64) for c in (M.ANCHOR, M.POSITIVE, M.NEGATIVE)], 1)
+        steps = cfg.steps_per_epoch or max(1, len(triplets) // cfg.batch_triplets)
+    elif cfg.loss in MINING:
+        groups = identity_groups(labels)
+        if len(groups) < 2:
+            raise SystemExit("train: P x K sampling needs at least two identities with two images")
+        steps = cfg.steps_per_epoch or max(1, len(train_df) // (cfg.p_identities * cfg.k_images))
+    else:
+        raise SystemExit(f"train: unknown loss {cfg.loss!r}; choose triplet, semi_hard or batch_hard")
+
+    # Seed immediately before building the model: the untrained network ("before
+    # fine-tuning") is then reproducible from the params alone.
+    torch.manual_seed(cfg.seed)
+    model = get_model(
+        args.backbone, weights=cfg.weights, embedding_dim=cfg.embedding_dim, normalize=cfg.normalize,
+        trainable_layers=cfg.trainable_layers, img_size=cfg.img_size,
+    ).to(device)  # fmt: skip
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    n_trainable = trainable_parameters(model)
+    if ctx.main:
+        log.info("%s: %d trainable of %d parameters (last %s layers), %d steps/epoch on %s x%d",
+                 args.backbone, n_trainable, sum(p.numel() for p in model.parameters()), cfg.trainable_layers,
+                 steps, device, ctx.world)  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps))
+
+    start_epoch, history = 0, []
+    ckpt_path = Path(args.checkpoint)
+    ckpt = load_checkpoint(ckpt_path, cfg)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        if ctx.main:
+            log.info("resuming from %s after epoch %d", ckpt_path, ckpt["epoch"])
+
+    net = model
+    if ctx.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    live = None
+    if ctx.main:
+        from dvclive import Live  # imported here: only rank 0 logs
+
+        live = Live(args.live, resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=False)
+        if start_epoch == 0:
+            # Step 0: the untrained network, the baseline the curves start from.
+            base = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp),
+                                         val_df[M.IDENTITY].to_numpy())  # fmt: skip
+            for key, value in base.items():
+                live.log_metric(f"val/{key}", value)
+            history.append({"epoch": -1, **{f"val_{k}": v for k, v in base.items()}})
+            live.next_step()
+
+    use_amp = cfg.amp and device.type == "cuda"
+    for epoch in range(start_epoch, cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch, ctx.rank])
+        gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+        order = rng.permutation(len(triplets)) if triplet_mode else None
+        net.train()
+        losses, active, spread, fallback = [], [], [], []
+        bar = tqdm(range(steps), desc=f"{args.backbone} epoch {epoch + 1}/{cfg.epochs}", disable=not ctx.main,
+                   unit="step")  # fmt: skip
+        for step in bar:
+            if triplet_mode:
+                sel = triplets[order[(np.arange(cfg.batch_triplets) + step * cfg.batch_triplets) % len(order)]]
+                idx, batch_labels = sel.T.reshape(-1), None  # anchors, then positives, then negatives
+            else:
+                idx = pk_batch(groups, cfg.p_identities, cfg.k_images, rng)
+                batch_labels = torch.from_numpy(labels[idx]).to(device)
+            uniq, inverse = np.unique(idx, return_inverse=True)  # sorted reads are kind to a memory map
+            batch = torch.from_numpy(np.ascontiguousarray(train_img[uniq]))[torch.from_numpy(inverse)]
+            x = augment(to_model_input(batch, cfg.img_size, device, channels_last), cfg.augment, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, stats = compute_loss(net, x, batch_labels, cfg, epoch, triplet_mode)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            active.append(stats["active"])
+            spread.append(stats["spread"])
+            fallback.append(stats["fallback"])
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", active=f"{np.mean(active):.2f}")
+        if ctx.main:
+            val = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp),
+                                        val_df[M.IDENTITY].to_numpy())  # fmt: skip
+            record = {"epoch": epoch, "loss": float(np.mean(losses)), "active": float(np.mean(active)),
+                      "spread": float(np.mean(spread)), "fallback": float(np.mean(fallback)),
+                      "lr": scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
+            history.append(record)
+            live.log_metric("train/loss", record["loss"])
+            live.log_metric("train/active_triplets", record["active"])
+            live.log_metric("train/embedding_spread", record["spread"])
+            live.log_metric("train/semi_hard_fallback", record["fallback"])
+            live.log_metric("train/lr", record["lr"])
+            for key, value in val.items():
+                live.log_metric(f"val/{key}", value)
+            live.next_step()
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, cfg, history)
+        if ctx.world > 1:
+            dist.barrier()  # nobody starts the next epoch before the checkpoint is safe
+
+    if ctx.main:
+        save_model(args.out, model, extra={"train_config": asdict(cfg), "history": history,
+                                           "trainable_parameters": n_trainable})  # fmt: skip
+        live.end()
+        log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
