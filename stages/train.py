@@ -84,12 +84,32 @@ class TrainConfig:
             raise ValueError(f"unknown train params {sorted(unknown)}")
         return cls(**params, augment=AugmentConfig(**aug))
 
-    def digest(self) -> str:
-        """Identifies the run a checkpoint belongs to (device and compile settings excluded)."""
+    def digest(self, inputs: dict[str, str] | None = None) -> str:
+        """Identifies the run a checkpoint belongs to: these params on these inputs.
+
+        Device and compile settings are excluded: a run may resume elsewhere.
+        """
         d = asdict(self)
         for key in ("device", "compile", "eval_batch"):
             d.pop(key)
+        d["inputs"] = inputs or {}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def input_fingerprint(paths: list[Path]) -> dict[str, str]:
+    """Cheap identity of the training inputs: content hash of tables, size+mtime of big arrays.
+
+    Hashing a 20 GB array at every start would cost minutes; the pack stage
+    rewrites the arrays whole, so a new array always has a new mtime.
+    """
+    out = {}
+    for path in paths:
+        if path.suffix == ".parquet":
+            out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            st = path.stat()
+            out[path.name] = f"{st.st_size}:{st.st_mtime_ns}"
+    return out
 
 
 # ---------------------------------------------------------------- sampling ---
@@ -160,7 +180,8 @@ def embed_array(
     out = []
     use_amp = amp and device.type == "cuda"
     for start in tqdm(range(0, len(images), batch), desc=desc, disable=desc is None, unit="batch"):
-        x = to_model_input(torch.from_numpy(np.ascontiguousarray(images[start : start + batch])), size, device,
+        # np.array copies the read-only memory-mapped slice into a writable buffer torch accepts.
+        x = to_model_input(torch.from_numpy(np.array(images[start : start + batch])), size, device,
                            channels_last)  # fmt: skip
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out.append(model(x).float().cpu().numpy())
@@ -190,17 +211,17 @@ def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: b
     return loss, {**stats, "spread": spread, "fallback": fallback}
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig, history: list) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, digest: str, history: list) -> None:
     payload = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "digest": cfg.digest(), "config": asdict(cfg), "history": history,
+        "epoch": epoch, "digest": digest, "history": history,
     }  # fmt: skip
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig) -> dict | None:
-    """The checkpoint at ``path`` if it belongs to this exact config, else None."""
+def load_checkpoint(path: Path, digest: str) -> dict | None:
+    """The checkpoint at ``path`` if it belongs to this run (params and inputs), else None."""
     if not path.is_file():
         return None
     try:
@@ -208,10 +229,24 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict | None:
     except Exception as exc:  # a checkpoint from another torch version, a damaged file, ...
         log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
         return None
-    if payload.get("digest") != cfg.digest():
-        log.info("checkpoint %s is from other params: starting fresh", path)
+    if payload.get("digest") != digest:
+        log.info("checkpoint %s is from other params or inputs: starting fresh", path)
         return None
     return payload
+
+
+LIVE_NAMES = {"loss": "train/loss", "active": "train/active_triplets", "spread": "train/embedding_spread",
+              "fallback": "train/semi_hard_fallback", "lr": "train/lr"}  # fmt: skip
+
+
+def log_record(live, record: dict) -> None:
+    """One dvclive step per epoch record (step 0: the untrained network)."""
+    for key, value in record.items():
+        if key in LIVE_NAMES:
+            live.log_metric(LIVE_NAMES[key], value)
+        elif key.startswith("val_"):
+            live.log_metric(f"val/{key[4:]}", value)
+    live.next_step()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -282,7 +317,9 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
 
     start_epoch, history = 0, []
     ckpt_path = Path(args.checkpoint)
-    ckpt = load_checkpoint(ckpt_path, cfg)
+    digest = cfg.digest(input_fingerprint([split / "train.parquet", split / "val.parquet", split / "triplets.parquet",
+                                           arrays / "train.npy", arrays / "val.npy"]))  # fmt: skip
+    ckpt = load_checkpoint(ckpt_path, digest)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -302,15 +339,16 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
     if ctx.main:
         from dvclive import Live  # imported here: only rank 0 logs
 
-        live = Live(args.live, resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=False)
+        # Always a fresh log: DVC removes the old one before the stage runs, and
+        # a resumed run replays the checkpoint's history so the curves are whole.
+        live = Live(args.live, resume=False, save_dvc_exp=False, dvcyaml=False)
         if start_epoch == 0:
             # Step 0: the untrained network, the baseline the curves start from.
             base = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp),
                                          val_df[M.IDENTITY].to_numpy())  # fmt: skip
-            for key, value in base.items():
-                live.log_metric(f"val/{key}", value)
             history.append({"epoch": -1, **{f"val_{k}": v for k, v in base.items()}})
-            live.next_step()
+        for record in history:
+            log_record(live, record)
 
     use_amp = cfg.amp and device.type == "cuda"
     for epoch in range(start_epoch, cfg.epochs):
@@ -349,16 +387,9 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
                       "spread": float(np.mean(spread)), "fallback": float(np.mean(fallback)),
                       "lr": scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
             history.append(record)
-            live.log_metric("train/loss", record["loss"])
-            live.log_metric("train/active_triplets", record["active"])
-            live.log_metric("train/embedding_spread", record["spread"])
-            live.log_metric("train/semi_hard_fallback", record["fallback"])
-            live.log_metric("train/lr", record["lr"])
-            for key, value in val.items():
-                live.log_metric(f"val/{key}", value)
-            live.next_step()
+            log_record(live, record)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, cfg, history)
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, digest, history)
         if ctx.world > 1:
             dist.barrier()  # nobody starts the next epoch before the checkpoint is safe
 

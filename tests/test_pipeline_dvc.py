@@ -54,19 +54,30 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def test_dvc_reruns_exactly_what_changed(repo_root, tmp_path):
     repo = tmp_path / "repo"
     copy_repo(repo_root, repo)
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     (repo / "dvc.lock").unlink(missing_ok=True)
-    tiny = {"sample.identities": 8, "sample.images_per_identity": 4, "crop.n_jobs": 1, "crop.size": 64}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    # A clone has commits; dvclive reads HEAD and fails in a repository without any.
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=repo, check=True)
+    tiny = {"sample.identities": 8, "sample.images_per_identity": 5, "crop.n_jobs": 1, "crop.size": 48,
+            "split.test_fraction": 0.25, "split.val_identities": 2}  # fmt: skip
+    for backbone in ("resnet50", "mobilenet_v2"):
+        tiny |= {f"train.{backbone}.epochs": 1, f"train.{backbone}.steps_per_epoch": 1,
+                 f"train.{backbone}.img_size": 32, f"train.{backbone}.p_identities": 2}  # fmt: skip
     write_params(repo / "params.yaml", tiny)
+    trains = {"train@resnet50", "train@mobilenet_v2"}
 
-    assert repro(repo) == {"sample", "crop", "split"}
+    assert repro(repo) == {"sample", "crop", "split", "pack"} | trains
     assert repro(repo) == set()  # nothing changed, nothing runs
     set_param(repo, "crop.margin", 0.3)
-    assert repro(repo) == {"crop", "split"}
+    assert repro(repo) == {"crop", "split", "pack"} | trains
     set_param(repo, "split.seed", 7)
-    assert repro(repo) == {"split"}
+    assert repro(repo) == {"split", "pack"} | trains
+    set_param(repo, "train.resnet50.lr", 0.01)
+    assert repro(repo) == {"train@resnet50"}  # the other backbone's branch is untouched
     set_param(repo, "sample.seed", 1)
-    assert repro(repo) == {"sample", "crop", "split"}
+    assert repro(repo) == {"sample", "crop", "split", "pack"} | trains
     # The outputs DVC tracks are git-ignored by DVC itself.
     ignored = (repo / "data" / ".gitignore").read_text()
     assert "/crops" in ignored and "/manifest.parquet" in ignored

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_crop, write_params
+
+from facesearch.models import load_model
+from stages import pack, split, train
+
+TINY = {
+    "weights": "none", "trainable_layers": -1, "embedding_dim": 16, "img_size": 32, "loss": "semi_hard",
+    "p_identities": 3, "k_images": 2, "batch_triplets": 4, "epochs": 2, "steps_per_epoch": 2, "warmup_steps": 1,
+    "eval_batch": 16,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(sample_factory, tmp_path_factory) -> Path:
+    """A working directory with crops, split and packed arrays of a tiny sample."""
+    work = tmp_path_factory.mktemp("train")
+    data = sample_factory(identities=8, images_per_identity=5, seed=4)
+    run_crop(work, data, {"crop.size": 40})
+    write_params(work / "params.yaml", {"split.val_identities": 3, "split.test_fraction": 0.25})
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        split.main(["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json"])
+        pack.main(["--split", "data/split", "--out", "data/arrays"])
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def run_train(work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2") -> Path:
+    params = write_params(
+        work / f"{name}.yaml", {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
+    )
+    out = work / name
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        train.main(["--backbone", backbone, "--split", "data/split", "--arrays", "data/arrays",
+                    "--out", f"{name}/model.pt", "--checkpoint", f"{name}/ckpt/last.ckpt", "--live", f"{name}/live",
+                    "--params", str(params)])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def test_outputs_curves_and_checkpoint(prepared):
+    out = run_train(prepared, "basic")
+    model, payload = load_model(out / "model.pt")
+    assert model.config.backbone == "mobilenet_v2" and model.config.img_size == 32
+    assert [h["epoch"] for h in payload["history"]] == [-1, 0, 1]  # untrained baseline, then each epoch
+    metrics = json.loads((out / "live" / "metrics.json").read_text())
+    assert metrics["step"] == 2 and "rank1" in metrics["val"]
+    loss_curve = (out / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert len(loss_curve) == 1 + 2  # header + one row per epoch
+    ckpt = torch.load(out / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 1 and {"model", "optimizer", "scheduler", "digest"} <= set(ckpt)
+
+
+def test_killed_run_resumes_to_the_same_model(prepared, monkeypatch):
+    reference, _ = load_model(run_train(prepared, "straight", {"epochs": 3}) / "model.pt")
+
+    calls = {"n": 0}
+    real = train.pk_batch
+
+    def dies_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2 * TINY["steps_per_epoch"]:  # first batch of the third epoch
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "pk_batch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(prepared, "resumed", {"epochs": 3})
+    assert not (prepared / "resumed" / "model.pt").exists()
+    assert torch.load(prepared / "resumed" / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(train, "pk_batch", real)
+    resumed_dir = run_train(prepared, "resumed", {"epochs": 3})
+    resumed, payload = load_model(resumed_dir / "model.pt")
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert [h["epoch"] for h in payload["history"]] == [-1, 0, 1, 2]
+    assert len((resumed_dir / "live/plots/metrics/train/loss.tsv").read_text().splitlines()) == 1 + 3
+
+
+def test_changed_params_do_not_resume(prepared, caplog):
+    run_train(prepared, "changing", {"epochs": 1})
+    caplog.set_level("INFO")
+    run_train(prepared, "changing", {"epochs": 1, "lr": 0.01})
+    assert "starting fresh" in caplog.text
+
+
+def test_offline_triplets_and_batch_hard_guard(prepared):
+    _, payload = load_model(run_train(prepared, "triplet", {"loss": "triplet", "epochs": 1}) / "model.pt")
+    assert payload["history"][-1]["fallback"] == 0.0
+    # An always-tripping guard: every batch-hard step falls back to semi-hard, and says so.
+    hard = run_train(
+        prepared, "guard", {"loss": "batch_hard", "semi_hard_epochs": 0, "collapse_spread": 10.0, "epochs": 1}
+    )
+    _, payload = load_model(hard / "model.pt")
+    assert payload["history"][-1]["fallback"] == 1.0
+
+
+def test_unknown_params_are_rejected(prepared):
+    with pytest.raises(ValueError, match="unknown train params"):
+        run_train(prepared, "typo", {"learning_rate": 0.1})
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(prepared):
+    params = write_params(prepared / "ddp.yaml", {f"train.mobilenet_v2.{k}": v for k, v in TINY.items()})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "stages.train",
+        "--backbone",
+        "mobilenet_v2",
+        "--split",
+        "data/split",
+        "--arrays",
+        "data/arrays",
+        "--out",
+        "ddp/model.pt",
+        "--checkpoint",
+        "ddp/last.ckpt",
+        "--live",
+        "ddp/live",
+        "--params",
+        str(params),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=prepared, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on cpu x2" in done.stderr
+    _, payload = load_model(prepared / "ddp" / "model.pt")
+    assert len(payload["history"]) == 3

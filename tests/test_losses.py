@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facesearch.losses import batch_hard_loss, offline_triplet_loss, pairwise_distances, semi_hard_loss
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(12, 5, generator=g), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    return emb, labels
+
+
+def test_pairwise_distances_match_cdist(batch):
+    emb, _ = batch
+    assert torch.allclose(pairwise_distances(emb), torch.cdist(emb, emb), atol=1e-5)
+
+
+def test_batch_hard_matches_brute_force(batch):
+    emb, labels = batch
+    d = torch.cdist(emb, emb)
+    expected = []
+    for a in range(len(labels)):
+        pos = [d[a, p] for p in range(len(labels)) if p != a and labels[p] == labels[a]]
+        neg = [d[a, n] for n in range(len(labels)) if labels[n] != labels[a]]
+        expected.append(F.relu(max(pos) - min(neg) + 0.3))
+    loss, _ = batch_hard_loss(emb, labels, margin=0.3)
+    assert torch.isclose(loss, torch.stack(expected).mean(), atol=1e-5)
+    soft, _ = batch_hard_loss(emb, labels, soft=True)
+    assert soft > 0
+
+
+def test_semi_hard_matches_brute_force(batch):
+    emb, labels = batch
+    d = torch.cdist(emb, emb)
+    margin, expected = 0.2, []
+    for a, p in itertools.permutations(range(len(labels)), 2):
+        if labels[a] != labels[p]:
+            continue
+        negs = [d[a, n] for n in range(len(labels)) if labels[n] != labels[a]]
+        farther = [x for x in negs if x > d[a, p]]
+        chosen = min(farther) if farther else max(negs)
+        expected.append(F.relu(d[a, p] - chosen + margin))
+    loss, stats = semi_hard_loss(emb, labels, margin=margin)
+    assert torch.isclose(loss, torch.stack(expected).mean(), atol=1e-5)
+    assert 0 <= stats["active"] <= 1
+
+
+def test_offline_triplet_matches_torch(batch):
+    emb, _ = batch
+    a, p, n = emb[:4], emb[4:8], emb[8:]
+    loss, _ = offline_triplet_loss(a, p, n, margin=0.5)
+    assert torch.isclose(loss, F.triplet_margin_loss(a, p, n, margin=0.5, eps=1e-12), atol=1e-5)
+
+
+def test_collapsed_embedding_gives_margin_and_gradients_are_finite(batch):
+    _, labels = batch
+    emb = torch.ones(12, 5, requires_grad=True)
+    loss, stats = batch_hard_loss(F.normalize(emb, dim=1), labels, margin=0.2)
+    assert torch.isclose(loss, torch.tensor(0.2), atol=1e-4) and stats["active"] == 1.0
+    loss.backward()
+    assert torch.isfinite(emb.grad).all()
+
+
+def test_single_identity_batch_has_no_triplets():
+    emb = F.normalize(torch.randn(4, 3), dim=1)
+    labels = torch.zeros(4, dtype=torch.long)
+    for fn in (batch_hard_loss, semi_hard_loss):
+        loss, stats = fn(emb, labels)
+        assert float(loss) == 0.0 and stats["active"] == 0.0
