@@ -302,7 +302,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
         args.backbone, weights=cfg.weights, embedding_dim=cfg.embedding_dim, normalize=cfg.normalize,
         trainable_layers=cfg.trainable_layers, img_size=cfg.img_size,
     ).to(device)  # fmt: skip
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = cfg.channels_last  # NHWC pays on CUDA and on CPU (oneDNN) alike
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_trainable = trainable_parameters(model)
@@ -344,7 +344,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
         live = Live(args.live, resume=False, save_dvc_exp=False, dvcyaml=False)
         if start_epoch == 0:
             # Step 0: the untrained network, the baseline the curves start from.
-            base = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp),
+            base = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp, channels_last),
                                          val_df[M.IDENTITY].to_numpy())  # fmt: skip
             history.append({"epoch": -1, **{f"val_{k}": v for k, v in base.items()}})
         for record in history:
@@ -381,7 +381,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
             fallback.append(stats["fallback"])
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", active=f"{np.mean(active):.2f}")
         if ctx.main:
-            val = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp),
+            val = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp, channels_last),
                                         val_df[M.IDENTITY].to_numpy())  # fmt: skip
             record = {"epoch": epoch, "loss": float(np.mean(losses)), "active": float(np.mean(active)),
                       "spread": float(np.mean(spread)), "fallback": float(np.mean(fallback)),

@@ -52,3 +52,9 @@ def test_augment_is_seeded_and_does_what_it_says():
                     torch.Generator().manual_seed(2))  # fmt: skip
     dropped = (holes == 0).all(dim=1).float().mean(dim=(1, 2))
     assert (dropped > 0).all() and (dropped <= 3 * 0.25**2 + 1e-6).all()
+
+
+def test_augment_keeps_channels_last():
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    out = augment(x, AugmentConfig(flip_p=1.0, erase_p=1.0, dropout_p=1.0), torch.Generator().manual_seed(0))
+    assert out.is_contiguous(memory_format=torch.channels_last)
