@@ -335,6 +335,11 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
     if cfg.compile:
         net = torch.compile(net)
 
+    def validate() -> dict[str, float]:
+        """Rank-k and mAP among the held-out photos of train identities (each queries the rest)."""
+        emb = embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp, channels_last)
+        return leave_one_out_metrics(emb, val_df[M.IDENTITY].to_numpy())
+
     live = None
     if ctx.main:
         from dvclive import Live  # imported here: only rank 0 logs
@@ -344,8 +349,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
         live = Live(args.live, resume=False, save_dvc_exp=False, dvcyaml=False)
         if start_epoch == 0:
             # Step 0: the untrained network, the baseline the curves start from.
-            base = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp, channels_last),
-                                         val_df[M.IDENTITY].to_numpy())  # fmt: skip
+            base = validate()
             history.append({"epoch": -1, **{f"val_{k}": v for k, v in base.items()}})
         for record in history:
             log_record(live, record)
@@ -381,8 +385,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
             fallback.append(stats["fallback"])
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", active=f"{np.mean(active):.2f}")
         if ctx.main:
-            val = leave_one_out_metrics(embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp, channels_last),
-                                        val_df[M.IDENTITY].to_numpy())  # fmt: skip
+            val = validate()
             record = {"epoch": epoch, "loss": float(np.mean(losses)), "active": float(np.mean(active)),
                       "spread": float(np.mean(spread)), "fallback": float(np.mean(fallback)),
                       "lr": scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
