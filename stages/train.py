@@ -24,6 +24,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -235,6 +236,24 @@ def load_checkpoint(path: Path, digest: str) -> dict | None:
     return payload
 
 
+def open_live(path: str):
+    """A dvclive logger at ``path`` that never takes the training run down with it.
+
+    dvclive 3.49 reads HEAD before checking whether the repository has any
+    commit, so in a fresh ``git init`` it raises scmrepo's SCMError; the curves
+    do not need git, so then we log without dvclive's git integration.
+    """
+    import dvclive.live
+    from dvclive import Live  # imported here: only rank 0 logs
+
+    try:
+        return Live(path, resume=False, save_dvc_exp=False, dvcyaml=False)
+    except Exception as exc:  # scmrepo.exceptions.SCMError is not importable from dvclive
+        log.warning("dvclive could not read the git repository (%s); logging without it", exc)
+        with mock.patch.object(dvclive.live, "get_dvc_repo", return_value=None):
+            return Live(path, resume=False, save_dvc_exp=False, dvcyaml=False)
+
+
 LIVE_NAMES = {"loss": "train/loss", "active": "train/active_triplets", "spread": "train/embedding_spread",
               "fallback": "train/semi_hard_fallback", "lr": "train/lr"}  # fmt: skip
 
@@ -342,11 +361,9 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
 
     live = None
     if ctx.main:
-        from dvclive import Live  # imported here: only rank 0 logs
-
         # Always a fresh log: DVC removes the old one before the stage runs, and
         # a resumed run replays the checkpoint's history so the curves are whole.
-        live = Live(args.live, resume=False, save_dvc_exp=False, dvcyaml=False)
+        live = open_live(args.live)
         if start_epoch == 0:
             # Step 0: the untrained network, the baseline the curves start from.
             base = validate()

@@ -149,3 +149,12 @@ def test_ddp_two_processes_on_cpu(prepared):
     assert "on cpu x2" in done.stderr
     _, payload = load_model(prepared / "ddp" / "model.pt")
     assert len(payload["history"]) == 3
+
+
+def test_curves_in_a_git_repo_without_commits(tmp_path, monkeypatch):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    live = train.open_live("live")
+    train.log_record(live, {"epoch": 0, "loss": 0.5, "val_rank1": 0.25})
+    live.end()
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["train"]["loss"] == 0.5
