@@ -151,6 +151,17 @@ def get_model(name: str, **overrides) -> EmbeddingNet:
     return model
 
 
+def seeded_model(config: ModelConfig, seed: int) -> EmbeddingNet:
+    """The network exactly as training starts it: seed, then build.
+
+    The train stage builds its model with this, so the export stage can rebuild
+    the untrained network ("before fine-tuning") from the saved config and seed.
+    """
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in asdict(config).items() if k != "backbone"}
+    return get_model(config.backbone, **fields)
+
+
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

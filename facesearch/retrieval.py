@@ -57,3 +57,97 @@ def leave_one_out_metrics(emb: np.ndarray, labels: np.ndarray, ks: tuple[int, ..
     # Drop each query from its own ranking (it is in the gallery here).
     ranking = np.array([r[r != i] for r, i in zip(ranking, q_idx, strict=True)])
     return identity_metrics(ranking, labels[q_idx], labels, ks)
+
+
+def _relevant_ranks(
+    query: np.ndarray, gallery: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray,
+    top_idx: np.ndarray, top_dist: np.ndarray,
+) -> list[np.ndarray]:  # fmt: skip
+    """1-based ranks of every same-identity gallery image, per query.
+
+    Images inside the backend's top K take their position there; the rest get
+    1 + the number of gallery images strictly closer, counted exactly, and only
+    for the queries that need it (so the full ranking is never sorted).
+    """
+    order = np.argsort(g_labels, kind="stable")
+    sorted_labels = g_labels[order]
+    lo = np.searchsorted(sorted_labels, q_labels, side="left")
+    hi = np.searchsorted(sorted_labels, q_labels, side="right")
+    g_sq = (gallery.astype(np.float32) ** 2).sum(1)
+    out = []
+    for i in range(len(query)):
+        rel = order[lo[i] : hi[i]]
+        pos = {int(g): r for r, g in enumerate(top_idx[i])}
+        ranks = np.array([pos.get(int(g), -1) for g in rel], dtype=np.int64) + 1
+        missing = ranks == 0
+        if missing.any():
+            q = query[i].astype(np.float32)
+            d2 = g_sq - 2.0 * gallery @ q + q @ q
+            for j in np.flatnonzero(missing):
+                ranks[j] = 1 + int((d2 < d2[rel[j]]).sum())
+        out.append(np.sort(ranks))
+    return out
+
+
+def attribute_agreement(
+    top_idx: np.ndarray, query_attrs: np.ndarray, gallery_attrs: np.ndarray, ks: tuple[int, ...]
+) -> dict[str, float | int]:
+    """The report's metric: share of the 40 attributes a query and each top-k result share.
+
+    ``*_attrs`` are (N, 40) float arrays of 0/1 with NaN rows where an image has
+    no attribute line. Only queries with attributes count, and among their top
+    k results only those with attributes; the counts say how many did.
+    """
+    q_has = ~np.isnan(query_attrs).any(1)
+    g_has = ~np.isnan(gallery_attrs).any(1)
+    out: dict[str, float | int] = {"attr_queries": int(q_has.sum())}
+    for k in ks:
+        idx = top_idx[q_has, :k]
+        usable = g_has[idx]
+        same = (gallery_attrs[idx] == query_attrs[q_has][:, None, :]).mean(-1)  # (Q', k) share agreeing
+        n = int(usable.sum())
+        out[f"attr_match@{k}"] = float(same[usable].mean()) if n else float("nan")
+        out[f"attr_distance@{k}"] = float((1 - same[usable]).mean() * query_attrs.shape[1]) if n else float("nan")
+        out[f"attr_results@{k}"] = n
+    return out
+
+
+def evaluate(
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    index,
+    ks: tuple[int, ...] = (10, 20, 50, 100, 1000),
+    query_attrs: np.ndarray | None = None,
+    gallery_attrs: np.ndarray | None = None,
+) -> tuple[dict[str, float | int], np.ndarray, np.ndarray]:
+    """All retrieval metrics from one top-K search of ``index`` (K = max(ks, 10)).
+
+    Returns (metrics, CMC curve of length K, top-K gallery indices). Metrics:
+    ``rank1/5/10`` (CMC), ``mAP`` over the whole gallery, ``recall@k`` (share of
+    a query's same-identity images found in the top k), and with attributes the
+    report's ``attr_match@k`` / ``attr_distance@k`` (see
+    :func:`attribute_agreement`). ``index`` is any :mod:`facesearch.search`
+    backend, so the same numbers come from every backend that is exact.
+    """
+    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+    k_max = min(max((*ks, 10)), len(gallery))
+    top_dist, top_idx = index.search(query, k_max)
+    match = gallery_labels[top_idx] == query_labels[:, None]
+    found = match.any(1)
+    first = np.where(found, match.argmax(1), k_max)  # 0-based; k_max = not in the top K
+    cmc = np.array([(first < r).mean() for r in range(1, k_max + 1)])
+    out: dict[str, float | int] = {f"rank{r}": float((first < r).mean()) for r in (1, 5, 10)}
+    ranks = _relevant_ranks(query, gallery, query_labels, gallery_labels, top_idx, top_dist)
+    if any(len(r) == 0 for r in ranks):
+        raise ValueError("every query needs at least one gallery image of its identity")
+    out["mAP"] = float(np.mean([np.mean(np.arange(1, len(r) + 1) / r) for r in ranks]))
+    n_rel = np.array([len(r) for r in ranks])
+    for k in ks:
+        if k <= k_max:
+            out[f"recall@{k}"] = float((match[:, :k].sum(1) / n_rel).mean())
+    if query_attrs is not None and gallery_attrs is not None:
+        out.update(attribute_agreement(top_idx, query_attrs, gallery_attrs, tuple(k for k in ks if k <= k_max)))
+    out["n_queries"], out["n_gallery"] = len(query), len(gallery)
+    return out, cmc, top_idx

@@ -35,6 +35,7 @@ from facesearch.detect import DetectorConfig, crop_square, detect_face
 from facesearch.images import ImageRejected, decode_image
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
 from facesearch.params import load_params
+from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.crop")
 
@@ -152,22 +153,8 @@ def crop_metrics(df: pd.DataFrame, annotations: Annotations, seconds: float, n_j
     }
 
 
-def _tile(img: np.ndarray | None, label: str, size: int, colour: tuple[int, int, int]) -> np.ndarray:
-    tile = np.full((size, size, 3), 96, np.uint8)
-    if img is not None:
-        h, w = img.shape[:2]
-        s = size / max(h, w)
-        small = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-        y0, x0 = (size - small.shape[0]) // 2, (size - small.shape[1]) // 2
-        tile[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
-    cv2.rectangle(tile, (0, 0), (size - 1, size - 1), colour, 3)
-    cv2.rectangle(tile, (0, size - 18), (size, size), (0, 0, 0), -1)
-    cv2.putText(tile, label[:22], (4, size - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
-    return tile
-
-
 def contact_sheet(
-    df: pd.DataFrame, data_root: Path, seed: int, n_kept: int = 24, n_rejected: int = 12, tile: int = 128
+    df: pd.DataFrame, data_root: Path, seed: int, n_kept: int = 24, n_rejected: int = 12, tile_size: int = 128
 ) -> np.ndarray:
     """A grid of seeded random kept crops (green) and rejected originals (red, with reason)."""
     rng = random.Random(seed)
@@ -176,20 +163,14 @@ def contact_sheet(
     tiles = []
     for _, row in kept.iloc[sorted(rng.sample(range(len(kept)), min(n_kept, len(kept))))].iterrows():
         img = np.asarray(Image.open(row[M.CROP_PATH]).convert("RGB"))
-        tiles.append(_tile(img, f"id {row[M.IDENTITY]}", tile, (40, 200, 40)))
+        tiles.append(tile(img, f"id {row[M.IDENTITY]}", tile_size, (40, 200, 40)))
     for _, row in rejected.iloc[sorted(rng.sample(range(len(rejected)), min(n_rejected, len(rejected))))].iterrows():
         try:
             img = decode_image((data_root / row[M.IMAGE_PATH]).read_bytes(), 40_000_000).rgb
         except (ImageRejected, OSError):
             img = None
-        tiles.append(_tile(img, str(row[M.REASON]), tile, (220, 40, 40)))
-    cols = 8
-    rows = max(1, -(-len(tiles) // cols))
-    sheet = np.full((rows * tile, cols * tile, 3), 255, np.uint8)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, cols)
-        sheet[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = t
-    return sheet
+        tiles.append(tile(img, str(row[M.REASON]), tile_size, (220, 40, 40)))
+    return grid(tiles, cols=8)
 
 
 def _backend_context(backend: str, n_jobs: int):

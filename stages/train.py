@@ -33,10 +33,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from facesearch import manifest as M
-from facesearch.data import AugmentConfig, augment, load_array, to_model_input
+from facesearch.data import AugmentConfig, augment, embed_array, load_array, to_model_input
 from facesearch.io import atomic_path
 from facesearch.losses import MINING, offline_triplet_loss, pairwise_distances
-from facesearch.models import get_model, save_model, trainable_parameters
+from facesearch.models import ModelConfig, save_model, seeded_model, trainable_parameters
 from facesearch.params import load_params
 from facesearch.retrieval import leave_one_out_metrics
 
@@ -169,28 +169,6 @@ def pick_device(name: str, ctx: Dist) -> torch.device:
     return torch.device("cpu")
 
 
-# ---------------------------------------------------------------- embedding ---
-@torch.no_grad()
-def embed_array(
-    model: torch.nn.Module, images: np.ndarray, size: int, device: torch.device, batch: int = 128,
-    amp: bool = True, channels_last: bool = False, desc: str | None = None,
-) -> np.ndarray:  # fmt: skip
-    """Embeddings (N, d) float32 of a uint8 (N, H, W, 3) array, in eval mode, batched."""
-    was_training = model.training
-    model.eval()
-    out = []
-    use_amp = amp and device.type == "cuda"
-    for start in tqdm(range(0, len(images), batch), desc=desc, disable=desc is None, unit="batch"):
-        # np.array copies the read-only memory-mapped slice into a writable buffer torch accepts.
-        x = to_model_input(torch.from_numpy(np.array(images[start : start + batch])), size, device,
-                           channels_last)  # fmt: skip
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out.append(model(x).float().cpu().numpy())
-    model.train(was_training)
-    d = model.module.config.embedding_dim if hasattr(model, "module") else model.config.embedding_dim
-    return np.concatenate(out) if out else np.zeros((0, d), np.float32)
-
-
 # ---------------------------------------------------------------- training ---
 def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: bool):
     """Loss and stats for one batch: ``active`` triplets, embedding ``spread``, ``fallback`` step."""
@@ -314,13 +292,13 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
     else:
         raise SystemExit(f"train: unknown loss {cfg.loss!r}; choose triplet, semi_hard or batch_hard")
 
-    # Seed immediately before building the model: the untrained network ("before
-    # fine-tuning") is then reproducible from the params alone.
-    torch.manual_seed(cfg.seed)
-    model = get_model(
+    # Seeded build: the untrained network ("before fine-tuning") is reproducible
+    # from the saved config and seed (see facesearch.models.seeded_model).
+    model_config = ModelConfig(
         args.backbone, weights=cfg.weights, embedding_dim=cfg.embedding_dim, normalize=cfg.normalize,
         trainable_layers=cfg.trainable_layers, img_size=cfg.img_size,
-    ).to(device)  # fmt: skip
+    )  # fmt: skip
+    model = seeded_model(model_config, cfg.seed).to(device)
     channels_last = cfg.channels_last  # NHWC pays on CUDA and on CPU (oneDNN) alike
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

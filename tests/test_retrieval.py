@@ -3,7 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facesearch.retrieval import exact_ranking, identity_metrics, leave_one_out_metrics
+from facesearch.retrieval import (
+    attribute_agreement,
+    evaluate,
+    exact_ranking,
+    identity_metrics,
+    leave_one_out_metrics,
+)
+from facesearch.search import build_index
 
 
 def test_exact_ranking_matches_brute_force():
@@ -33,3 +40,51 @@ def test_leave_one_out_perfect_clusters():
     labels = np.array([1, 1, 2, 2, 3])  # identity 3 has one image: never a query
     m = leave_one_out_metrics(emb, labels)
     assert m["rank1"] == 1.0 and m["mAP"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def random_set():
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(30, 16))
+    g_labels = np.repeat(np.arange(30), 8)
+    gallery = centers[g_labels] + rng.normal(scale=1.0, size=(240, 16))
+    q_labels = np.arange(30)
+    query = centers + rng.normal(scale=1.0, size=(30, 16))
+    return query.astype(np.float32), q_labels, gallery.astype(np.float32), g_labels
+
+
+@pytest.mark.parametrize("backend", ["exact", "ckdtree"])
+def test_backends_match_brute_force(random_set, backend):
+    query, _, gallery, _ = random_set
+    d, i = build_index(gallery, backend).search(query, 7)
+    brute = np.sqrt(((query[:, None] - gallery[None]) ** 2).sum(-1))
+    expected = np.argsort(brute, axis=1, kind="stable")[:, :7]
+    assert np.array_equal(i, expected)
+    assert np.allclose(d, np.take_along_axis(brute, expected, 1), atol=1e-4)
+
+
+def test_evaluate_matches_full_ranking(random_set):
+    query, q_labels, gallery, g_labels = random_set
+    # K = 10 while each identity has 8 of the 240 gallery images: many relevant images rank
+    # outside the top K, so their exact ranks must be counted for mAP.
+    metrics, cmc, _ = evaluate(query, q_labels, gallery, g_labels, build_index(gallery), ks=(5, 10))
+    full = identity_metrics(exact_ranking(query, gallery), q_labels, g_labels)
+    for key in ("rank1", "rank5", "rank10", "mAP"):
+        assert metrics[key] == pytest.approx(full[key]), key
+    assert cmc[0] == metrics["rank1"] and cmc[9] == metrics["rank10"] and len(cmc) == 10
+    ranking = exact_ranking(query, gallery)
+    expected_recall = np.mean([(g_labels[ranking[i, :5]] == q_labels[i]).sum() / 8 for i in range(len(query))])
+    assert metrics["recall@5"] == pytest.approx(expected_recall)
+    kd, _, _ = evaluate(query, q_labels, gallery, g_labels, build_index(gallery, "ckdtree"), ks=(5, 10))
+    assert kd == pytest.approx(metrics)
+
+
+def test_attribute_agreement_by_hand():
+    q = np.array([[1, 0, 1, 1], [np.nan] * 4])
+    g = np.array([[1, 0, 1, 1], [0, 0, 0, 0], [np.nan] * 4])
+    top = np.array([[0, 1, 2], [0, 1, 2]])
+    m = attribute_agreement(top, q, g, ks=(1, 3))
+    assert m["attr_queries"] == 1
+    assert m["attr_match@1"] == 1.0 and m["attr_results@1"] == 1
+    assert m["attr_match@3"] == pytest.approx((1.0 + 0.25) / 2) and m["attr_results@3"] == 2  # no-attr result skipped
+    assert m["attr_distance@3"] == pytest.approx((0 + 3) / 2)
