@@ -1,0 +1,80 @@
+"""Stage ``embed@<backbone>``: query and gallery embeddings, before and after fine-tuning.
+
+    python -m stages.embed --model models/resnet50.pt --split data/split --arrays data/arrays \
+        --out data/embeddings/resnet50
+
+Writes ``{before,after}_{query,gallery}.npy`` (float32, one row per row of the
+split's ``query.parquet`` / ``gallery.parquet``) and ``{query,gallery}.parquet``
+(crop path, file name, identity: the index of those rows). "after" is the
+trained model; "before" is the same backbone as training started it (ImageNet
+weights, or the seeded random network under ``weights: none``), rebuilt from
+the config and seed saved in the model file. Batched, without gradients, bf16
+on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from facesearch import manifest as M
+from facesearch.data import embed_array, load_array
+from facesearch.io import atomic_dir, write_parquet_atomic
+from facesearch.models import ModelConfig, load_model, seeded_model
+from facesearch.params import load_params
+
+log = logging.getLogger("facesearch.embed")
+
+SETS = ("query", "gallery")
+INDEX_COLUMNS = (M.CROP_PATH, M.FILE_NAME, M.IDENTITY)
+
+
+def untrained_twin(payload: dict) -> torch.nn.Module:
+    """The network of a saved model as it was before fine-tuning."""
+    return seeded_model(ModelConfig(**payload["config"]), payload["train_config"]["seed"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="trained model, models/<backbone>.pt")
+    parser.add_argument("--split", required=True, help="folder with query/gallery .parquet")
+    parser.add_argument("--arrays", required=True, help="folder with the packed query/gallery .npy")
+    parser.add_argument("--out", required=True, help="folder to write (replaced whole)")
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    params = load_params(args.params)["embed"]
+    device_name = params["device"]
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    after, payload = load_model(args.model, map_location=device)
+    cl = torch.channels_last
+    models = {
+        "after": after.to(device, memory_format=cl),
+        "before": untrained_twin(payload).to(device, memory_format=cl),
+    }
+    size = after.config.img_size
+    with atomic_dir(args.out) as tmp:
+        for name in SETS:
+            table = pd.read_parquet(Path(args.split) / f"{name}.parquet")
+            images = load_array(Path(args.arrays) / f"{name}.npy", len(table))
+            write_parquet_atomic(tmp / f"{name}.parquet", table.loc[:, list(INDEX_COLUMNS)])
+            for state, model in models.items():
+                emb = embed_array(model, images, size, device, params["batch"], amp=True,
+                                  channels_last=True, desc=f"{state} {name}")  # fmt: skip
+                np.save(tmp / f"{state}_{name}.npy", emb.astype(np.float32))
+                log.info("%s %s: %s", state, name, emb.shape)
+
+
+if __name__ == "__main__":
+    main()

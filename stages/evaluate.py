@@ -1,0 +1,137 @@
+"""Stage ``evaluate@<backbone>``: retrieval metrics before and after fine-tuning.
+
+    python -m stages.evaluate --embeddings data/embeddings/resnet50 --split data/split \
+        --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv --figure reports/retrieval_resnet50.png
+
+Reads ``params.yaml: evaluate``. Every query (one photo of each held-out
+identity) searches the gallery (all their other photos) with the
+``evaluate.backend`` search index. ``--metrics`` gets
+``{"before": {...}, "after": {...}}`` with identity Rank-1/5/10 and mAP,
+Recall@k, the report's attribute agreement at each k, and search timings;
+``--cmc`` the CMC curves (a DVC plot); ``--figure`` a few seeded queries with
+their 9 nearest gallery faces, correct identities framed green.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from facesearch import manifest as M
+from facesearch.celeba import ATTRIBUTE_NAMES
+from facesearch.io import atomic_path, write_json_atomic
+from facesearch.params import load_params
+from facesearch.retrieval import evaluate
+from facesearch.search import build_index, cosine_similarity
+from facesearch.viz import grid, tile
+
+log = logging.getLogger("facesearch.evaluate")
+
+STATES = ("before", "after")
+
+
+def attribute_matrix(table: pd.DataFrame) -> np.ndarray:
+    """(N, 40) float array of 0/1, NaN where an image has no attributes."""
+    return table.loc[:, list(ATTRIBUTE_NAMES)].astype("float64").to_numpy(na_value=np.nan)
+
+
+def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tuple[float, float]:
+    """p50 and p99 of one-query searches (the app's case), in milliseconds."""
+    times = []
+    for q in queries[:n]:
+        t0 = time.perf_counter()
+        index.search(q[None, :], k)
+        times.append((time.perf_counter() - t0) * 1000)
+    return (float(np.percentile(times, 50)), float(np.percentile(times, 99))) if times else (float("nan"),) * 2
+
+
+def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics (with timings), CMC curve and top-K neighbours for one model state."""
+    start = time.perf_counter()
+    index = build_index(gallery, params["backend"], params.get("faiss_index", "flat"))
+    build_s = time.perf_counter() - start
+    t0 = time.perf_counter()
+    metrics, cmc, top = evaluate(
+        query, q_table[M.IDENTITY].to_numpy(), gallery, g_table[M.IDENTITY].to_numpy(), index,
+        ks=tuple(params["ks"]), query_attrs=attribute_matrix(q_table), gallery_attrs=attribute_matrix(g_table),
+    )  # fmt: skip
+    search_s = time.perf_counter() - t0
+    p50, p99 = single_query_latency(index, query, params["latency_queries"])
+    metrics.update({
+        "search_backend": params["backend"], "index_build_s": round(build_s, 4), "search_eval_s": round(search_s, 4),
+        "eval_s": round(build_s + search_s, 4), "query_ms_p50": round(p50, 3), "query_ms_p99": round(p99, 3),
+    })  # fmt: skip
+    return metrics, cmc, top
+
+
+def retrieval_figure(
+    q_table: pd.DataFrame, g_table: pd.DataFrame, query: np.ndarray, gallery: np.ndarray, top: np.ndarray,
+    n_queries: int, seed: int, size: int = 112,
+) -> np.ndarray:  # fmt: skip
+    """Rows of: the query (blue), then its 9 nearest gallery faces (green: same identity, red: not)."""
+    rng = np.random.default_rng(seed)
+    rows = sorted(rng.choice(len(q_table), size=min(n_queries, len(q_table)), replace=False))
+    tiles = []
+    for r in rows:
+        q_id = int(q_table[M.IDENTITY].iloc[r])
+        tiles.append(tile(np.asarray(Image.open(q_table[M.CROP_PATH].iloc[r]).convert("RGB")), f"query id {q_id}",
+                          size, (40, 90, 230)))  # fmt: skip
+        for g in top[r, :9]:
+            g_id = int(g_table[M.IDENTITY].iloc[g])
+            sim = float(cosine_similarity(np.linalg.norm(query[r] - gallery[g])))
+            colour = (40, 200, 40) if g_id == q_id else (220, 40, 40)
+            img = np.asarray(Image.open(g_table[M.CROP_PATH].iloc[g]).convert("RGB"))
+            tiles.append(tile(img, f"{sim:.2f} id {g_id}", size, colour))
+    return grid(tiles, cols=10)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--embeddings", required=True, help="folder written by the embed stage")
+    parser.add_argument("--split", required=True, help="folder with query/gallery .parquet (identities, attributes)")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--cmc", required=True, help="CSV of the CMC curves (rank, before, after)")
+    parser.add_argument("--figure", required=True, help="PNG of seeded queries and their top 9")
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    params = load_params(args.params)["evaluate"]
+    emb_dir, split = Path(args.embeddings), Path(args.split)
+    q_table, g_table = pd.read_parquet(split / "query.parquet"), pd.read_parquet(split / "gallery.parquet")
+    for name, table in (("query", q_table), ("gallery", g_table)):
+        index = pd.read_parquet(emb_dir / f"{name}.parquet")
+        if list(index[M.CROP_PATH]) != list(table[M.CROP_PATH]):
+            raise SystemExit(f"evaluate: {emb_dir}/{name} embeddings are not of the current split; re-run embed")
+    results, curves, tops = {}, {}, {}
+    for state in STATES:
+        query = np.load(emb_dir / f"{state}_query.npy")
+        gallery = np.load(emb_dir / f"{state}_gallery.npy")
+        results[state], curves[state], tops[state] = evaluate_state(query, q_table, gallery, g_table, params)
+        log.info("%s: %s", state, {k: results[state][k] for k in ("rank1", "rank5", "rank10", "mAP")})
+    write_json_atomic(args.metrics, {s: {k: _jsonable(v) for k, v in m.items()} for s, m in results.items()})
+    cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in STATES}})
+    with atomic_path(args.cmc) as tmp:
+        cmc.to_csv(tmp, index=False, float_format="%.6f")
+    query, gallery = np.load(emb_dir / "after_query.npy"), np.load(emb_dir / "after_gallery.npy")
+    figure = retrieval_figure(q_table, g_table, query, gallery, tops["after"], params["figure_queries"], params["seed"])
+    with atomic_path(args.figure) as tmp:
+        Image.fromarray(figure).save(tmp, format="PNG")
+
+
+def _jsonable(v):
+    """NaN (e.g. no attributes at all) becomes null: JSON has no NaN."""
+    return None if isinstance(v, float) and np.isnan(v) else v
+
+
+if __name__ == "__main__":
+    main()
