@@ -65,15 +65,20 @@ def _relevant_ranks(
 ) -> list[np.ndarray]:  # fmt: skip
     """1-based ranks of every same-identity gallery image, per query.
 
-    Images inside the backend's top K take their position there; the rest get
-    1 + the number of gallery images strictly closer, counted exactly, and only
-    for the queries that need it (so the full ranking is never sorted).
+    Images inside the backend's top K take their position there. The rest rank
+    after all K: K + 1 + the number of other images outside the top K that are
+    closer (equal distances ordered by gallery index), counted exactly and only
+    for the queries that need it, so the full ranking is never sorted. Counting
+    only outside the top K keeps ranks consistent with the backend's order even
+    where float rounding differs between the two distance computations.
     """
     order = np.argsort(g_labels, kind="stable")
     sorted_labels = g_labels[order]
     lo = np.searchsorted(sorted_labels, q_labels, side="left")
     hi = np.searchsorted(sorted_labels, q_labels, side="right")
     g_sq = (gallery.astype(np.float32) ** 2).sum(1)
+    position = np.arange(len(gallery))
+    k = top_idx.shape[1]
     out = []
     for i in range(len(query)):
         rel = order[lo[i] : hi[i]]
@@ -83,8 +88,12 @@ def _relevant_ranks(
         if missing.any():
             q = query[i].astype(np.float32)
             d2 = g_sq - 2.0 * gallery @ q + q @ q
+            outside = np.ones(len(gallery), dtype=bool)
+            outside[top_idx[i]] = False
             for j in np.flatnonzero(missing):
-                ranks[j] = 1 + int((d2 < d2[rel[j]]).sum())
+                g, d = rel[j], d2[rel[j]]
+                before = outside & ((d2 < d) | ((d2 == d) & (position < g)))
+                ranks[j] = k + 1 + int(before.sum())
         out.append(np.sort(ranks))
     return out
 

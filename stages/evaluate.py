@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _jsonable(v):
-    """NaN (e.g. no attributes at all) becomes null: JSON has no NaN."""
-    return None if isinstance(v, float) and np.isnan(v) else v
+    """Floats rounded for reading (``dvc metrics show``); NaN (no attributes at all) becomes null."""
+    if isinstance(v, float):
+        return None if np.isnan(v) else round(v, 4)
+    return v
 
 
 if __name__ == "__main__":

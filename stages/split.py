@@ -24,17 +24,11 @@ import pandas as pd
 from facesearch import manifest as M
 from facesearch.io import write_json_atomic, write_parquet_atomic
 from facesearch.params import load_params
+from facesearch.protocol import choose_queries, eligible_images
 
 log = logging.getLogger("facesearch.split")
 
 SPLIT_FILES = ("train", "val", "triplets", "query", "gallery")
-
-
-def eligible_images(manifest: pd.DataFrame, min_images: int) -> pd.DataFrame:
-    """Kept images of identities with at least ``min_images`` kept images, sorted by crop path."""
-    kept = manifest[(manifest[M.STATUS] == M.Status.KEPT) & manifest[M.IDENTITY].notna()]
-    counts = kept.groupby(M.IDENTITY)[M.CROP_PATH].transform("size")
-    return kept[counts >= min_images].sort_values(M.CROP_PATH, kind="stable").reset_index(drop=True)
 
 
 def split_identities(
@@ -58,14 +52,6 @@ def split_identities(
     perm = rng.permutation(len(free))
     test = {free[k] for k in perm[:n_test]} | {i for i, t in fixed.items() if t}
     return [i for i in ids if i not in test], sorted(test)
-
-
-def choose_queries(test_images: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One seeded query per identity; every other image of the identity goes to the gallery."""
-    is_query = np.zeros(len(test_images), dtype=bool)
-    for _, positions in sorted(test_images.groupby(M.IDENTITY).indices.items()):
-        is_query[positions[rng.integers(len(positions))]] = True
-    return test_images[is_query].reset_index(drop=True), test_images[~is_query].reset_index(drop=True)
 
 
 def hold_out_val(

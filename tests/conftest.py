@@ -160,3 +160,48 @@ def fake_manifest(counts: dict[int, int], partitions: dict[int, int] | None = No
     df = M.conform(df.sort_values(M.IMAGE_PATH), M.MANIFEST_DTYPES)
     M.validate_manifest(df)
     return df
+
+
+# --- a tiny prepared pipeline (crops, split, packed arrays) for train/embed/evaluate tests ---
+TINY = {
+    "weights": "none", "trainable_layers": -1, "embedding_dim": 16, "img_size": 32, "loss": "semi_hard",
+    "p_identities": 3, "k_images": 2, "batch_triplets": 4, "epochs": 2, "steps_per_epoch": 2, "warmup_steps": 1,
+    "eval_batch": 16,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(sample_factory, tmp_path_factory) -> Path:
+    """A working directory with crops, split and packed arrays of a tiny sample."""
+    work = tmp_path_factory.mktemp("train")
+    data = sample_factory(identities=8, images_per_identity=5, seed=4)
+    run_crop(work, data, {"crop.size": 40})
+    write_params(work / "params.yaml", {"split.val_identities": 3, "split.test_fraction": 0.25})
+    from stages import pack, split
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        split.main(["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json"])
+        pack.main(["--split", "data/split", "--out", "data/arrays"])
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def run_train(work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2") -> Path:
+    params = write_params(
+        work / f"{name}.yaml", {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
+    )
+    from stages import train
+
+    out = work / name
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        train.main(["--backbone", backbone, "--split", "data/split", "--arrays", "data/arrays",
+                    "--out", f"{name}/model.pt", "--checkpoint", f"{name}/ckpt/last.ckpt", "--live", f"{name}/live",
+                    "--params", str(params)])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return out

@@ -88,3 +88,15 @@ def test_attribute_agreement_by_hand():
     assert m["attr_match@1"] == 1.0 and m["attr_results@1"] == 1
     assert m["attr_match@3"] == pytest.approx((1.0 + 0.25) / 2) and m["attr_results@3"] == 2  # no-attr result skipped
     assert m["attr_distance@3"] == pytest.approx((0 + 3) / 2)
+
+
+def test_ties_rank_the_same_whatever_k():
+    # A collapsed model: every embedding identical, every distance tied.
+    emb = np.ones((12, 4), np.float32)
+    g_labels = np.repeat(np.arange(4), 3)
+    query, q_labels = emb[:4], np.arange(4)
+    small, _, _ = evaluate(query, q_labels, emb, g_labels, build_index(emb), ks=(2,))
+    large, _, _ = evaluate(query, q_labels, emb, g_labels, build_index(emb), ks=(12,))
+    assert small["mAP"] == pytest.approx(large["mAP"])
+    full = identity_metrics(exact_ranking(query, emb), q_labels, g_labels)
+    assert small["mAP"] == pytest.approx(full["mAP"])

@@ -11,6 +11,7 @@ from PIL import Image
 
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_FILE, IDENTITY_FILE
+from facesearch.cropping import crop_names
 from facesearch.detect import DetectorConfig, detect_face
 from stages import crop
 
@@ -124,7 +125,7 @@ def test_single_policy_and_unknown_detector_key(small_sample, tmp_path):
 
 
 def test_crop_names_never_collide():
-    names = crop.crop_names(["a.jpg", "a.png", "b.jpg"])
+    names = crop_names(["a.jpg", "a.png", "b.jpg"])
     assert names == {"a.jpg": "a_jpg.jpg", "a.png": "a_png.jpg", "b.jpg": "b.jpg"}
 
 

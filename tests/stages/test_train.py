@@ -8,49 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_crop, write_params
+from conftest import TINY, run_train, write_params
 
 from facesearch.models import load_model
-from stages import pack, split, train
-
-TINY = {
-    "weights": "none", "trainable_layers": -1, "embedding_dim": 16, "img_size": 32, "loss": "semi_hard",
-    "p_identities": 3, "k_images": 2, "batch_triplets": 4, "epochs": 2, "steps_per_epoch": 2, "warmup_steps": 1,
-    "eval_batch": 16,
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def prepared(sample_factory, tmp_path_factory) -> Path:
-    """A working directory with crops, split and packed arrays of a tiny sample."""
-    work = tmp_path_factory.mktemp("train")
-    data = sample_factory(identities=8, images_per_identity=5, seed=4)
-    run_crop(work, data, {"crop.size": 40})
-    write_params(work / "params.yaml", {"split.val_identities": 3, "split.test_fraction": 0.25})
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        split.main(["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json"])
-        pack.main(["--split", "data/split", "--out", "data/arrays"])
-    finally:
-        os.chdir(cwd)
-    return work
-
-
-def run_train(work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2") -> Path:
-    params = write_params(
-        work / f"{name}.yaml", {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
-    )
-    out = work / name
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        train.main(["--backbone", backbone, "--split", "data/split", "--arrays", "data/arrays",
-                    "--out", f"{name}/model.pt", "--checkpoint", f"{name}/ckpt/last.ckpt", "--live", f"{name}/live",
-                    "--params", str(params)])  # fmt: skip
-    finally:
-        os.chdir(cwd)
-    return out
+from stages import train
 
 
 def test_outputs_curves_and_checkpoint(prepared):

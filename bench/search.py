@@ -1,0 +1,122 @@
+"""Search and evaluation speed at the report's size, and single-query latency for the app.
+
+    python bench/search.py                 # 2,020 queries x 37,253 gallery images, 128-d
+    python bench/search.py --per-query 100 # how many queries the slow per-query loop times
+
+Embeddings are made to look like a face index: identity centres on the unit
+sphere, photos scattered around them, L2-normalised; about 18 gallery photos
+per query identity, as in the report's split. In one run it times top-1000
+search (the largest k of the report) with:
+- per-query cKDTree (the report's approach, one ``query`` call per photo; timed
+  on ``--per-query`` queries and scaled to all, which the output says),
+- batched cKDTree (one call, all cores),
+- batched exact search (matrix product + partial sort; the project's default),
+- FAISS flat / HNSW when ``faiss`` is installed (HNSW with its recall@1000 vs exact),
+and prints the ratios. Then single-query latency (p50/p99, k=9 as the app
+asks) at 40k and 200k gallery images. The last line is
+``eval_seconds=<the whole evaluation, every k, mAP and attribute metrics
+included, at report size, with the project's method>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facesearch.retrieval import evaluate
+from facesearch.search import ExactIndex, KDTreeIndex, build_index
+
+
+def face_like(n_ids: int, n_gallery: int, dim: int, rng: np.random.Generator):
+    centres = rng.normal(size=(n_ids, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    g_labels = np.sort(rng.integers(0, n_ids, size=n_gallery))
+    g_labels[:n_ids] = np.arange(n_ids)  # every identity has at least one gallery photo
+    gallery = centres[g_labels] + rng.normal(scale=0.09, size=(n_gallery, dim))
+    query = centres + rng.normal(scale=0.09, size=(n_ids, dim))
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    return query.astype(np.float32), np.arange(n_ids), gallery.astype(np.float32), g_labels
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def latency(index, queries: np.ndarray, k: int = 9) -> tuple[float, float]:
+    times = []
+    for q in queries:
+        t0 = time.perf_counter()
+        index.search(q[None, :], k)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=2020)
+    parser.add_argument("--gallery", type=int, default=37253)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--per-query", type=int, default=50, help="queries timed in the per-query cKDTree loop")
+    parser.add_argument("--latency-queries", type=int, default=200)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    query, q_labels, gallery, g_labels = face_like(args.queries, args.gallery, args.dim, rng)
+    print(f"{args.queries} queries x {args.gallery} gallery, {args.dim}-d, top-{args.k}")
+
+    build_kd, kd = timed(lambda: KDTreeIndex(gallery))
+    sub = query[: args.per_query]
+    t_loop, _ = timed(lambda: [kd.search(q[None, :], args.k) for q in sub])
+    per_query_all = t_loop / len(sub) * len(query)
+    t_kd, (_, kd_idx) = timed(lambda: kd.search(query, args.k))
+    build_ex, ex = timed(lambda: ExactIndex(gallery))
+    t_ex, (_, ex_idx) = timed(lambda: ex.search(query, args.k))
+    same = float((kd_idx == ex_idx).mean())
+    rows = [
+        (f"per-query cKDTree (timed on {len(sub)}, scaled)", build_kd + per_query_all),
+        ("batched cKDTree", build_kd + t_kd),
+        ("batched exact", build_ex + t_ex),
+    ]
+    try:
+        import faiss  # noqa: F401
+
+        for kind in ("flat", "hnsw"):
+            t_build, index = timed(lambda kind=kind: build_index(gallery, "faiss", kind))
+            t_search, (_, f_idx) = timed(lambda index=index: index.search(query, args.k))
+            recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(f_idx, ex_idx, strict=True)])
+            rows.append((f"faiss {kind} (recall@{args.k} vs exact {recall:.3f})", t_build + t_search))
+    except ImportError:
+        print("faiss not installed: skipped (pip install faiss-cpu)")
+    exact_s = build_ex + t_ex
+    for name, seconds in rows:
+        print(f"{name:48s} {seconds:9.3f} s   {seconds / exact_s:8.1f}x exact")
+    print(f"cKDTree and exact return the same top-{args.k} neighbours for {100 * same:.2f}% of positions")
+
+    for n in (40_000, 200_000):
+        q, _, g, _ = face_like(2000, n, args.dim, np.random.default_rng(1))
+        for name, index in (("exact", ExactIndex(g)), ("ckdtree", KDTreeIndex(g))):
+            p50, p99 = latency(index, q[: args.latency_queries])
+            print(f"single query, k=9, {n:7d} gallery, {name:8s} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms")
+
+    attrs = rng.integers(0, 2, size=(args.queries, 40)).astype(np.float64)
+    g_attrs = attrs[g_labels] * (rng.random((args.gallery, 40)) > 0.1)
+    t_eval, (metrics, _, _) = timed(lambda: evaluate(
+        query, q_labels, gallery, g_labels, build_index(gallery, "exact"), ks=(10, 20, 50, 100, 1000),
+        query_attrs=attrs, gallery_attrs=g_attrs,
+    ))  # fmt: skip
+    print(f"whole evaluation (build, top-1000 search, Rank-k, mAP, Recall@k, attributes at every k): "
+          f"rank1={metrics['rank1']:.3f} mAP={metrics['mAP']:.3f}")  # fmt: skip
+    print(f"eval_seconds={t_eval:.3f}")
+
+
+if __name__ == "__main__":
+    main()

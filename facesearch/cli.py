@@ -1,0 +1,179 @@
+"""``python -m facesearch evaluate``: score a trained model on any CelebA-layout folder.
+
+    python -m facesearch evaluate --model models/resnet50.pt --data DIR --out OUT.json
+
+The protocol is the pipeline's own: crop every photo with the crop settings
+of ``params.yaml`` (or the defaults), keep identities with at least two kept
+photos, pick one query per identity (seeded), put every other kept photo in the
+gallery, embed with the model, search exactly, and write Rank-1/5/10, mAP,
+Recall@k, the attribute agreement (where the folder has attributes), the
+numbers of queries and gallery images and the crop keep rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from joblib import Parallel, delayed
+from PIL import Image
+from tqdm import tqdm
+
+from facesearch import manifest as M
+from facesearch.celeba import ATTRIBUTE_NAMES, find_image_dir, list_images, read_annotations
+from facesearch.cropping import crop_names, process_image
+from facesearch.data import embed_array
+from facesearch.detect import DetectorConfig
+from facesearch.io import write_bytes_atomic, write_json_atomic
+from facesearch.models import load_model
+from facesearch.protocol import choose_queries, eligible_images
+from facesearch.retrieval import evaluate
+from facesearch.search import build_index
+
+log = logging.getLogger("facesearch.cli")
+
+CROP_DEFAULTS = {"size": 218, "margin": 0.2, "jpeg_quality": 95, "max_pixels": 40_000_000, "min_image_side": 32}
+
+
+def crop_settings(params_path: str | None) -> tuple[dict, DetectorConfig]:
+    """Crop settings from a params file when there is one, else the project's defaults."""
+    if params_path and Path(params_path).is_file():
+        from facesearch.params import load_params
+
+        crop = load_params(params_path)["crop"]
+        return {k: crop[k] for k in CROP_DEFAULTS}, DetectorConfig(**crop.get("detector", {}))
+    return dict(CROP_DEFAULTS), DetectorConfig()
+
+
+def evaluate_folder(
+    model_path: str, data: str, params_path: str | None = "params.yaml", seed: int = 0, n_jobs: int = -1,
+    ks: tuple[int, ...] = (10, 20, 50, 100, 1000), device: str = "auto",
+) -> dict:  # fmt: skip
+    """Run the protocol above; returns the metrics dict written to OUT.json."""
+    crop, detector = crop_settings(params_path)
+    image_dir = find_image_dir(data)
+    ann = read_annotations(data)
+    files = [n for n in list_images(image_dir) if n in ann.identities]
+    n_all = len(list_images(image_dir))
+    names = crop_names(files)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    model, _ = load_model(model_path, map_location=dev)
+    with tempfile.TemporaryDirectory(prefix="facesearch-eval-") as tmp:
+        jobs = (delayed(process_image)(str(image_dir / n), str(Path(tmp) / names[n]), detector, crop["size"],
+                                       crop["margin"], crop["jpeg_quality"], crop["max_pixels"],
+                                       crop["min_image_side"]) for n in files)  # fmt: skip
+        rows = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(files), desc="crop"))
+        table = pd.DataFrame({
+            M.FILE_NAME: files,
+            M.IDENTITY: pd.array([ann.identities[n] for n in files], dtype="Int64"),
+            M.STATUS: [r[M.STATUS] for r in rows],
+            M.CROP_PATH: [str(Path(tmp) / names[n]) for n in files],
+        })  # fmt: skip
+        table = table.join(ann.attributes.reindex(table[M.FILE_NAME]).reset_index(drop=True))
+        images = eligible_images(table, 2)
+        if images.empty:
+            raise SystemExit(f"evaluate: no identity in {data} has two photos with a usable face")
+        query, gallery = choose_queries(images, np.random.default_rng(seed))
+        arrays = {
+            name: np.stack([np.asarray(Image.open(p).convert("RGB")) for p in t[M.CROP_PATH]])
+            for name, t in (("query", query), ("gallery", gallery))
+        }
+    size = model.config.img_size
+    q_emb = embed_array(model.to(dev), arrays["query"], size, dev, desc="embed query")
+    g_emb = embed_array(model, arrays["gallery"], size, dev, desc="embed gallery")
+
+    def attrs(t: pd.DataFrame) -> np.ndarray:
+        return t.loc[:, list(ATTRIBUTE_NAMES)].astype("float64").to_numpy(na_value=np.nan)
+
+    metrics, _, _ = evaluate(q_emb, query[M.IDENTITY].to_numpy(), g_emb, gallery[M.IDENTITY].to_numpy(),
+                             build_index(g_emb, "exact"), ks=ks, query_attrs=attrs(query),
+                             gallery_attrs=attrs(gallery))  # fmt: skip
+    kept = int((table[M.STATUS] == M.Status.KEPT).sum())
+    metrics.update({
+        "keep_rate": round(kept / n_all, 4) if n_all else 0.0, "n_images": n_all, "n_kept": kept,
+        "n_identities": int(images[M.IDENTITY].nunique()), "model": str(model_path), "data": str(data),
+        "backbone": model.config.backbone, "seed": seed, "detector": asdict(detector),
+    })  # fmt: skip
+    return {k: (None if isinstance(v, float) and np.isnan(v) else round(v, 4) if isinstance(v, float) else v)
+            for k, v in metrics.items()}  # fmt: skip
+
+
+RESULT_COLUMNS = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"), ("mAP", "mAP"),
+                  ("recall@10", "Recall@10"), ("attr_match@10", "attr. match@10"))  # fmt: skip
+
+
+def results_table(metrics_dir: str, backbones: list[str]) -> str:
+    """Markdown table of ``<metrics_dir>/<backbone>.json``, before and after fine-tuning."""
+    lines = ["| backbone | model | " + " | ".join(t for _, t in RESULT_COLUMNS) + " | queries | gallery |",
+             "| --- | --- | " + " | ".join("---" for _ in RESULT_COLUMNS) + " | --- | --- |"]  # fmt: skip
+    for backbone in backbones:
+        m = json.loads((Path(metrics_dir) / f"{backbone}.json").read_text())
+        for state, label in (("before", "before fine-tuning"), ("after", "fine-tuned")):
+            row = m[state]
+            cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float | int) else "—" for k, _ in RESULT_COLUMNS]
+            lines.append(
+                f"| {backbone} | {label} | " + " | ".join(cells) + f" | {row['n_queries']} | {row['n_gallery']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"results: markers {start} / {end} not found")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m facesearch", description="facesearch command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help=__doc__.splitlines()[0], description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ev.add_argument("--model", required=True, help="a trained model, e.g. models/resnet50.pt")
+    ev.add_argument("--data", required=True, help="CelebA-layout folder (img_celeba/ + identity_CelebA.txt)")
+    ev.add_argument("--out", required=True, help="metrics JSON to write")
+    ev.add_argument("--params", default="params.yaml", help="crop settings (defaults used if absent)")
+    ev.add_argument("--seed", type=int, default=0, help="which photo of each identity is its query")
+    ev.add_argument("--n-jobs", type=int, default=-1, help="crop workers (-1: all cores)")
+    ev.add_argument("--device", default="auto")
+    res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
+    res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
+    res.add_argument("--backbones", default=None, help="comma-separated (default: params.yaml backbones)")
+    res.add_argument("--params", default="params.yaml")
+    res.add_argument("--readme", default=None, help="rewrite this file's marked section instead of printing")
+    res.add_argument("--section", default="results-sample", help="marker name in the README")
+    args = parser.parse_args(argv)
+    if args.command == "results":
+        from facesearch.params import load_params
+
+        backbones = args.backbones.split(",") if args.backbones else load_params(args.params)["backbones"]
+        table = results_table(args.metrics, backbones)
+        if args.readme:
+            path = Path(args.readme)
+            write_bytes_atomic(path, replace_section(path.read_text(), args.section, table).encode())
+        else:
+            print(table, end="")
+    elif args.command == "evaluate":
+        metrics = evaluate_folder(args.model, args.data, args.params, args.seed, args.n_jobs, device=args.device)
+        write_json_atomic(args.out, metrics)
+        json.dump({k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "n_queries", "n_gallery", "keep_rate")},
+                  sys.stdout)  # fmt: skip
+        print()
+
+
+if __name__ == "__main__":
+    main()

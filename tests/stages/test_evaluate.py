@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_train, write_params
+from PIL import Image
+
+from facesearch.cli import evaluate_folder, replace_section, results_table
+from facesearch.cli import main as cli_main
+from facesearch.data import load_array
+from facesearch.models import load_model
+from stages import embed, evaluate
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared):
+    """A tiny trained model, its embeddings and its evaluation outputs."""
+    run_train(prepared, "ev", {"epochs": 1})
+    params = write_params(prepared / "ev.yaml", {"embed.batch": 8, "evaluate.ks": [2, 5], "evaluate.latency_queries": 3,
+                                                  "evaluate.figure_queries": 2})  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(prepared)
+    try:
+        embed.main(["--model", "ev/model.pt", "--split", "data/split", "--arrays", "data/arrays", "--out", "ev/emb",
+                    "--params", str(params)])  # fmt: skip
+        evaluate.main(["--embeddings", "ev/emb", "--split", "data/split", "--metrics", "ev/metrics/m.json",
+                       "--cmc", "ev/cmc.csv", "--figure", "ev/fig.png", "--params", str(params)])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return prepared / "ev"
+
+
+def test_embeddings_before_and_after(evaluated, prepared):
+    query = pd.read_parquet(prepared / "data/split/query.parquet")
+    for state in ("before", "after"):
+        emb = np.load(evaluated / "emb" / f"{state}_query.npy")
+        assert emb.shape == (len(query), 16) and emb.dtype == np.float32
+        assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    assert list(pd.read_parquet(evaluated / "emb" / "query.parquet")["crop_path"]) == list(query["crop_path"])
+    # "before" is the untrained twin: what the seeded network gives, not the trained one.
+    _, payload = load_model(evaluated / "model.pt")
+    twin = embed.untrained_twin(payload).eval()
+    images = load_array(prepared / "data/arrays/query.npy")
+    from facesearch.data import embed_array
+
+    expected = embed_array(twin, images, 32, torch.device("cpu"), channels_last=True)
+    assert np.allclose(np.load(evaluated / "emb" / "before_query.npy"), expected, atol=1e-5)
+    assert not np.allclose(np.load(evaluated / "emb" / "after_query.npy"), expected, atol=1e-3)
+
+
+def test_metrics_shape_cmc_and_figure(evaluated):
+    metrics = json.loads((evaluated / "metrics" / "m.json").read_text())
+    assert set(metrics) == {"before", "after"}
+    for state in metrics.values():
+        for key in ("rank1", "rank5", "rank10", "mAP", "recall@2", "recall@5", "attr_match@5", "query_ms_p50",
+                    "index_build_s", "eval_s", "n_queries", "n_gallery"):  # fmt: skip
+            assert key in state, key
+        assert 0 <= state["mAP"] <= 1 and state["rank1"] <= state["rank5"] <= state["rank10"]
+    cmc = pd.read_csv(evaluated / "cmc.csv")
+    assert list(cmc.columns) == ["rank", "before", "after"]
+    assert (np.diff(cmc["after"]) >= 0).all() and cmc["after"].iloc[-1] == 1.0
+    assert Image.open(evaluated / "fig.png").size == (10 * 112, 2 * 112)
+    table = results_table(str(evaluated / "metrics"), ["m"])
+    assert table.count("\n") == 4 and "fine-tuned" in table
+    text = replace_section("a\n<!-- r:start -->\nold\n<!-- r:end -->\nb", "r", table)
+    assert "old" not in text and table in text
+
+
+def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
+    bad = tmp_path / "emb"
+    bad.mkdir()
+    for f in (evaluated / "emb").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    q = pd.read_parquet(bad / "query.parquet")
+    q.iloc[::-1].to_parquet(bad / "query.parquet")
+    cwd = os.getcwd()
+    os.chdir(prepared)
+    try:
+        with pytest.raises(SystemExit, match="re-run embed"):
+            evaluate.main(["--embeddings", str(bad), "--split", "data/split", "--metrics", str(tmp_path / "m.json"),
+                           "--cmc", str(tmp_path / "c.csv"), "--figure", str(tmp_path / "f.png"),
+                           "--params", str(prepared / "ev.yaml")])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+
+
+def test_cli_evaluates_any_folder(evaluated, sample_factory, tmp_path):
+    data = sample_factory(identities=8, images_per_identity=5, seed=4)
+    m = evaluate_folder(str(evaluated / "model.pt"), str(data), params_path=None, n_jobs=1, ks=(5,))
+    assert {"rank1", "rank5", "rank10", "mAP", "n_queries", "n_gallery", "keep_rate"} <= set(m)
+    assert m["n_queries"] == m["n_identities"] <= 8 and m["n_queries"] + m["n_gallery"] == m["n_kept"]
+    assert 0.8 <= m["keep_rate"] <= 1.0
+    out = tmp_path / "o.json"
+    cli_main(["evaluate", "--model", str(evaluated / "model.pt"), "--data", str(data), "--out", str(out),
+              "--params", "none", "--n-jobs", "1"])  # fmt: skip
+    # Same protocol, other ks: equal up to float rounding of near-tied distances of this 1-epoch model.
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(m["mAP"], abs=2e-3)
