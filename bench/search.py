@@ -15,7 +15,8 @@ search (the largest k of the report) with:
 and prints the ratios. Then single-query latency (p50/p99, k=9 as the app
 asks) at 40k and 200k gallery images. The last line is
 ``eval_seconds=<the whole evaluation, every k, mAP and attribute metrics
-included, at report size, with the project's method>``.
+included, at report size, with the project's method>``: the slowest of three
+indexes from a good model's to a near-random one's.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ from facesearch.retrieval import evaluate
 from facesearch.search import ExactIndex, KDTreeIndex, build_index
 
 
-def face_like(n_ids: int, n_gallery: int, dim: int, rng: np.random.Generator):
+def face_like(n_ids: int, n_gallery: int, dim: int, rng: np.random.Generator, noise: float = 0.09):
     centres = rng.normal(size=(n_ids, dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     g_labels = np.sort(rng.integers(0, n_ids, size=n_gallery))
     g_labels[:n_ids] = np.arange(n_ids)  # every identity has at least one gallery photo
-    gallery = centres[g_labels] + rng.normal(scale=0.09, size=(n_gallery, dim))
-    query = centres + rng.normal(scale=0.09, size=(n_ids, dim))
+    gallery = centres[g_labels] + rng.normal(scale=noise, size=(n_gallery, dim))
+    query = centres + rng.normal(scale=noise, size=(n_ids, dim))
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
     query /= np.linalg.norm(query, axis=1, keepdims=True)
     return query.astype(np.float32), np.arange(n_ids), gallery.astype(np.float32), g_labels
@@ -70,8 +71,24 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=200)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    query, q_labels, gallery, g_labels = face_like(args.queries, args.gallery, args.dim, rng)
+    query, _, gallery, _ = face_like(args.queries, args.gallery, args.dim, rng)
     print(f"{args.queries} queries x {args.gallery} gallery, {args.dim}-d, top-{args.k}")
+
+    # The whole evaluation on indexes from good to near-random: the poorer the model, the more
+    # same-identity photos fall outside the top 1000 and have their exact rank counted for mAP.
+    # The slowest is the figure reported.
+    worst = 0.0
+    for label, noise in (("good model", 0.09), ("mediocre model", 0.16), ("near-random model", 0.2)):
+        q, ql, g, gl = face_like(args.queries, args.gallery, args.dim, np.random.default_rng(2), noise)
+        attrs = rng.integers(0, 2, size=(args.queries, 40)).astype(np.float64)
+        g_attrs = attrs[gl] * (rng.random((args.gallery, 40)) > 0.1)
+        runs = [timed(lambda q=q, ql=ql, g=g, gl=gl, attrs=attrs, g_attrs=g_attrs: evaluate(
+            q, ql, g, gl, build_index(g, "exact"), ks=(10, 20, 50, 100, 1000), query_attrs=attrs, gallery_attrs=g_attrs,
+        )) for _ in range(2)]  # fmt: skip
+        t_eval, (metrics, _, _) = min(runs, key=lambda r: r[0])  # best of 2: this machine's timings are noisy
+        worst = max(worst, t_eval)
+        print(f"whole evaluation, {label:17s} (rank1={metrics['rank1']:.3f} mAP={metrics['mAP']:.3f}, "
+              f"recall@1000={metrics['recall@1000']:.3f}): {t_eval:.3f} s")  # fmt: skip
 
     build_kd, kd = timed(lambda: KDTreeIndex(gallery))
     sub = query[: args.per_query]
@@ -107,15 +124,7 @@ def main() -> None:
             p50, p99 = latency(index, q[: args.latency_queries])
             print(f"single query, k=9, {n:7d} gallery, {name:8s} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms")
 
-    attrs = rng.integers(0, 2, size=(args.queries, 40)).astype(np.float64)
-    g_attrs = attrs[g_labels] * (rng.random((args.gallery, 40)) > 0.1)
-    t_eval, (metrics, _, _) = timed(lambda: evaluate(
-        query, q_labels, gallery, g_labels, build_index(gallery, "exact"), ks=(10, 20, 50, 100, 1000),
-        query_attrs=attrs, gallery_attrs=g_attrs,
-    ))  # fmt: skip
-    print(f"whole evaluation (build, top-1000 search, Rank-k, mAP, Recall@k, attributes at every k): "
-          f"rank1={metrics['rank1']:.3f} mAP={metrics['mAP']:.3f}")  # fmt: skip
-    print(f"eval_seconds={t_eval:.3f}")
+    print(f"eval_seconds={worst:.3f}")
 
 
 if __name__ == "__main__":

@@ -28,14 +28,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_NAMES, find_image_dir, list_images, read_annotations
+from facesearch.celeba import find_image_dir, list_images, read_annotations
 from facesearch.cropping import crop_names, process_image
 from facesearch.data import embed_array
 from facesearch.detect import DetectorConfig
 from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.models import load_model
 from facesearch.protocol import choose_queries, eligible_images
-from facesearch.retrieval import evaluate
+from facesearch.retrieval import attribute_matrix, evaluate, readable
 from facesearch.search import build_index
 
 log = logging.getLogger("facesearch.cli")
@@ -92,20 +92,16 @@ def evaluate_folder(
     q_emb = embed_array(model.to(dev), arrays["query"], size, dev, desc="embed query")
     g_emb = embed_array(model, arrays["gallery"], size, dev, desc="embed gallery")
 
-    def attrs(t: pd.DataFrame) -> np.ndarray:
-        return t.loc[:, list(ATTRIBUTE_NAMES)].astype("float64").to_numpy(na_value=np.nan)
-
     metrics, _, _ = evaluate(q_emb, query[M.IDENTITY].to_numpy(), g_emb, gallery[M.IDENTITY].to_numpy(),
-                             build_index(g_emb, "exact"), ks=ks, query_attrs=attrs(query),
-                             gallery_attrs=attrs(gallery))  # fmt: skip
+                             build_index(g_emb, "exact"), ks=ks, query_attrs=attribute_matrix(query),
+                             gallery_attrs=attribute_matrix(gallery))  # fmt: skip
     kept = int((table[M.STATUS] == M.Status.KEPT).sum())
     metrics.update({
         "keep_rate": round(kept / n_all, 4) if n_all else 0.0, "n_images": n_all, "n_kept": kept,
         "n_identities": int(images[M.IDENTITY].nunique()), "model": str(model_path), "data": str(data),
         "backbone": model.config.backbone, "seed": seed, "detector": asdict(detector),
     })  # fmt: skip
-    return {k: (None if isinstance(v, float) and np.isnan(v) else round(v, 4) if isinstance(v, float) else v)
-            for k, v in metrics.items()}  # fmt: skip
+    return readable(metrics)
 
 
 RESULT_COLUMNS = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"), ("mAP", "mAP"),

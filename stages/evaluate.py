@@ -24,21 +24,15 @@ import pandas as pd
 from PIL import Image
 
 from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_NAMES
 from facesearch.io import atomic_path, write_json_atomic
 from facesearch.params import load_params
-from facesearch.retrieval import evaluate
+from facesearch.retrieval import attribute_matrix, evaluate, readable
 from facesearch.search import build_index, cosine_similarity
 from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.evaluate")
 
 STATES = ("before", "after")
-
-
-def attribute_matrix(table: pd.DataFrame) -> np.ndarray:
-    """(N, 40) float array of 0/1, NaN where an image has no attributes."""
-    return table.loc[:, list(ATTRIBUTE_NAMES)].astype("float64").to_numpy(na_value=np.nan)
 
 
 def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tuple[float, float]:
@@ -118,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         gallery = np.load(emb_dir / f"{state}_gallery.npy")
         results[state], curves[state], tops[state] = evaluate_state(query, q_table, gallery, g_table, params)
         log.info("%s: %s", state, {k: results[state][k] for k in ("rank1", "rank5", "rank10", "mAP")})
-    write_json_atomic(args.metrics, {s: {k: _jsonable(v) for k, v in m.items()} for s, m in results.items()})
+    write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})
     cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in STATES}})
     with atomic_path(args.cmc) as tmp:
         cmc.to_csv(tmp, index=False, float_format="%.6f")
@@ -126,13 +120,6 @@ def main(argv: list[str] | None = None) -> None:
     figure = retrieval_figure(q_table, g_table, query, gallery, tops["after"], params["figure_queries"], params["seed"])
     with atomic_path(args.figure) as tmp:
         Image.fromarray(figure).save(tmp, format="PNG")
-
-
-def _jsonable(v):
-    """Floats rounded for reading (``dvc metrics show``); NaN (no attributes at all) becomes null."""
-    if isinstance(v, float):
-        return None if np.isnan(v) else round(v, 4)
-    return v
 
 
 if __name__ == "__main__":

@@ -66,18 +66,24 @@ def test_dvc_reruns_exactly_what_changed(repo_root, tmp_path):
         tiny |= {f"train.{backbone}.epochs": 1, f"train.{backbone}.steps_per_epoch": 1,
                  f"train.{backbone}.img_size": 32, f"train.{backbone}.p_identities": 2}  # fmt: skip
     write_params(repo / "params.yaml", tiny)
-    trains = {"train@resnet50", "train@mobilenet_v2"}
+    per_backbone = {f"{stage}@{b}" for stage in ("train", "embed", "evaluate") for b in ("resnet50", "mobilenet_v2")}
 
-    assert repro(repo) == {"sample", "crop", "split", "pack"} | trains
+    assert repro(repo) == {"sample", "crop", "split", "pack"} | per_backbone
     assert repro(repo) == set()  # nothing changed, nothing runs
     set_param(repo, "crop.margin", 0.3)
-    assert repro(repo) == {"crop", "split", "pack"} | trains
+    assert repro(repo) == {"crop", "split", "pack"} | per_backbone
     set_param(repo, "split.seed", 7)
-    assert repro(repo) == {"split", "pack"} | trains
+    assert repro(repo) == {"split", "pack"} | per_backbone
     set_param(repo, "train.resnet50.lr", 0.01)
-    assert repro(repo) == {"train@resnet50"}  # the other backbone's branch is untouched
+    # The other backbone's branch is untouched.
+    assert repro(repo) == {"train@resnet50", "embed@resnet50", "evaluate@resnet50"}
+    set_param(repo, "evaluate.backend", "ckdtree")
+    assert repro(repo) == {"evaluate@resnet50", "evaluate@mobilenet_v2"}
     set_param(repo, "sample.seed", 1)
-    assert repro(repo) == {"sample", "crop", "split", "pack"} | trains
+    assert repro(repo) == {"sample", "crop", "split", "pack"} | per_backbone
+    metrics = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=repo, check=True,
+                             capture_output=True, text=True).stdout  # fmt: skip
+    assert '"before"' in metrics and '"after"' in metrics
     # The outputs DVC tracks are git-ignored by DVC itself.
     ignored = (repo / "data" / ".gitignore").read_text()
     assert "/crops" in ignored and "/manifest.parquet" in ignored
