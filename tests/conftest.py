@@ -176,7 +176,7 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("train")
     data = sample_factory(identities=8, images_per_identity=5, seed=4)
     run_crop(work, data, {"crop.size": 40})
-    write_params(work / "params.yaml", {"split.val_identities": 3, "split.test_fraction": 0.25})
+    write_params(work / "params.yaml", {"split.val_identities": 2, "split.test_fraction": 0.5})
     from stages import pack, split
 
     cwd = os.getcwd()
@@ -205,3 +205,21 @@ def run_train(work: Path, name: str, overrides: dict | None = None, backbone: st
     finally:
         os.chdir(cwd)
     return out
+
+
+@pytest.fixture(scope="module")
+def app_root(prepared) -> Path:
+    """``prepared`` plus what the app reads: models/mobilenet_v2.pt and its gallery embeddings."""
+    from stages import embed
+
+    out = run_train(prepared, "app", {"epochs": 1})
+    (prepared / "models").mkdir(exist_ok=True)
+    shutil.copy(out / "model.pt", prepared / "models" / "mobilenet_v2.pt")
+    cwd = os.getcwd()
+    os.chdir(prepared)
+    try:
+        embed.main(["--model", "models/mobilenet_v2.pt", "--split", "data/split", "--arrays", "data/arrays",
+                    "--out", "data/embeddings/mobilenet_v2"])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return prepared

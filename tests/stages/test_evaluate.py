@@ -91,12 +91,11 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
 
 def test_cli_evaluates_any_folder(evaluated, sample_factory, tmp_path):
     data = sample_factory(identities=8, images_per_identity=5, seed=4)
-    m = evaluate_folder(str(evaluated / "model.pt"), str(data), params_path=None, n_jobs=1, ks=(5,))
+    m = evaluate_folder(str(evaluated / "model.pt"), str(data), params_path=None, n_jobs=1)
     assert {"rank1", "rank5", "rank10", "mAP", "n_queries", "n_gallery", "keep_rate"} <= set(m)
     assert m["n_queries"] == m["n_identities"] <= 8 and m["n_queries"] + m["n_gallery"] == m["n_kept"]
     assert 0.8 <= m["keep_rate"] <= 1.0
     out = tmp_path / "o.json"
     cli_main(["evaluate", "--model", str(evaluated / "model.pt"), "--data", str(data), "--out", str(out),
               "--params", "none", "--n-jobs", "1"])  # fmt: skip
-    # Same protocol, other ks: equal up to float rounding of near-tied distances of this 1-epoch model.
-    assert json.loads(out.read_text())["mAP"] == pytest.approx(m["mAP"], abs=2e-3)
+    assert json.loads(out.read_text())["mAP"] == m["mAP"]
