@@ -94,6 +94,12 @@ def test_app_upload_to_nine_results(app, root):
     assert not app.exception and len(result_captions(app)) == 9
 
 
+def test_app_camera_photo(app, root):
+    app.camera_input[0].upload("camera.jpg", sample_faces(root)[1].read_bytes()).run()
+    assert not app.exception and not app.error
+    assert len(result_captions(app)) == 9
+
+
 def test_app_bad_uploads_get_a_message(app):
     app.file_uploader[0].upload("x.jpg", b"not an image at all", "image/jpeg").run()
     assert app.error[0].value == "This is not an image file we can read." and not app.exception
