@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -223,3 +226,49 @@ def app_root(prepared) -> Path:
     finally:
         os.chdir(cwd)
     return prepared
+
+
+# --- temporary copies of this repository, for tests that run DVC itself ---------------------
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+TINY_PIPELINE = {"sample.identities": 8, "sample.images_per_identity": 5, "crop.n_jobs": 1, "crop.size": 48,
+                 "split.test_fraction": 0.25, "split.val_identities": 2}  # fmt: skip
+for _backbone in ("resnet50", "mobilenet_v2"):
+    TINY_PIPELINE |= {f"train.{_backbone}.epochs": 1, f"train.{_backbone}.steps_per_epoch": 1,
+                      f"train.{_backbone}.img_size": 32, f"train.{_backbone}.p_identities": 2}  # fmt: skip
+
+
+def copy_repo(src: Path, dst: Path) -> None:
+    """Copy the files git would check out (tracked and untracked-not-ignored), nothing built."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=src, check=True, capture_output=True, text=True,
+    ).stdout.split("\0")  # fmt: skip
+    for rel in filter(None, listed):
+        if (src / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dst / rel)
+
+
+def dvc(repo: Path, *args: str) -> str:
+    """Run ``dvc *args`` in ``repo``; fails the test with DVC's output if it fails."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"dvc {' '.join(args)}:\n{out.stdout}{out.stderr}"
+    return out.stdout
+
+
+def repro(repo: Path) -> set[str]:
+    """``dvc repro``; returns the names of the stages that ran."""
+    return set(re.findall(r"Running stage '([\w@.-]+)'", dvc(repo, "repro")))
+
+
+def tiny_repo_copy(src: Path, dst: Path) -> Path:
+    """A committed git repository with this project's files and tiny pipeline params."""
+    copy_repo(src, dst)
+    (dst / "dvc.lock").unlink(missing_ok=True)
+    write_params(dst / "params.yaml", TINY_PIPELINE)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    # A clone has commits; dvclive reads HEAD and fails in a repository without any.
+    subprocess.run([*GIT, "add", "-A"], cwd=dst, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "copy"], cwd=dst, check=True)
+    return dst
