@@ -66,7 +66,7 @@ def main() -> None:
     names = list_images(image_dir)
     names = sorted(random.Random(args.seed).sample(names, min(args.n, len(names))))
     blobs = [(image_dir / n).read_bytes() for n in names]  # read once: time decode + detect only
-    cfg = DetectorConfig(**load_params(args.params)["crop"]["detector"])
+    cfg = DetectorConfig.from_params(load_params(args.params)["crop"].get("detector"))
     print(f"{len(blobs)} images from {image_dir}, one core")
     ours, ours_rate = run(f"facesearch ({cfg.policy})", lambda rgb: detect_face(rgb, cfg).chosen is not None, blobs)
     other = "single" if cfg.policy == "largest" else "largest"

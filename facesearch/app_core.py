@@ -66,7 +66,7 @@ class CropSettings:
 def crop_settings(root: Path) -> CropSettings:
     """The crop stage's settings from the pipeline's ``params.yaml``, so queries are cut like the gallery."""
     crop = load_params(root / "params.yaml")["crop"]
-    return CropSettings(crop["size"], crop["margin"], DetectorConfig(**crop["detector"]))
+    return CropSettings(crop["size"], crop["margin"], DetectorConfig.from_params(crop.get("detector")))
 
 
 def find_faces(image: DecodedImage, settings: CropSettings) -> Detection:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from joblib import Parallel, delayed
 from PIL import Image
 from tqdm import tqdm
@@ -33,7 +32,7 @@ from facesearch.cropping import crop_names, process_image
 from facesearch.data import embed_array
 from facesearch.detect import DetectorConfig
 from facesearch.io import write_bytes_atomic, write_json_atomic
-from facesearch.models import load_model
+from facesearch.models import load_model, resolve_device
 from facesearch.protocol import choose_queries, eligible_images
 from facesearch.retrieval import attribute_matrix, evaluate, readable
 from facesearch.search import build_index
@@ -49,7 +48,7 @@ def crop_settings(params_path: str | None) -> tuple[dict, DetectorConfig]:
         from facesearch.params import load_params
 
         crop = load_params(params_path)["crop"]
-        return {k: crop[k] for k in CROP_DEFAULTS}, DetectorConfig(**crop.get("detector", {}))
+        return {k: crop[k] for k in CROP_DEFAULTS}, DetectorConfig.from_params(crop.get("detector"))
     return dict(CROP_DEFAULTS), DetectorConfig()
 
 
@@ -61,12 +60,11 @@ def evaluate_folder(
     crop, detector = crop_settings(params_path)
     image_dir = find_image_dir(data)
     ann = read_annotations(data)
-    files = [n for n in list_images(image_dir) if n in ann.identities]
-    n_all = len(list_images(image_dir))
+    all_files = list_images(image_dir)
+    files = [n for n in all_files if n in ann.identities]
+    n_all = len(all_files)
     names = crop_names(files)
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    dev = resolve_device(device)
     model, _ = load_model(model_path, map_location=dev)
     with tempfile.TemporaryDirectory(prefix="facesearch-eval-") as tmp:
         jobs = (delayed(process_image)(str(image_dir / n), str(Path(tmp) / names[n]), detector, crop["size"],

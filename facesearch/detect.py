@@ -42,6 +42,15 @@ class DetectorConfig:
     equalize: bool = True  # histogram-equalise before scanning (robust to lighting)
     verify_eyes: bool = True  # second-pass boxes must contain an eye (the looser pass finds clutter too)
 
+    @classmethod
+    def from_params(cls, params: dict | None) -> DetectorConfig:
+        """From ``params.yaml: crop.detector``; a misspelt key fails instead of silently using a default."""
+        params = dict(params or {})
+        unknown = set(params) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"params.yaml crop.detector: unknown keys {sorted(unknown)}")
+        return cls(**params)
+
 
 @dataclass(frozen=True)
 class Detection:

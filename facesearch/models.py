@@ -66,6 +66,13 @@ BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int, tvm.WeightsEnum]]] =
 }
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; any other name as given."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def weights_cache_path(weights: tvm.WeightsEnum) -> Path:
     """Where torchvision looks for (and downloads) ``weights``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)

@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -129,11 +128,7 @@ def _backend_context(backend: str, n_jobs: int):
 
 def load_crop_params(path: str) -> dict:
     p = dict(load_params(path)["crop"])
-    p["detector"] = dict(p.get("detector", {}))
-    # Fail on a misspelt detector key instead of silently using a default.
-    unknown = set(p["detector"]) - set(asdict(DetectorConfig()))
-    if unknown:
-        raise ValueError(f"params.yaml crop.detector: unknown keys {sorted(unknown)}")
+    p["detector"] = DetectorConfig.from_params(p.get("detector"))
     return p
 
 
@@ -152,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
     p = load_crop_params(args.params)
-    cfg = DetectorConfig(**p["detector"])
+    cfg = p["detector"]
     data_root = Path(args.data)
     image_dir = find_image_dir(data_root)
     annotations = read_annotations(data_root)  # fails early (nothing written) if unusable

@@ -25,7 +25,7 @@ import torch
 from facesearch import manifest as M
 from facesearch.data import embed_array, load_array
 from facesearch.io import atomic_dir, write_parquet_atomic
-from facesearch.models import ModelConfig, load_model, seeded_model
+from facesearch.models import ModelConfig, load_model, resolve_device, seeded_model
 from facesearch.params import load_params
 
 log = logging.getLogger("facesearch.embed")
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
     params = load_params(args.params)["embed"]
-    device_name = params["device"]
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(params["device"])
     after, payload = load_model(args.model, map_location=device)
     cl = torch.channels_last
     models = {

@@ -106,18 +106,19 @@ def main(argv: list[str] | None = None) -> None:
         index = pd.read_parquet(emb_dir / f"{name}.parquet")
         if list(index[M.CROP_PATH]) != list(table[M.CROP_PATH]):
             raise SystemExit(f"evaluate: {emb_dir}/{name} embeddings are not of the current split; re-run embed")
-    results, curves, tops = {}, {}, {}
+    results, curves, tops, embeddings = {}, {}, {}, {}
     for state in STATES:
         query = np.load(emb_dir / f"{state}_query.npy")
         gallery = np.load(emb_dir / f"{state}_gallery.npy")
+        embeddings[state] = query, gallery
         results[state], curves[state], tops[state] = evaluate_state(query, q_table, gallery, g_table, params)
         log.info("%s: %s", state, {k: results[state][k] for k in ("rank1", "rank5", "rank10", "mAP")})
     write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})
     cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in STATES}})
     with atomic_path(args.cmc) as tmp:
         cmc.to_csv(tmp, index=False, float_format="%.6f")
-    query, gallery = np.load(emb_dir / "after_query.npy"), np.load(emb_dir / "after_gallery.npy")
-    figure = retrieval_figure(q_table, g_table, query, gallery, tops["after"], params["figure_queries"], params["seed"])
+    figure = retrieval_figure(q_table, g_table, *embeddings["after"], tops["after"], params["figure_queries"],
+                              params["seed"])  # fmt: skip
     with atomic_path(args.figure) as tmp:
         Image.fromarray(figure).save(tmp, format="PNG")
 
