@@ -1,4 +1,4 @@
-"""Embedding networks: torchvision backbones with the report's 128-d head.
+"""Embedding networks: torchvision backbones with the report's 128-d head, and dlib's face ResNet.
 
 ``get_model(name)`` is the one factory the training stage, the export and the
 app use; backbones are data (``params.yaml: train.<backbone>``), not code paths.
@@ -6,7 +6,9 @@ app use; backbones are data (``params.yaml: train.<backbone>``), not code paths.
 ImageNet weights come through torchvision's weights API and its cache
 (``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``).
 Where they are neither cached nor downloadable, :class:`WeightsUnavailable`
-names the exact file and folder to put it in.
+names the exact file and folder to put it in. ``dlib_resnet`` is face-pretrained
+instead: dlib's recognition network, read from the ``face_recognition_models``
+package (see :mod:`facesearch.dlib_resnet`), so it needs no download.
 """
 
 from __future__ import annotations
@@ -36,34 +38,57 @@ class ModelConfig:
     """Everything needed to rebuild a model; saved inside every checkpoint."""
 
     backbone: str
-    weights: str = "imagenet"  # "imagenet" or "none" (random init)
+    weights: str = "imagenet"  # PRETRAINED[backbone] ("imagenet", or "dlib" for dlib_resnet) or "none"
     embedding_dim: int = 128
     normalize: bool = True  # L2-normalise the embedding
     trainable_layers: int = 10  # see freeze_all_but_last; -1 = everything trainable
     img_size: int = 218  # input side the model is trained and served at, px
 
 
-def _resnet50(pretrained: bool) -> tuple[nn.Module, int, tvm.WeightsEnum]:
-    weights = tvm.ResNet50_Weights.IMAGENET1K_V2
+@dataclass
+class Backbone:
+    features: nn.Module  # image -> feature map with `channels` channels
+    channels: int
+    head: nn.Module | None = None  # the backbone's own embedding head; None: the report's head
+
+
+def _resnet50(pretrained: bool, embedding_dim: int) -> Backbone:
     net = tvm.resnet50(weights=None)
     if pretrained:
-        net.load_state_dict(load_pretrained_state_dict("resnet50", weights))
+        net.load_state_dict(load_pretrained_state_dict("resnet50", tvm.ResNet50_Weights.IMAGENET1K_V2))
     features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    return features, 2048, weights
+    return Backbone(features, 2048)
 
 
-def _mobilenet_v2(pretrained: bool) -> tuple[nn.Module, int, tvm.WeightsEnum]:
-    weights = tvm.MobileNet_V2_Weights.IMAGENET1K_V2
+def _mobilenet_v2(pretrained: bool, embedding_dim: int) -> Backbone:
     net = tvm.mobilenet_v2(weights=None)
     if pretrained:
-        net.load_state_dict(load_pretrained_state_dict("mobilenet_v2", weights))
-    return net.features, 1280, weights
+        net.load_state_dict(load_pretrained_state_dict("mobilenet_v2", tvm.MobileNet_V2_Weights.IMAGENET1K_V2))
+    return Backbone(net.features, 1280)
 
 
-BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int, tvm.WeightsEnum]]] = {
+def _dlib_resnet(pretrained: bool, embedding_dim: int) -> Backbone:
+    from facesearch import dlib_resnet
+
+    if pretrained and embedding_dim != dlib_resnet.EMBEDDING_DIM:
+        raise ValueError(f"dlib_resnet's pretrained head is {dlib_resnet.EMBEDDING_DIM}-d, not {embedding_dim}")
+    # dlib's own head (global average + bias-free Linear(256, 128)), not the report's two layers:
+    # the pretrained descriptor is the point of this backbone.
+    trunk, head = dlib_resnet.DlibTrunk(), dlib_resnet.dlib_head(embedding_dim)
+    if pretrained:
+        state = dlib_resnet.load_dlib_state_dict()
+        for prefix, module in (("backbone.", trunk), ("head.", head)):
+            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return Backbone(trunk, 256, head)
+
+
+BACKBONES: dict[str, Callable[[bool, int], Backbone]] = {
     "resnet50": _resnet50,
     "mobilenet_v2": _mobilenet_v2,
+    "dlib_resnet": _dlib_resnet,
 }
+# The `weights` value that means "pretrained" for each backbone.
+PRETRAINED = {"resnet50": "imagenet", "mobilenet_v2": "imagenet", "dlib_resnet": "dlib"}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -92,14 +117,18 @@ def load_pretrained_state_dict(name: str, weights: tvm.WeightsEnum) -> dict:
 
 
 class EmbeddingNet(nn.Module):
-    """backbone -> AdaptiveAvgPool -> Flatten -> Linear(C, d) -> ReLU -> Linear(d, d) [-> L2 norm]."""
+    """backbone -> head [-> L2 norm].
 
-    def __init__(self, features: nn.Module, channels: int, config: ModelConfig):
+    The head is the report's AdaptiveAvgPool -> Flatten -> Linear(C, d) -> ReLU -> Linear(d, d),
+    unless the backbone brings its own (dlib's ResNet does).
+    """
+
+    def __init__(self, features: nn.Module, channels: int, config: ModelConfig, head: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.backbone = features
         d = config.embedding_dim
-        self.head = nn.Sequential(
+        self.head = head or nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, d), nn.ReLU(inplace=True), nn.Linear(d, d)
         )
 
@@ -141,7 +170,7 @@ def freeze_all_but_last(model: nn.Module, n: int) -> int:
 
 
 def get_model(name: str, **overrides) -> EmbeddingNet:
-    """Build the embedding network ``name`` (``resnet50``, ``mobilenet_v2``).
+    """Build the embedding network ``name`` (``resnet50``, ``mobilenet_v2``, ``dlib_resnet``).
 
     ``overrides`` are :class:`ModelConfig` fields (weights, embedding_dim,
     normalize, trainable_layers, img_size). Random initialisation follows the
@@ -149,13 +178,19 @@ def get_model(name: str, **overrides) -> EmbeddingNet:
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    overrides.setdefault("weights", PRETRAINED[name])
     config = ModelConfig(backbone=name, **overrides)
-    if config.weights not in ("imagenet", "none"):
-        raise ValueError(f"weights must be 'imagenet' or 'none', not {config.weights!r}")
-    features, channels, _ = BACKBONES[name](config.weights == "imagenet")
-    model = EmbeddingNet(features, channels, config)
+    if config.weights not in (PRETRAINED[name], "none"):
+        raise ValueError(f"{name}: weights must be {PRETRAINED[name]!r} or 'none', not {config.weights!r}")
+    model = _build(config, pretrained=config.weights != "none")
     freeze_all_but_last(model, config.trainable_layers)
     return model
+
+
+def _build(config: ModelConfig, pretrained: bool) -> EmbeddingNet:
+    """The architecture of ``config``, with the backbone's pretrained weights when ``pretrained``."""
+    spec = BACKBONES[config.backbone](pretrained, config.embedding_dim)
+    return EmbeddingNet(spec.features, spec.channels, config, spec.head)
 
 
 def seeded_model(config: ModelConfig, seed: int) -> EmbeddingNet:
@@ -186,8 +221,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """Load a model saved by :func:`save_model`; returns (model in eval mode, the saved payload)."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
     config = ModelConfig(**payload["config"])
-    features, channels, _ = BACKBONES[config.backbone](False)  # weights come from the file
-    model = EmbeddingNet(features, channels, config)
+    model = _build(config, pretrained=False)  # weights come from the file
     model.load_state_dict(payload["state_dict"])
     freeze_all_but_last(model, config.trainable_layers)
     return model.eval(), payload
