@@ -36,7 +36,7 @@ def gallery(backbone: str, state: str) -> core.Gallery:
 
 
 @st.cache_resource
-def settings() -> core.CropSettings:
+def settings() -> core.FaceConfig:
     return core.crop_settings(ROOT)
 
 

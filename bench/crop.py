@@ -5,10 +5,15 @@
 Baseline (the report's settings): ``detectMultiScale(scaleFactor=1.1, minNeighbors=5,
 minSize=(30, 30))`` on the full-resolution grayscale photo, again with
 ``scaleFactor=1.05`` when that does not find exactly one face; kept when exactly
-one. Ours: ``facesearch.detect.detect_face`` with ``params.yaml: crop.detector``.
+one. Ours: ``facesearch.detect.detect_face`` with ``params.yaml: crop.haar``.
 Both decode the same bytes with the same decoder and run on one core
 (``cv2.setNumThreads(1)``), so images/s is per core. Prints images/s, keep rate
 and the speed ratio.
+
+With dlib installed (``requirements-face.txt``) it also times the aligned paths
+end to end (detect, landmarks, chip), beside Haar with its square crop:
+Haar + 5-point alignment, and dlib's own pipeline (HOG + 68 points), the
+ratio printed against the Haar crop path.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facesearch.celeba import find_image_dir, list_images
 from facesearch.detect import FRONTAL_CASCADE, DetectorConfig, detect_face, load_cascade
+from facesearch.faces import FaceConfig, face_crop, find_faces
 from facesearch.images import ImageRejected, decode_image
 from facesearch.params import load_params
 
@@ -37,6 +43,16 @@ def naive_keep(rgb) -> bool:
     if len(faces) != 1:
         faces = cascade.detectMultiScale(gray, scaleFactor=1.05, minNeighbors=5, minSize=(30, 30))
     return len(faces) == 1
+
+
+def crop_fn(cfg: FaceConfig):
+    """Detect and cut the crop (or chip) the crop stage would write, minus the JPEG encode."""
+
+    def keep(rgb) -> bool:
+        det = find_faces(rgb, cfg)
+        return det.chosen is not None and face_crop(rgb, det.chosen, cfg) is not None
+
+    return keep
 
 
 def run(name, keep_fn, blobs) -> tuple[float, float]:
@@ -66,7 +82,8 @@ def main() -> None:
     names = list_images(image_dir)
     names = sorted(random.Random(args.seed).sample(names, min(args.n, len(names))))
     blobs = [(image_dir / n).read_bytes() for n in names]  # read once: time decode + detect only
-    cfg = DetectorConfig.from_params(load_params(args.params)["crop"].get("detector"))
+    crop_params = load_params(args.params)["crop"]
+    cfg = DetectorConfig.from_params(crop_params.get("haar"))
     print(f"{len(blobs)} images from {image_dir}, one core")
     ours, ours_rate = run(f"facesearch ({cfg.policy})", lambda rgb: detect_face(rgb, cfg).chosen is not None, blobs)
     other = "single" if cfg.policy == "largest" else "largest"
@@ -74,6 +91,22 @@ def main() -> None:
     run(f"facesearch ({other})", lambda rgb: detect_face(rgb, cfg_other).chosen is not None, blobs)
     base, base_rate = run("baseline (report settings + retry)", naive_keep, blobs)
     print(f"speed ratio facesearch/baseline = {ours / base:.1f}x; keep rate {ours_rate:.3f} vs {base_rate:.3f}")
+    try:
+        import dlib  # noqa: F401
+    except ImportError:
+        print("dlib not installed (pip install -r requirements-face.txt): aligned paths not timed")
+        return
+    face = FaceConfig.from_params({**crop_params, "detector": "haar", "align": "none"})
+    haar_crop, _ = run("haar + square crop", crop_fn(face), blobs)
+    paths = [
+        ("haar + 5-point chip 150", FaceConfig.from_params({**crop_params, "align": "landmarks", "landmarks": 5,
+                                                             "detector": "haar", "size": 150})),
+        ("dlib_hog + 68-point chip 150", FaceConfig.from_params({**crop_params, "align": "landmarks", "landmarks": 68,
+                                                                  "detector": "dlib_hog", "size": 150})),
+    ]  # fmt: skip
+    for name, face in paths:
+        ips, _ = run(name, crop_fn(face), blobs)
+        print(f"  speed ratio {name} / haar + square crop = {ips / haar_crop:.2f}x")
 
 
 if __name__ == "__main__":

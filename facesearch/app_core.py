@@ -19,7 +19,9 @@ import torch
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_NAMES
 from facesearch.data import embed_array
-from facesearch.detect import Box, Detection, DetectorConfig, crop_square, detect_face
+from facesearch.detect import Box, Detection, crop_square
+from facesearch.faces import FaceConfig, face_crop
+from facesearch.faces import find_faces as _find_faces
 from facesearch.images import DecodedImage, ImageRejected, decode_image
 from facesearch.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
@@ -56,29 +58,21 @@ def read_upload(data: bytes) -> DecodedImage:
         raise UploadError(REJECT_MESSAGES.get(exc.reason, "The image cannot be read.")) from None
 
 
-@dataclass(frozen=True)
-class CropSettings:
-    size: int
-    margin: float
-    detector: DetectorConfig
-
-
-def crop_settings(root: Path) -> CropSettings:
+def crop_settings(root: Path) -> FaceConfig:
     """The crop stage's settings from the pipeline's ``params.yaml``, so queries are cut like the gallery."""
-    crop = load_params(root / "params.yaml")["crop"]
-    return CropSettings(crop["size"], crop["margin"], DetectorConfig.from_params(crop.get("detector")))
+    return FaceConfig.from_params(load_params(root / "params.yaml")["crop"])
 
 
-def find_faces(image: DecodedImage, settings: CropSettings) -> Detection:
-    return detect_face(image.rgb, settings.detector)
+def find_faces(image: DecodedImage, settings: FaceConfig) -> Detection:
+    return _find_faces(image.rgb, settings)
 
 
-def crop_face(image: DecodedImage, box: Box | None, settings: CropSettings) -> np.ndarray:
+def crop_face(image: DecodedImage, box: Box | None, settings: FaceConfig) -> np.ndarray:
     """The crop the pipeline would make of ``box``; ``None``: the whole image, squared."""
     if box is None:
         box = (0, 0, image.width, image.height)
         return crop_square(image.rgb, box, 0.0, settings.size)
-    return crop_square(image.rgb, box, settings.margin, settings.size)
+    return face_crop(image.rgb, box, settings)
 
 
 @dataclass

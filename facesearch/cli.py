@@ -30,7 +30,7 @@ from facesearch import manifest as M
 from facesearch.celeba import find_image_dir, list_images, read_annotations
 from facesearch.cropping import crop_names, process_image
 from facesearch.data import embed_array
-from facesearch.detect import DetectorConfig
+from facesearch.faces import FaceConfig
 from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.models import load_model, resolve_device
 from facesearch.protocol import choose_queries, eligible_images
@@ -39,17 +39,17 @@ from facesearch.search import build_index
 
 log = logging.getLogger("facesearch.cli")
 
-CROP_DEFAULTS = {"size": 218, "margin": 0.2, "jpeg_quality": 95, "max_pixels": 40_000_000, "min_image_side": 32}
+CROP_DEFAULTS = {"jpeg_quality": 95, "max_pixels": 40_000_000, "min_image_side": 32}
 
 
-def crop_settings(params_path: str | None) -> tuple[dict, DetectorConfig]:
+def crop_settings(params_path: str | None) -> tuple[dict, FaceConfig]:
     """Crop settings from a params file when there is one, else the project's defaults."""
     if params_path and Path(params_path).is_file():
         from facesearch.params import load_params
 
         crop = load_params(params_path)["crop"]
-        return {k: crop[k] for k in CROP_DEFAULTS}, DetectorConfig.from_params(crop.get("detector"))
-    return dict(CROP_DEFAULTS), DetectorConfig()
+        return {k: crop[k] for k in CROP_DEFAULTS}, FaceConfig.from_params(crop)
+    return dict(CROP_DEFAULTS), FaceConfig()
 
 
 def evaluate_folder(
@@ -57,7 +57,7 @@ def evaluate_folder(
     ks: tuple[int, ...] = (10, 20, 50, 100, 1000), device: str = "auto",
 ) -> dict:  # fmt: skip
     """Run the protocol above; returns the metrics dict written to OUT.json."""
-    crop, detector = crop_settings(params_path)
+    crop, face = crop_settings(params_path)
     image_dir = find_image_dir(data)
     ann = read_annotations(data)
     all_files = list_images(image_dir)
@@ -67,9 +67,8 @@ def evaluate_folder(
     dev = resolve_device(device)
     model, _ = load_model(model_path, map_location=dev)
     with tempfile.TemporaryDirectory(prefix="facesearch-eval-") as tmp:
-        jobs = (delayed(process_image)(str(image_dir / n), str(Path(tmp) / names[n]), detector, crop["size"],
-                                       crop["margin"], crop["jpeg_quality"], crop["max_pixels"],
-                                       crop["min_image_side"]) for n in files)  # fmt: skip
+        jobs = (delayed(process_image)(str(image_dir / n), str(Path(tmp) / names[n]), face, crop["jpeg_quality"],
+                                       crop["max_pixels"], crop["min_image_side"]) for n in files)  # fmt: skip
         rows = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(files), desc="crop"))
         table = pd.DataFrame({
             M.FILE_NAME: files,
@@ -97,7 +96,7 @@ def evaluate_folder(
     metrics.update({
         "keep_rate": round(kept / n_all, 4) if n_all else 0.0, "n_images": n_all, "n_kept": kept,
         "n_identities": int(images[M.IDENTITY].nunique()), "model": str(model_path), "data": str(data),
-        "backbone": model.config.backbone, "seed": seed, "detector": asdict(detector),
+        "backbone": model.config.backbone, "seed": seed, "crop": asdict(face),
     })  # fmt: skip
     return readable(metrics)
 
@@ -144,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--seed", type=int, default=0, help="which photo of each identity is its query")
     ev.add_argument("--n-jobs", type=int, default=-1, help="crop workers (-1: all cores)")
     ev.add_argument("--device", default="auto")
+    ref = sub.add_parser("dlib-reference", help="dlib's own pipeline on the split's query/gallery (needs dlib)")
+    ref.add_argument("--data", required=True, help="the CelebA-layout folder the crop stage read (data.root)")
+    ref.add_argument("--split", default="data/split", help="folder with query.parquet and gallery.parquet")
+    ref.add_argument("--out", required=True, help="metrics JSON to write")
+    ref.add_argument("--landmarks", type=int, default=68, choices=(5, 68), help="shape predictor")
     res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
     res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
     res.add_argument("--backbones", default=None, help="comma-separated (default: params.yaml backbones)")
@@ -161,6 +165,15 @@ def main(argv: list[str] | None = None) -> None:
             write_bytes_atomic(path, replace_section(path.read_text(), args.section, table).encode())
         else:
             print(table, end="")
+    elif args.command == "dlib-reference":
+        from facesearch.dlib_reference import reference_metrics
+
+        split = Path(args.split)
+        tables = [pd.read_parquet(split / f"{name}.parquet") for name in ("query", "gallery")]
+        metrics = reference_metrics(*tables, args.data, args.landmarks)
+        write_json_atomic(args.out, metrics)
+        json.dump({k: metrics[k] for k in ("rank1", "rank5", "mAP", "loo_rank1", "loo_mAP")}, sys.stdout)
+        print()
     elif args.command == "evaluate":
         metrics = evaluate_folder(args.model, args.data, args.params, args.seed, args.n_jobs, device=args.device)
         write_json_atomic(args.out, metrics)

@@ -14,7 +14,7 @@ import cv2
 from PIL import Image
 
 from facesearch import manifest as M
-from facesearch.detect import DetectorConfig, crop_square, detect_face
+from facesearch.faces import FaceConfig, face_crop, find_faces
 from facesearch.images import ImageRejected, decode_image
 
 log = logging.getLogger("facesearch.crop")
@@ -35,9 +35,7 @@ def crop_names(file_names: list[str]) -> dict[str, str]:
 def process_image(
     src: str,
     dst: str,
-    cfg: DetectorConfig,
-    size: int,
-    margin: float,
+    cfg: FaceConfig,
     jpeg_quality: int,
     max_pixels: int,
     min_image_side: int,
@@ -65,14 +63,15 @@ def process_image(
     if min(image.width, image.height) < min_image_side:
         row[M.REASON] = M.Reason.TOO_SMALL.value
         return row
-    detection = detect_face(image.rgb, cfg)
+    detection = find_faces(image.rgb, cfg)
     row[M.N_FACES] = len(detection.boxes)
     row[M.DETECTOR] = detection.detector
     if detection.chosen is None:
         row[M.REASON] = detection.reason
         return row
     x, y, w, h = detection.chosen
-    crop = crop_square(image.rgb, detection.chosen, margin, size)
+    crop = face_crop(image.rgb, detection.chosen, cfg)
     Image.fromarray(crop).save(dst, format="JPEG", quality=jpeg_quality)
     row.update({M.STATUS: M.Status.KEPT.value, M.BBOX_X: x, M.BBOX_Y: y, M.BBOX_W: w, M.BBOX_H: h})
+    row[M.ALIGN] = cfg.alignment
     return row

@@ -26,7 +26,7 @@ EYE_CASCADE = "haarcascade_eye_tree_eyeglasses.xml"
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Detector settings; the field names match ``params.yaml: crop.detector``."""
+    """Haar detector settings; the field names match ``params.yaml: crop.haar`` (``policy``: ``crop.policy``)."""
 
     detect_side: int = 160  # longer side of the scanned copy, px (0 = full resolution)
     scale_factor: float = 1.15  # cascade pyramid step
@@ -44,11 +44,11 @@ class DetectorConfig:
 
     @classmethod
     def from_params(cls, params: dict | None) -> DetectorConfig:
-        """From ``params.yaml: crop.detector``; a misspelt key fails instead of silently using a default."""
+        """From ``params.yaml: crop.haar``; a misspelt key fails instead of silently using a default."""
         params = dict(params or {})
         unknown = set(params) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"params.yaml crop.detector: unknown keys {sorted(unknown)}")
+            raise ValueError(f"params.yaml crop.haar: unknown keys {sorted(unknown)}")
         return cls(**params)
 
 

@@ -24,8 +24,6 @@ content hash, so every later start loads a plain ``.pt``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,12 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facesearch.models import IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailable
+from facesearch.dlib_models import RECOGNITION_MODEL, find_model_file
+from facesearch.models import IMAGENET_MEAN, IMAGENET_STD
 
-RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-SHAPE_PREDICTORS = {5: "shape_predictor_5_face_landmarks.dat", 68: "shape_predictor_68_face_landmarks.dat"}
-# A folder holding the .dat files, for users who downloaded them from dlib.net instead.
-MODELS_ENV = "FACESEARCH_DLIB_MODELS"
 # dlib's input_rgb_image: (pixel - mean) / 256 per channel, pixels on the 0..255 scale.
 DLIB_MEAN = (122.782, 117.001, 104.298)
 DLIB_SCALE = 256.0
@@ -49,29 +44,6 @@ EMBEDDING_DIM = 128
 
 class DlibFormatError(ValueError):
     """The file is not (or not entirely) the dlib network this module knows how to read."""
-
-
-def find_model_file(name: str) -> Path:
-    """Path of one of dlib's model files: ``$FACESEARCH_DLIB_MODELS/<name>``, else the installed
-    ``face_recognition_models`` package (located without importing it: its ``__init__`` needs
-    ``pkg_resources``, which recent setuptools no longer ships)."""
-    folder = os.environ.get(MODELS_ENV)
-    if folder:
-        path = Path(folder) / name
-        if path.is_file():
-            return path
-        raise WeightsUnavailable(f"{name} is not in ${MODELS_ENV}={folder}")
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsUnavailable(
-            f"dlib's model file {name} comes with the package face_recognition_models, which is not "
-            "installed: pip install -r requirements-face.txt (or point $FACESEARCH_DLIB_MODELS at a "
-            "folder holding the .dat files from https://github.com/davisking/dlib-models)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
-    if not path.is_file():
-        raise WeightsUnavailable(f"face_recognition_models is installed but has no {path}")
-    return path
 
 
 # --- reading dlib's serialization ---------------------------------------------------------

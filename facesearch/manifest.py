@@ -48,7 +48,8 @@ SOURCE_MODE = "source_mode"  # PIL mode of the decoded file (RGB, L, CMYK, I;16,
 WIDTH = "width"  # decoded image size in pixels, after EXIF orientation
 HEIGHT = "height"
 N_FACES = "n_faces"  # detections in the final detection pass; null if never detected
-DETECTOR = "detector"  # which detector produced the kept box (haar_frontal, haar_profile, ...)
+DETECTOR = "detector"  # which detector produced the kept box (haar_frontal, haar_profile, dlib_hog, ...)
+ALIGN = "align"  # how the crop was cut: none (square around the box), landmarks_5 or landmarks_68; null when rejected
 BBOX_X = "bbox_x"  # kept face box in source-image pixels (before margin)
 BBOX_Y = "bbox_y"
 BBOX_W = "bbox_w"
@@ -68,6 +69,7 @@ MANIFEST_DTYPES: dict[str, str] = {
     HEIGHT: "Int32",
     N_FACES: "Int16",
     DETECTOR: "string",
+    ALIGN: "string",
     BBOX_X: "Int32",
     BBOX_Y: "Int32",
     BBOX_W: "Int32",
@@ -139,12 +141,14 @@ def validate_manifest(df: pd.DataFrame, base_dir: str | os.PathLike | None = Non
         raise SchemaError(f"manifest: status must be one of {[s.value for s in Status]}")
     kept = df[STATUS] == Status.KEPT
     rejected = ~kept
-    need_for_kept = [IDENTITY, CROP_PATH, DETECTOR, BBOX_X, BBOX_Y, BBOX_W, BBOX_H, WIDTH, HEIGHT]
+    need_for_kept = [IDENTITY, CROP_PATH, DETECTOR, ALIGN, BBOX_X, BBOX_Y, BBOX_W, BBOX_H, WIDTH, HEIGHT]
     for col in need_for_kept:
         if df.loc[kept, col].isna().any():
             raise SchemaError(f"manifest: kept rows must have {col}")
     if df.loc[kept, REASON].notna().any():
         raise SchemaError("manifest: kept rows must not have a reject reason")
+    if df.loc[kept, ALIGN].nunique() > 1:
+        raise SchemaError("manifest: kept crops were cut in different ways (align); re-run crop whole")
     if df.loc[rejected, CROP_PATH].notna().any():
         raise SchemaError("manifest: rejected rows must not have a crop")
     reasons = df.loc[rejected, REASON]

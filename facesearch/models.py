@@ -69,6 +69,7 @@ def _mobilenet_v2(pretrained: bool, embedding_dim: int) -> Backbone:
 
 def _dlib_resnet(pretrained: bool, embedding_dim: int) -> Backbone:
     from facesearch import dlib_resnet
+    from facesearch.dlib_models import DlibModelMissing
 
     if pretrained and embedding_dim != dlib_resnet.EMBEDDING_DIM:
         raise ValueError(f"dlib_resnet's pretrained head is {dlib_resnet.EMBEDDING_DIM}-d, not {embedding_dim}")
@@ -76,7 +77,10 @@ def _dlib_resnet(pretrained: bool, embedding_dim: int) -> Backbone:
     # the pretrained descriptor is the point of this backbone.
     trunk, head = dlib_resnet.DlibTrunk(), dlib_resnet.dlib_head(embedding_dim)
     if pretrained:
-        state = dlib_resnet.load_dlib_state_dict()
+        try:
+            state = dlib_resnet.load_dlib_state_dict()
+        except DlibModelMissing as exc:
+            raise WeightsUnavailable(str(exc)) from exc
         for prefix, module in (("backbone.", trunk), ("head.", head)):
             module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return Backbone(trunk, 256, head)

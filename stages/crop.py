@@ -28,7 +28,7 @@ from tqdm import tqdm
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_NAMES, Annotations, find_image_dir, list_images, read_annotations
 from facesearch.cropping import crop_names, process_image
-from facesearch.detect import DetectorConfig
+from facesearch.faces import FaceConfig
 from facesearch.images import ImageRejected, decode_image
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
 from facesearch.params import load_params
@@ -128,7 +128,7 @@ def _backend_context(backend: str, n_jobs: int):
 
 def load_crop_params(path: str) -> dict:
     p = dict(load_params(path)["crop"])
-    p["detector"] = DetectorConfig.from_params(p.get("detector"))
+    p["face"] = FaceConfig.from_params(p)
     return p
 
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
     p = load_crop_params(args.params)
-    cfg = p["detector"]
+    cfg = p["face"]
     data_root = Path(args.data)
     image_dir = find_image_dir(data_root)
     annotations = read_annotations(data_root)  # fails early (nothing written) if unusable
@@ -166,8 +166,6 @@ def main(argv: list[str] | None = None) -> None:
                     str(image_dir / n),
                     str(tmp / names[n]),
                     cfg,
-                    p["size"],
-                    p["margin"],
                     p["jpeg_quality"],
                     p["max_pixels"],
                     p["min_image_side"],

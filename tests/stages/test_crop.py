@@ -117,11 +117,15 @@ def test_missing_identity_file_fails_before_writing(small_sample, tmp_path):
 
 
 def test_single_policy_and_unknown_detector_key(small_sample, tmp_path):
-    df, _ = run_crop(tmp_path, small_sample, {"crop.detector.policy": "single"})
+    df, _ = run_crop(tmp_path, small_sample, {"crop.policy": "single"})
     M.validate_manifest(df, base_dir=tmp_path)
-    write_params(tmp_path / "bad.yaml", {"crop.detector.polcy": "single"})
+    assert set(df.loc[df[M.STATUS] == "kept", M.ALIGN]) == {"none"}
+    write_params(tmp_path / "bad.yaml", {"crop.haar.polcy": "single"})
     with pytest.raises(ValueError, match="unknown keys"):
         crop.load_crop_params(str(tmp_path / "bad.yaml"))
+    write_params(tmp_path / "bad2.yaml", {"crop.detector": "mtcnn"})
+    with pytest.raises(ValueError, match=r"crop\.detector must be one of"):
+        crop.load_crop_params(str(tmp_path / "bad2.yaml"))
 
 
 def test_crop_names_never_collide():
