@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field, replace
 
+import cv2
 import numpy as np
 
 from facesearch.detect import Box, Detection, DetectorConfig, crop_square, detect_face, largest_face
@@ -40,6 +41,7 @@ class FaceConfig:
     landmarks: int = 5  # align landmarks: 5- or 68-point predictor
     chip_padding: float = 0.25  # align landmarks: border around the landmark face, fraction (dlib's default)
     hog_upsample: int = 1  # dlib_hog: upsamplings before scanning (each halves the smallest face found)
+    hog_max_side: int = 1024  # dlib_hog: scan a copy no larger than this, px (0: full size)
     haar: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self):
@@ -89,10 +91,20 @@ def shape_predictor(points: int):
     return _dlib().shape_predictor(str(find_model_file(SHAPE_PREDICTORS[points])))
 
 
-def detect_hog(rgb: np.ndarray, upsample: int, policy: str) -> Detection:
-    """dlib's HOG detector on the full-resolution image, as dlib's own pipeline runs it."""
-    rects = hog_detector()(np.ascontiguousarray(rgb), upsample)
-    boxes = tuple((r.left(), r.top(), r.width(), r.height()) for r in rects)
+def detect_hog(rgb: np.ndarray, upsample: int, policy: str, max_side: int = 0) -> Detection:
+    """dlib's HOG detector, as dlib's own pipeline runs it, on a copy no larger than ``max_side``.
+
+    The cap matters for the odd 20-megapixel photo: upsampled once it would be 80 megapixels
+    of HOG features (tens of seconds, gigabytes) for a face that is large anyway.
+    """
+    h, w = rgb.shape[:2]
+    scale = max(h, w) / max_side if max_side and max(h, w) > max_side else 1.0
+    small = cv2.resize(rgb, (round(w / scale), round(h / scale)), interpolation=cv2.INTER_AREA) if scale > 1 else rgb
+    rects = hog_detector()(np.ascontiguousarray(small), upsample)
+    boxes = tuple(
+        (round(r.left() * scale), round(r.top() * scale), round(r.width() * scale), round(r.height() * scale))
+        for r in rects
+    )
     if len(boxes) == 1:
         return Detection(boxes, "dlib_hog", boxes[0], None)
     if not boxes:
@@ -105,7 +117,7 @@ def detect_hog(rgb: np.ndarray, upsample: int, policy: str) -> Detection:
 def find_faces(rgb: np.ndarray, cfg: FaceConfig) -> Detection:
     """All faces the configured detector finds and the one chosen by the policy."""
     if cfg.detector == "dlib_hog":
-        return detect_hog(rgb, cfg.hog_upsample, cfg.policy)
+        return detect_hog(rgb, cfg.hog_upsample, cfg.policy, cfg.hog_max_side)
     return detect_face(rgb, cfg.haar)
 
 
