@@ -83,6 +83,13 @@ class TrainConfig:
         unknown = set(params) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"unknown train params {sorted(unknown)}")
+        for name, f in cls.__dataclass_fields__.items():
+            # YAML 1.1 reads `lr: 1e-5` (no dot) as the string "1e-5": accept it as the number it means.
+            if f.type == "float" and isinstance(params.get(name), str):
+                try:
+                    params[name] = float(params[name])
+                except ValueError:
+                    raise ValueError(f"train param {name}: {params[name]!r} is not a number") from None
         return cls(**params, augment=AugmentConfig(**aug))
 
     def digest(self, inputs: dict[str, str] | None = None) -> str:
@@ -278,6 +285,10 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
     train_img = load_array(arrays / "train.npy", len(train_df))
     val_img = load_array(arrays / "val.npy", len(val_df))
     labels = train_df[M.IDENTITY].to_numpy(dtype=np.int64)
+    aligned = train_df[M.ALIGN].str.startswith("landmarks").all()
+    if args.backbone == "dlib_resnet" and cfg.weights != "none" and not aligned:
+        # It runs, but dlib's network was trained on aligned chips: square crops cost it accuracy.
+        log.warning("dlib_resnet on unaligned crops: set crop.detector dlib_hog, crop.align landmarks, crop.size 150")
     triplet_mode = cfg.loss == "triplet"
     if triplet_mode:
         trip = pd.read_parquet(split / "triplets.parquet")

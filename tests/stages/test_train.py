@@ -119,3 +119,9 @@ def test_curves_in_a_git_repo_without_commits(tmp_path, monkeypatch):
     train.log_record(live, {"epoch": 0, "loss": 0.5, "val_rank1": 0.25})
     live.end()
     assert json.loads((tmp_path / "live" / "metrics.json").read_text())["train"]["loss"] == 0.5
+
+
+def test_train_params_read_exponent_floats_yaml_leaves_as_strings():
+    assert train.TrainConfig.from_params({"lr": "1e-5", "margin": 0.1}).lr == 1e-5
+    with pytest.raises(ValueError, match="lr: 'fast' is not a number"):
+        train.TrainConfig.from_params({"lr": "fast"})
