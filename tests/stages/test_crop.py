@@ -133,19 +133,41 @@ def test_crop_names_never_collide():
     assert names == {"a.jpg": "a_jpg.jpg", "a.png": "a_png.jpg", "b.jpg": "b.jpg"}
 
 
+def linked_subset(celeba_dev: Path, dst: Path, step: int) -> tuple[Path, list[str]]:
+    """Every ``step``-th celeba-dev photo in a CelebA-layout folder of symlinks (nothing copied)."""
+    (dst / "img_celeba").mkdir(parents=True)
+    names = sorted(p.name for p in (celeba_dev / "img_celeba").iterdir())[::step]
+    for name in names:
+        (dst / "img_celeba" / name).symlink_to(celeba_dev / "img_celeba" / name)
+    for name in ("identity_CelebA.txt", "list_attr_celeba.txt", "list_eval_partition.txt"):
+        (dst / name).symlink_to(celeba_dev / name)
+    return dst, names
+
+
 @pytest.mark.slow
 def test_real_faces_keep_rate(celeba_dev, tmp_path):
-    """The stage on 120 real in-the-wild CelebA photos (symlinked, not copied)."""
-    data = tmp_path / "celeba"
-    (data / "img_celeba").mkdir(parents=True)
-    names = sorted(p.name for p in (celeba_dev / "img_celeba").iterdir())[::18]
-    for name in names:
-        (data / "img_celeba" / name).symlink_to(celeba_dev / "img_celeba" / name)
-    for name in ("identity_CelebA.txt", "list_attr_celeba.txt", "list_eval_partition.txt"):
-        (data / name).symlink_to(celeba_dev / name)
+    """The stage on 120 real in-the-wild CelebA photos."""
+    data, names = linked_subset(celeba_dev, tmp_path / "celeba", 18)
     df, metrics = run_crop(tmp_path / "work", data)
     M.validate_manifest(df, base_dir=tmp_path / "work")
     assert metrics["n_input"] == len(names)
     assert metrics["keep_rate"] >= 0.85, metrics
     assert metrics["annotations"]["images_without_attributes"] == int(df["Male"].isna().sum())
     shutil.rmtree(tmp_path / "work" / "data" / "crops")
+
+
+@pytest.mark.parametrize("detector,points", [("dlib_hog", 68), ("haar", 5)])
+def test_dlib_detection_and_landmark_chips(celeba_dev, tmp_path, detector, points):
+    """dlib's HOG detector and landmark alignment in the stage: 150 px chips, recorded in the manifest."""
+    pytest.importorskip("dlib", reason="dlib not installed: pip install -r requirements-face.txt")
+    data, names = linked_subset(celeba_dev, tmp_path / "celeba", 100)
+    overrides = {"crop.detector": detector, "crop.align": "landmarks", "crop.landmarks": points, "crop.size": 150}
+    df, metrics = run_crop(tmp_path / "work", data, overrides)
+    M.validate_manifest(df, base_dir=tmp_path / "work")
+    kept = df[df[M.STATUS] == "kept"]
+    assert len(kept) >= 0.8 * len(names), metrics
+    assert set(kept[M.ALIGN]) == {f"landmarks_{points}"}
+    assert set(kept[M.DETECTOR]) <= ({"dlib_hog"} if detector == "dlib_hog" else {"haar_frontal", "haar_frontal_retry",
+                                                                                   "haar_profile"})  # fmt: skip
+    for path in kept[M.CROP_PATH]:
+        assert Image.open(tmp_path / "work" / path).size == (150, 150)
