@@ -23,7 +23,7 @@ from tqdm import tqdm
 from facesearch import manifest as M
 from facesearch.dlib_models import RECOGNITION_MODEL, SHAPE_PREDICTORS, find_model_file
 from facesearch.images import decode_image
-from facesearch.retrieval import evaluate, leave_one_out_metrics, readable
+from facesearch.retrieval import evaluate, loo_metrics, readable
 from facesearch.search import ExactIndex
 
 
@@ -52,8 +52,6 @@ def reference_metrics(query_table: pd.DataFrame, gallery_table: pd.DataFrame, da
     # and ranking by cosine vs raw L2 differs only in that normalisation.
     qn, gn = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (q, g))
     metrics, _, _ = evaluate(qn, ql, gn, gl, ExactIndex(gn), ks=(10, 20, 50, 100))
-    loo = leave_one_out_metrics(np.concatenate([qn, gn]), np.concatenate([ql, gl]))
-    metrics.update({f"loo_{k}": v for k, v in loo.items()})
-    metrics["loo_queries"] = len(ql) + len(gl)
+    metrics.update(loo_metrics(qn, ql, gn, gl))
     metrics["pipeline"] = f"dlib: recorded box, {points}-point shape predictor, compute_face_descriptor"
     return readable(metrics)

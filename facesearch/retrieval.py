@@ -28,35 +28,61 @@ def exact_ranking(query: np.ndarray, gallery: np.ndarray, chunk: int = 1024) -> 
     return out
 
 
+def _first_and_ap(ranking: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray):
+    """Per query: 0-based rank of the first correct match, and average precision."""
+    match = np.asarray(gallery_labels)[ranking] == np.asarray(query_labels)[:, None]  # (Q, G) bool in rank order
+    n_rel = match.sum(1)
+    if (n_rel == 0).any():
+        raise ValueError("every query needs at least one gallery image of its identity")
+    hits = np.cumsum(match, axis=1)
+    ranks = np.arange(1, match.shape[1] + 1)
+    return match.argmax(1), np.where(match, hits / ranks, 0.0).sum(1) / n_rel
+
+
+def _summary(first: np.ndarray, ap: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    return {**{f"rank{k}": float((first < k).mean()) for k in ks}, "mAP": float(ap.mean())}
+
+
 def identity_metrics(
     ranking: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float]:
     """Rank-k for ``ks`` and mAP from a full (Q, G) ranking."""
-    query_labels = np.asarray(query_labels)
-    match = np.asarray(gallery_labels)[ranking] == query_labels[:, None]  # (Q, G) bool in rank order
-    n_rel = match.sum(1)
-    if (n_rel == 0).any():
-        raise ValueError("every query needs at least one gallery image of its identity")
-    first = match.argmax(1)  # rank (0-based) of the first correct match
-    out = {f"rank{k}": float((first < k).mean()) for k in ks}
-    hits = np.cumsum(match, axis=1)
-    ranks = np.arange(1, match.shape[1] + 1)
-    ap = (np.where(match, hits / ranks, 0.0).sum(1)) / n_rel
-    out["mAP"] = float(ap.mean())
-    return out
+    return _summary(*_first_and_ap(ranking, query_labels, gallery_labels), ks)
 
 
-def leave_one_out_metrics(emb: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Every image queries all the others (identities with one image are skipped as queries)."""
+def leave_one_out_metrics(
+    emb: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024
+) -> dict[str, float]:
+    """Every image queries all the others (identities with one image are skipped as queries).
+
+    Ranked in chunks of queries, so memory stays at ``chunk`` x N however many images there
+    are (a full N x N ranking of CelebA's 39k test photos would take 12 GB).
+    """
     labels = np.asarray(labels)
+    emb = np.asarray(emb, dtype=np.float32)
     counts = {lab: int((labels == lab).sum()) for lab in np.unique(labels)}
     q_idx = np.array([i for i, lab in enumerate(labels) if counts[lab] > 1])
     if len(q_idx) == 0:
         return {**{f"rank{k}": float("nan") for k in ks}, "mAP": float("nan")}
-    ranking = exact_ranking(emb[q_idx], emb)
-    # Drop each query from its own ranking (it is in the gallery here).
-    ranking = np.array([r[r != i] for r, i in zip(ranking, q_idx, strict=True)])
-    return identity_metrics(ranking, labels[q_idx], labels, ks)
+    g_sq = (emb**2).sum(1)
+    first, ap = [], []
+    for start in range(0, len(q_idx), chunk):
+        rows = q_idx[start : start + chunk]
+        d2 = g_sq[None, :] - 2.0 * emb[rows] @ emb.T
+        # Each query last in its own ranking (stable sort: the others keep their order), then dropped.
+        d2[np.arange(len(rows)), rows] = np.inf
+        ranking = np.argsort(d2, axis=1, kind="stable")[:, :-1]
+        f, a = _first_and_ap(ranking, labels[rows], labels)
+        first.append(f)
+        ap.append(a)
+    return _summary(np.concatenate(first), np.concatenate(ap), ks)
+
+
+def loo_metrics(query: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray) -> dict:
+    """:func:`leave_one_out_metrics` over query and gallery together, as ``loo_*`` keys."""
+    labels = np.concatenate([q_labels, g_labels])
+    loo = leave_one_out_metrics(np.concatenate([query, gallery]), labels)
+    return {**{f"loo_{k}": v for k, v in loo.items()}, "loo_queries": len(labels)}
 
 
 def _relevant_ranks(

@@ -28,7 +28,7 @@ from PIL import Image
 from facesearch import manifest as M
 from facesearch.io import atomic_path, write_json_atomic
 from facesearch.params import load_params
-from facesearch.retrieval import attribute_matrix, evaluate, leave_one_out_metrics, readable
+from facesearch.retrieval import attribute_matrix, evaluate, loo_metrics, readable
 from facesearch.search import build_index, cosine_similarity
 from facesearch.viz import grid, tile
 
@@ -58,10 +58,7 @@ def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, np.n
         ks=tuple(params["ks"]), query_attrs=attribute_matrix(q_table), gallery_attrs=attribute_matrix(g_table),
     )  # fmt: skip
     search_s = time.perf_counter() - t0
-    labels = np.concatenate([q_table[M.IDENTITY].to_numpy(), g_table[M.IDENTITY].to_numpy()])
-    loo = leave_one_out_metrics(np.concatenate([query, gallery]), labels)
-    metrics.update({f"loo_{k}": v for k, v in loo.items()})
-    metrics["loo_queries"] = len(labels)
+    metrics.update(loo_metrics(query, q_table[M.IDENTITY].to_numpy(), gallery, g_table[M.IDENTITY].to_numpy()))
     p50, p99 = single_query_latency(index, query, params["latency_queries"])
     metrics.update({
         "search_backend": params["backend"], "index_build_s": round(build_s, 4), "search_eval_s": round(search_s, 4),

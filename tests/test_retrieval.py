@@ -100,3 +100,15 @@ def test_ties_rank_the_same_whatever_k():
     assert small["mAP"] == pytest.approx(large["mAP"])
     full = identity_metrics(exact_ranking(query, emb), q_labels, g_labels)
     assert small["mAP"] == pytest.approx(full["mAP"])
+
+
+def test_leave_one_out_in_chunks_matches_the_full_ranking():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    emb[7] = emb[8]  # an exact tie between two images
+    labels = rng.integers(0, 12, size=60)
+    labels[0] = 99  # an identity with one image: never a query
+    q = np.array([i for i, lab in enumerate(labels) if (labels == lab).sum() > 1])
+    ranking = exact_ranking(emb[q], emb, chunk=5)  # same row blocks: same float32 rounding
+    full = identity_metrics(np.array([r[r != i] for r, i in zip(ranking, q, strict=True)]), labels[q], labels)
+    assert leave_one_out_metrics(emb, labels, chunk=5) == full
