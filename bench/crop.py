@@ -30,7 +30,7 @@ import cv2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facesearch.celeba import find_image_dir, list_images
-from facesearch.detect import FRONTAL_CASCADE, DetectorConfig, detect_face, load_cascade
+from facesearch.detect import FRONTAL_CASCADE, detect_face, load_cascade
 from facesearch.faces import FaceConfig, face_crop, find_faces
 from facesearch.images import ImageRejected, decode_image
 from facesearch.params import load_params
@@ -83,7 +83,7 @@ def main() -> None:
     names = sorted(random.Random(args.seed).sample(names, min(args.n, len(names))))
     blobs = [(image_dir / n).read_bytes() for n in names]  # read once: time decode + detect only
     crop_params = load_params(args.params)["crop"]
-    cfg = DetectorConfig.from_params(crop_params.get("haar"))
+    cfg = FaceConfig.from_params(crop_params).haar  # with crop.policy
     print(f"{len(blobs)} images from {image_dir}, one core")
     ours, ours_rate = run(f"facesearch ({cfg.policy})", lambda rgb: detect_face(rgb, cfg).chosen is not None, blobs)
     other = "single" if cfg.policy == "largest" else "largest"

@@ -159,12 +159,17 @@ def detect_face(rgb: np.ndarray, cfg: DetectorConfig) -> Detection:
         if boxes and cfg.verify_eyes:
             full = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
             boxes = tuple(b for b in boxes if has_eye(full, b))
+    return choose_face(boxes, detector, cfg.policy, w, h)
+
+
+def choose_face(boxes: tuple[Box, ...], detector: str, policy: str, width: int, height: int) -> Detection:
+    """The detection outcome for ``boxes``: one face, none, or several resolved by ``policy``."""
     if len(boxes) == 1:
         return Detection(boxes, detector, boxes[0], None)
     if not boxes:
         return Detection(boxes, detector, None, "no_face")
-    if cfg.policy == "largest":
-        return Detection(boxes, detector, largest_face(boxes, w, h), None)
+    if policy == "largest":
+        return Detection(boxes, detector, largest_face(boxes, width, height), None)
     return Detection(boxes, detector, None, "multiple_faces")
 
 

@@ -18,12 +18,12 @@ The dlib parts need ``pip install -r requirements-face.txt`` (``dlib-bin`` and
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from facesearch.detect import Box, Detection, DetectorConfig, crop_square, detect_face, largest_face
+from facesearch.detect import Box, Detection, DetectorConfig, choose_face, crop_square, detect_face
 
 DETECTORS = ("haar", "dlib_hog")
 ALIGNMENTS = ("none", "landmarks")
@@ -36,12 +36,12 @@ class FaceConfig:
     size: int = 218  # side of the crop (or aligned chip), px
     margin: float = 0.2  # align none: border around the box on each side, fraction of its side
     detector: str = "haar"  # haar | dlib_hog
-    policy: str = "largest"  # several faces: largest (keep the largest, most central) | single (reject)
     align: str = "none"  # none | landmarks
     landmarks: int = 5  # align landmarks: 5- or 68-point predictor
     chip_padding: float = 0.25  # align landmarks: border around the landmark face, fraction (dlib's default)
     hog_upsample: int = 1  # dlib_hog: upsamplings before scanning (each halves the smallest face found)
     hog_max_side: int = 1024  # dlib_hog: scan a copy no larger than this, px (0: full size)
+    # Haar passes, and the several-faces policy every detector follows (``crop.policy``).
     haar: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self):
@@ -53,14 +53,20 @@ class FaceConfig:
             raise ValueError(f"crop.landmarks must be 5 or 68, not {self.landmarks!r}")
         if self.policy not in ("largest", "single"):
             raise ValueError(f"crop.policy must be largest or single, not {self.policy!r}")
-        if self.haar.policy != self.policy:  # one policy for every detector
-            object.__setattr__(self, "haar", replace(self.haar, policy=self.policy))
 
     @classmethod
     def from_params(cls, crop: dict) -> FaceConfig:
         """From ``params.yaml: crop``; other keys of that block (jpeg_quality, n_jobs, ...) are ignored."""
         fields = {k: crop[k] for k in cls.__dataclass_fields__ if k in crop and k != "haar"}
-        return cls(**fields, haar=DetectorConfig.from_params(crop.get("haar")))
+        haar = dict(crop.get("haar") or {})
+        if "policy" in crop:
+            haar["policy"] = crop["policy"]
+        return cls(**fields, haar=DetectorConfig.from_params(haar))
+
+    @property
+    def policy(self) -> str:
+        """Several faces: largest (keep the largest, most central) | single (reject)."""
+        return self.haar.policy
 
     @property
     def alignment(self) -> str:
@@ -105,13 +111,7 @@ def detect_hog(rgb: np.ndarray, upsample: int, policy: str, max_side: int = 0) -
         (round(r.left() * scale), round(r.top() * scale), round(r.width() * scale), round(r.height() * scale))
         for r in rects
     )
-    if len(boxes) == 1:
-        return Detection(boxes, "dlib_hog", boxes[0], None)
-    if not boxes:
-        return Detection(boxes, "dlib_hog", None, "no_face")
-    if policy == "largest":
-        return Detection(boxes, "dlib_hog", largest_face(boxes, rgb.shape[1], rgb.shape[0]), None)
-    return Detection(boxes, "dlib_hog", None, "multiple_faces")
+    return choose_face(boxes, "dlib_hog", policy, w, h)
 
 
 def find_faces(rgb: np.ndarray, cfg: FaceConfig) -> Detection:
