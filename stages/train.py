@@ -84,12 +84,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train params {sorted(unknown)}")
         for name, f in cls.__dataclass_fields__.items():
-            # YAML 1.1 reads `lr: 1e-5` (no dot) as the string "1e-5": accept it as the number it means.
+            # Otherwise a word where a number belongs fails deep inside the optimiser.
             if f.type == "float" and isinstance(params.get(name), str):
-                try:
-                    params[name] = float(params[name])
-                except ValueError:
-                    raise ValueError(f"train param {name}: {params[name]!r} is not a number") from None
+                raise ValueError(f"train param {name}: {params[name]!r} is not a number")
         return cls(**params, augment=AugmentConfig(**aug))
 
     def digest(self, inputs: dict[str, str] | None = None) -> str:

@@ -11,6 +11,7 @@ import torch
 from conftest import TINY, run_train, write_params
 
 from facesearch.models import load_model
+from facesearch.params import load_params
 from stages import train
 
 
@@ -121,7 +122,8 @@ def test_curves_in_a_git_repo_without_commits(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "live" / "metrics.json").read_text())["train"]["loss"] == 0.5
 
 
-def test_train_params_read_exponent_floats_yaml_leaves_as_strings():
-    assert train.TrainConfig.from_params({"lr": "1e-5", "margin": 0.1}).lr == 1e-5
+def test_train_params_read_exponent_floats_yaml_leaves_as_strings(tmp_path):
+    (tmp_path / "p.yaml").write_text("train:\n  lr: 1e-5\n  margin: 0.1\n")
+    assert train.TrainConfig.from_params(load_params(tmp_path / "p.yaml")["train"]).lr == 1e-5
     with pytest.raises(ValueError, match="lr: 'fast' is not a number"):
         train.TrainConfig.from_params({"lr": "fast"})
