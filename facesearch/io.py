@@ -5,6 +5,11 @@ into place, so a run killed half-way never leaves a half-written file that DVC
 (or the next stage) could mistake for a finished one. ``os.replace`` is atomic
 on POSIX when source and target are on the same file system, which a sibling
 temp path guarantees.
+
+``tempfile.mkstemp``/``mkdtemp`` create 0600 files and 0700 folders whatever
+the umask; outputs get the permissions a plain ``open``/``mkdir`` would give
+(0644/0755 under the usual umask 022), so another account serving the app can
+read what the pipeline built.
 """
 
 from __future__ import annotations
@@ -20,6 +25,18 @@ from pathlib import Path
 import pandas as pd
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give ``path`` the mode ``open``/``mkdir`` would: 0666/0777 less the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; rename it over ``target`` on success.
@@ -31,8 +48,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    normal_permissions(tmp_path)
     try:
         yield tmp_path
+        if tmp_path.exists():  # the caller may have replaced the file (e.g. torch.save, to_parquet)
+            normal_permissions(tmp_path)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -49,6 +69,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    normal_permissions(tmp, directory=True)
     try:
         yield tmp
         old = None

@@ -1,15 +1,19 @@
 """Stage ``evaluate@<backbone>``: retrieval metrics before and after fine-tuning.
 
     python -m stages.evaluate --embeddings data/embeddings/resnet50 --split data/split \
-        --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv --figure reports/retrieval_resnet50.png
+        --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv --figure reports/retrieval_resnet50.png \
+        --timing reports/timing/resnet50.json
 
 Reads ``params.yaml: evaluate``. Every query (one photo of each held-out
 identity) searches the gallery (all their other photos) with the
 ``evaluate.backend`` search index. ``--metrics`` gets
 ``{"before": {...}, "after": {...}}`` with identity Rank-1/5/10 and mAP,
-Recall@k, the report's attribute agreement at each k, search timings, and
+Recall@k, the report's attribute agreement at each k, and
 ``loo_*``: Rank-k and mAP with every held-out image in turn as the query
 against all the others (more queries than identities, so finer-grained);
+metrics only, so ``dvc metrics diff`` shows quality changes and nothing else.
+``--timing`` gets the search timings (index build, batch search, one-query
+p50/p99), which differ on every run and machine;
 ``--cmc`` the CMC curves (a DVC plot); ``--figure`` a few seeded queries with
 their 9 nearest gallery faces, correct identities framed green.
 """
@@ -47,8 +51,8 @@ def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tupl
     return (float(np.percentile(times, 50)), float(np.percentile(times, 99))) if times else (float("nan"),) * 2
 
 
-def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics (with timings), CMC curve and top-K neighbours for one model state."""
+def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Metrics, timings, CMC curve and top-K neighbours for one model state."""
     start = time.perf_counter()
     index = build_index(gallery, params["backend"], params.get("faiss_index", "flat"))
     build_s = time.perf_counter() - start
@@ -60,11 +64,11 @@ def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, np.n
     search_s = time.perf_counter() - t0
     metrics.update(loo_metrics(query, q_table[M.IDENTITY].to_numpy(), gallery, g_table[M.IDENTITY].to_numpy()))
     p50, p99 = single_query_latency(index, query, params["latency_queries"])
-    metrics.update({
+    timing = {
         "search_backend": params["backend"], "index_build_s": round(build_s, 4), "search_eval_s": round(search_s, 4),
         "eval_s": round(build_s + search_s, 4), "query_ms_p50": round(p50, 3), "query_ms_p99": round(p99, 3),
-    })  # fmt: skip
-    return metrics, cmc, top
+    }  # fmt: skip
+    return metrics, timing, cmc, top
 
 
 def retrieval_figure(
@@ -95,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--cmc", required=True, help="CSV of the CMC curves (rank, before, after)")
     parser.add_argument("--figure", required=True, help="PNG of seeded queries and their top 9")
+    parser.add_argument("--timing", required=True, help="JSON of the search timings (not a metrics file)")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
@@ -109,14 +114,17 @@ def main(argv: list[str] | None = None) -> None:
         index = pd.read_parquet(emb_dir / f"{name}.parquet")
         if list(index[M.CROP_PATH]) != list(table[M.CROP_PATH]):
             raise SystemExit(f"evaluate: {emb_dir}/{name} embeddings are not of the current split; re-run embed")
-    results, curves, tops, embeddings = {}, {}, {}, {}
+    results, timings, curves, tops, embeddings = {}, {}, {}, {}, {}
     for state in STATES:
         query = np.load(emb_dir / f"{state}_query.npy")
         gallery = np.load(emb_dir / f"{state}_gallery.npy")
         embeddings[state] = query, gallery
-        results[state], curves[state], tops[state] = evaluate_state(query, q_table, gallery, g_table, params)
+        results[state], timings[state], curves[state], tops[state] = evaluate_state(
+            query, q_table, gallery, g_table, params
+        )
         log.info("%s: %s", state, {k: results[state][k] for k in ("rank1", "rank5", "rank10", "mAP")})
     write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})
+    write_json_atomic(args.timing, timings)
     cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in STATES}})
     with atomic_path(args.cmc) as tmp:
         cmc.to_csv(tmp, index=False, float_format="%.6f")

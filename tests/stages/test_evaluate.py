@@ -29,7 +29,8 @@ def evaluated(prepared):
         embed.main(["--model", "ev/model.pt", "--split", "data/split", "--arrays", "data/arrays", "--out", "ev/emb",
                     "--params", str(params)])  # fmt: skip
         evaluate.main(["--embeddings", "ev/emb", "--split", "data/split", "--metrics", "ev/metrics/m.json",
-                       "--cmc", "ev/cmc.csv", "--figure", "ev/fig.png", "--params", str(params)])  # fmt: skip
+                       "--cmc", "ev/cmc.csv", "--figure", "ev/fig.png", "--timing", "ev/timing.json",
+                       "--params", str(params)])  # fmt: skip
     finally:
         os.chdir(cwd)
     return prepared / "ev"
@@ -57,10 +58,14 @@ def test_metrics_shape_cmc_and_figure(evaluated):
     metrics = json.loads((evaluated / "metrics" / "m.json").read_text())
     assert set(metrics) == {"before", "after"}
     for state in metrics.values():
-        for key in ("rank1", "rank5", "rank10", "mAP", "recall@2", "recall@5", "attr_match@5", "query_ms_p50",
-                    "index_build_s", "eval_s", "n_queries", "n_gallery"):  # fmt: skip
+        for key in ("rank1", "rank5", "rank10", "mAP", "recall@2", "recall@5", "attr_match@5", "n_queries",
+                    "n_gallery"):  # fmt: skip
             assert key in state, key
+        # Timings differ on every run: they would make every `dvc metrics diff` differ.
+        assert not {k for k in state if k.endswith(("_s", "_ms_p50", "_ms_p99")) or k == "search_backend"}
         assert 0 <= state["mAP"] <= 1 and state["rank1"] <= state["rank5"] <= state["rank10"]
+    timing = json.loads((evaluated / "timing.json").read_text())
+    assert {"index_build_s", "eval_s", "query_ms_p50", "query_ms_p99"} <= set(timing["after"])
     cmc = pd.read_csv(evaluated / "cmc.csv")
     assert list(cmc.columns) == ["rank", "before", "after"]
     assert (np.diff(cmc["after"]) >= 0).all() and cmc["after"].iloc[-1] == 1.0
@@ -84,7 +89,7 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
         with pytest.raises(SystemExit, match="re-run embed"):
             evaluate.main(["--embeddings", str(bad), "--split", "data/split", "--metrics", str(tmp_path / "m.json"),
                            "--cmc", str(tmp_path / "c.csv"), "--figure", str(tmp_path / "f.png"),
-                           "--params", str(prepared / "ev.yaml")])  # fmt: skip
+                           "--timing", str(tmp_path / "t.json"), "--params", str(prepared / "ev.yaml")])  # fmt: skip
     finally:
         os.chdir(cwd)
 
