@@ -55,27 +55,67 @@ def leave_one_out_metrics(
 ) -> dict[str, float]:
     """Every image queries all the others (identities with one image are skipped as queries).
 
-    Ranked in chunks of queries, so memory stays at ``chunk`` x N however many images there
-    are (a full N x N ranking of CelebA's 39k test photos would take 12 GB).
+    Only the ranks of each query's relevant images (its identity's other images) are counted,
+    never the full ranking: per chunk of queries, one distance matrix, then a batched
+    ``searchsorted`` of every distance into the query's few sorted relevant distances, whose
+    histogram gives how many images come before each relevant one. Equal distances are ordered
+    by index, as a stable sort of the whole row would order them, so the metrics are identical to
+    ranking every row in full (tested), at O(N log r) instead of O(N log N) per query: seconds,
+    not minutes, at CelebA's 40k test photos. Memory stays at ``chunk`` x N.
     """
+    import torch  # batched, multi-threaded searchsorted; numpy's works on one sorted array only
+
     labels = np.asarray(labels)
-    emb = np.asarray(emb, dtype=np.float32)
-    counts = {lab: int((labels == lab).sum()) for lab in np.unique(labels)}
-    q_idx = np.array([i for i, lab in enumerate(labels) if counts[lab] > 1])
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    order = np.argsort(labels, kind="stable")
+    uniq, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    members = dict(zip(uniq.tolist(), np.split(order, starts[1:]), strict=True))  # indices ascending
+    q_idx = np.array([i for i, lab in enumerate(labels.tolist()) if len(members[lab]) > 1], dtype=np.int64)
     if len(q_idx) == 0:
         return {**{f"rank{k}": float("nan") for k in ks}, "mAP": float("nan")}
     g_sq = (emb**2).sum(1)
-    first, ap = [], []
+    r_max = int(counts.max()) - 1  # relevant images per query, at most
+    first = np.empty(len(q_idx), np.int64)
+    ap = np.empty(len(q_idx), np.float64)
     for start in range(0, len(q_idx), chunk):
         rows = q_idx[start : start + chunk]
+        c = len(rows)
         d2 = g_sq[None, :] - 2.0 * emb[rows] @ emb.T
-        # Each query last in its own ranking (stable sort: the others keep their order), then dropped.
-        d2[np.arange(len(rows)), rows] = np.inf
-        ranking = np.argsort(d2, axis=1, kind="stable")[:, :-1]
-        f, a = _first_and_ap(ranking, labels[rows], labels)
-        first.append(f)
-        ap.append(a)
-    return _summary(np.concatenate(first), np.concatenate(ap), ks)
+        d2[np.arange(c), rows] = np.inf  # the query itself ranks after everything, and is not counted
+        # Each query's relevant images, padded to r_max with -1 (a padded slot has distance +inf).
+        rel = np.full((c, r_max), -1, np.int64)
+        for row, i in enumerate(rows.tolist()):
+            own = members[labels[i].item()]
+            own = own[own != i]
+            rel[row, : len(own)] = own
+        valid = rel >= 0
+        rel_d = np.where(valid, np.take_along_axis(d2, np.maximum(rel, 0), 1), np.inf).astype(np.float32)
+        # Sort each query's relevant images by (distance, index): their order in a stable full sort.
+        srt = np.lexsort((np.where(valid, rel, np.iinfo(np.int64).max), rel_d), axis=1)
+        rel, rel_d, valid = (np.take_along_axis(a, srt, 1) for a in (rel, rel_d, valid))
+        t_rel = torch.from_numpy(np.ascontiguousarray(rel_d))
+        t_d2 = torch.from_numpy(d2)
+        # below[p] = images strictly closer than relevant image p: each image j lands in the bucket
+        # of the first relevant distance above it, and the buckets' running sum counts them.
+        pos = torch.searchsorted(t_rel, t_d2, right=True)
+        hist = torch.zeros((c, r_max + 1), dtype=torch.int64).scatter_add_(1, pos, torch.ones_like(pos))
+        below = torch.cumsum(hist, 1)[:, :r_max].numpy()
+        # Ties: images at exactly a relevant image's distance rank before it when their index is lower.
+        # An image ties with one iff the relevant distance just below its bucket equals its own.
+        pos_np = pos.numpy()
+        at = np.take_along_axis(rel_d, np.maximum(pos_np - 1, 0), 1)
+        tie_rows, tie_cols = np.nonzero((at == d2) & (pos_np > 0))
+        if len(tie_rows):
+            d_tie = d2[tie_rows, tie_cols]
+            for p in range(r_max):
+                hit = (rel_d[tie_rows, p] == d_tie) & (tie_cols < rel[tie_rows, p]) & valid[tie_rows, p]
+                np.add.at(below[:, p], tie_rows[hit], 1)
+        ranks = np.where(valid, below + 1, np.iinfo(np.int64).max)  # 1-based, ascending per row
+        n_rel = valid.sum(1)
+        hits = np.arange(1, r_max + 1)[None, :]
+        first[start : start + c] = ranks[:, 0] - 1
+        ap[start : start + c] = np.where(valid, hits / np.where(valid, ranks, 1), 0.0).sum(1) / n_rel
+    return _summary(first, ap, ks)
 
 
 def loo_metrics(query: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray) -> dict:

@@ -112,3 +112,14 @@ def test_leave_one_out_in_chunks_matches_the_full_ranking():
     ranking = exact_ranking(emb[q], emb, chunk=5)  # same row blocks: same float32 rounding
     full = identity_metrics(np.array([r[r != i] for r, i in zip(ranking, q, strict=True)]), labels[q], labels)
     assert leave_one_out_metrics(emb, labels, chunk=5) == full
+
+
+def test_leave_one_out_with_many_ties_matches_the_full_ranking():
+    # Coarsely quantised embeddings: many images at exactly equal distances, tie-broken by index.
+    rng = np.random.default_rng(5)
+    emb = np.round(rng.normal(size=(90, 3)), 0).astype(np.float32)
+    labels = rng.integers(0, 7, size=90)
+    q = np.array([i for i, lab in enumerate(labels) if (labels == lab).sum() > 1])
+    ranking = exact_ranking(emb[q], emb, chunk=16)
+    full = identity_metrics(np.array([r[r != i] for r, i in zip(ranking, q, strict=True)]), labels[q], labels)
+    assert leave_one_out_metrics(emb, labels, chunk=16) == full
