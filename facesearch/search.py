@@ -134,13 +134,13 @@ class FaissIndex:
             return self.index.search(queries, k, params=self.faiss.SearchParametersIVF(nprobe=int(budget)))
         return self.index.search(queries, k, params=self.faiss.SearchParametersHNSW(efSearch=int(budget)))
 
-    def _ivf_probes(self, queries: np.ndarray, k: int) -> np.ndarray:
+    def ivf_probes(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Lists each query probes: at least ``nprobe``, and enough of its nearest to hold k vectors.
 
         Rounded up to ``nprobe`` times a power of two (capped at every list), so the queries
         search in a few groups rather than one FAISS call per distinct count.
         """
-        _, order = self.quantizer.search(queries, self.nlist)  # every list, nearest first
+        _, order = self.quantizer.search(_as_f32(queries), self.nlist)  # every list, nearest first
         held = np.cumsum(self.list_sizes[order], axis=1)
         need = (held < k).sum(1) + 1  # k <= N, so the last column always holds k
         doublings = np.ceil(np.log2(np.maximum(need / self.nprobe, 1.0)))
@@ -153,7 +153,7 @@ class FaissIndex:
             d2, idx = self.index.search(queries, k)
         else:
             if self.kind == "ivf":
-                budgets, most = self._ivf_probes(queries, k), self.nlist
+                budgets, most = self.ivf_probes(queries, k), self.nlist
             else:
                 budgets, most = np.full(len(queries), max(self.ef_search, k)), self.n
             d2 = np.empty((len(queries), k), np.float32)

@@ -97,7 +97,7 @@ def test_ivf_probes_enough_lists_for_k(data):
     # The failure this guards against: FAISS itself, at the default nprobe, pads with -1.
     _, raw = ivf.index.search(query, 400, params=faiss.SearchParametersIVF(nprobe=ivf.nprobe))
     assert (raw < 0).any(1).all()
-    probes = ivf._ivf_probes(query, 400)
+    probes = ivf.ivf_probes(query, 400)
     assert (probes > ivf.nprobe).all() and (probes <= ivf.nlist).all()
     _, order = ivf.quantizer.search(query, ivf.nlist)
     held = np.array([ivf.list_sizes[o[:p]].sum() for o, p in zip(order, probes, strict=True)])
