@@ -106,6 +106,16 @@ def test_ivf_probes_enough_lists_for_k(data):
     assert idx.min() >= 0
 
 
+@needs_faiss
+def test_short_rows_are_searched_again_with_more_lists(data, monkeypatch):
+    # The safety net behind the list-size count: rows FAISS still pads get doubled budgets.
+    query, gallery = data
+    ivf = FaissIndex(gallery, "ivf")
+    monkeypatch.setattr(ivf, "ivf_probes", lambda queries, k: np.full(len(queries), ivf.nprobe))
+    _, idx = ivf.search(query, 400)
+    assert idx.min() >= 0
+
+
 @pytest.mark.parametrize(("backend", "kind"), ALL)
 @pytest.mark.parametrize("n", [1, 2, 3, 50])
 def test_k_beyond_the_gallery_returns_all_of_it(backend, kind, n):
