@@ -247,6 +247,12 @@ def evaluate(
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
     k_max = min(max((*ks, 10)), len(gallery))
     _, top_idx = index.search(query, k_max)
+    # FAISS pads a row it cannot fill with -1, which would read the last gallery image's label.
+    # build_index's indexes already refuse that (search.check_neighbours); this catches any other
+    # index passed in. Not imported from search: train depends on this module, not on search.
+    if top_idx.size and top_idx.min() < 0:
+        raise ValueError(f"search returned fewer than {k_max} real neighbours (index -1) for "
+                         f"{int((top_idx < 0).any(1).sum())} of {len(query)} queries")  # fmt: skip
     match = gallery_labels[top_idx] == query_labels[:, None]
     found = match.any(1)
     first = np.where(found, match.argmax(1), k_max)  # 0-based; k_max = not in the top K

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,37 @@ def test_leave_one_out_with_many_ties_matches_the_full_ranking():
     ranking = exact_ranking(emb[q], emb, chunk=16)
     full = identity_metrics(np.array([r[r != i] for r, i in zip(ranking, q, strict=True)]), labels[q], labels)
     assert leave_one_out_metrics(emb, labels, chunk=16) == full
+
+
+class PaddedIndex:
+    """Exact search whose last result is -1, as FAISS pads a row it cannot fill."""
+
+    def __init__(self, gallery):
+        self.exact = build_index(gallery)
+
+    def search(self, queries, k):
+        dist, idx = self.exact.search(queries, k)
+        idx[:, -1] = -1
+        return dist, idx
+
+
+def test_evaluate_refuses_padded_results(random_set):
+    # Read as an index, -1 is the last gallery image: without the guard this would score silently.
+    query, q_labels, gallery, g_labels = random_set
+    with pytest.raises(ValueError, match="real neighbours"):
+        evaluate(query, q_labels, gallery, g_labels, PaddedIndex(gallery), ks=(5, 10))
+
+
+@pytest.mark.skipif(find_spec("faiss") is None, reason="faiss not installed (pip install -r requirements-search.txt)")
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_evaluate_with_faiss(random_set, kind):
+    # K = 200 of 240 images: far more than IVF's default 16 of its 61 lists hold, so IVF must
+    # probe more lists, and every backend must still hand the metrics 200 real neighbours.
+    query, q_labels, gallery, g_labels = random_set
+    exact, _, _ = evaluate(query, q_labels, gallery, g_labels, build_index(gallery), ks=(10, 200))
+    got, _, top = evaluate(query, q_labels, gallery, g_labels, build_index(gallery, "faiss", kind), ks=(10, 200))
+    assert top.shape == (len(query), 200) and top.min() >= 0
+    if kind == "flat":
+        assert got == pytest.approx(exact)
+    else:
+        assert got["recall@200"] == pytest.approx(exact["recall@200"], abs=0.05)
