@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 import socket
@@ -203,6 +204,45 @@ def test_whole_image_crop_shrinks_before_squaring():
         tracemalloc.stop()
     assert crop.shape == (218, 218, 3) and (crop == 90).all()
     assert peak < 2**20  # the padded 2048 x 2048 square alone would be 12.6 MB
+
+
+@pytest.mark.slow
+def test_hostile_uploads_cost_bounded_memory(tmp_path):
+    """Peak RSS of check + decode + detect + whole-image crop, each upload in its own process.
+
+    RSS rather than tracemalloc: PIL decodes outside Python's allocator. Before the caps the
+    40000 x 1000 JPEG took 5.4 GB; what is accepted is at most 40 MP and costs < ~200 MB.
+    """
+    texture = np.asarray(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8))
+                         .resize((1000, 1000), Image.BILINEAR)) // 32 * 32  # fmt: skip
+    uploads = {
+        "normal": jpeg_bytes(Image.fromarray(texture).resize((800, 600))),
+        "wide_40000x1000": jpeg_bytes(Image.fromarray(np.tile(texture, (1, 40, 1)))),
+        "jpeg_20000x2000": jpeg_bytes(Image.fromarray(np.tile(texture, (2, 20, 1)))),
+        "png_6000x6000": encoded(Image.fromarray(np.tile(texture, (6, 6, 1))), "PNG", compress_level=1),
+        "png16_6000x6000": png_bytes(Image.fromarray(np.tile(texture[..., 0], (6, 6)).astype(np.uint16) * 257)),
+    }
+    for name, data in uploads.items():
+        assert len(data) <= core.MAX_UPLOAD_BYTES, name
+        (tmp_path / name).write_bytes(data)
+    script = f"""
+import importlib.util, json, sys
+from pathlib import Path
+sys.path.insert(0, {str(REPO)!r})
+spec = importlib.util.spec_from_file_location("bench_app", {str(REPO / "bench" / "app.py")!r})
+bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+files = {{p.name: p.read_bytes() for p in Path({str(tmp_path)!r}).iterdir()}}
+print(json.dumps(bench.upload_costs(files, files["normal"], bench.core.FaceConfig())))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    costs = json.loads(out.stdout.splitlines()[-1])
+    assert costs["wide_40000x1000"][2].startswith("refused: ") and "10:1" in costs["wide_40000x1000"][2]
+    for name in ("jpeg_20000x2000", "png_6000x6000", "png16_6000x6000"):
+        assert costs[name][2].startswith("searched at 2048 x "), (name, costs[name])
+    peaks = {name: mb for name, (_, mb, _) in costs.items()}
+    assert all(mb < 220 for mb in peaks.values()), peaks
+    assert peaks["jpeg_20000x2000"] < 20  # JPEG is decoded at 1/8 scale, never at 40 MP
 
 
 def test_crop_settings_travel_with_the_model(app_root, tmp_path):
