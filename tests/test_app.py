@@ -192,6 +192,22 @@ def test_large_photos_are_searched_at_working_resolution():
     assert (turned.width, turned.height) == (round(2000 * core.WORK_SIDE / 3000), core.WORK_SIDE)
 
 
+def test_reduced_path_turns_photos_like_the_decoder():
+    """Large photos (reduced path, its own orientation table) come out turned as small ones
+    (decode_image, PIL's exif_transpose) do, for each of the 8 EXIF orientations."""
+    for orientation in range(1, 9):
+        where = []
+        for w, h in ((3000, 2000), (300, 200)):
+            pixels = np.zeros((h, w, 3), np.uint8)
+            pixels[: h // 4, : w // 8] = 255  # a mark in the top-left corner, wider than tall
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            image = core.read_upload(jpeg_bytes(Image.fromarray(pixels), exif=exif.tobytes()))
+            ys, xs = np.nonzero(image.rgb[..., 0] > 128)
+            where.append((image.width > image.height, xs.mean() / image.width > 0.5, ys.mean() / image.height > 0.5))
+        assert where[0] == where[1], orientation
+
+
 def test_whole_image_crop_shrinks_before_squaring():
     """The square around a 10:1 image is 10x its pixels: cut from a shrunk copy, it costs ~nothing."""
     wide = core.DecodedImage(rgb=np.full((205, 2048, 3), 90, np.uint8), width=2048, height=205, source_mode="RGB")
@@ -354,7 +370,8 @@ def test_app_states_its_limits_and_formats(app):
     assert "10 MB" in core.LIMITS_TEXT and "40 megapixels" in core.LIMITS_TEXT and "10 times" in core.LIMITS_TEXT
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["client"]["showErrorDetails"] == "none"  # an uncaught error would show no traceback either
-    assert config["server"]["maxUploadSize"] * 2**20 == core.MAX_UPLOAD_BYTES
+    # Over 10 MB, the app's own refusal is the one visitors see (Streamlit's is a tooltip).
+    assert config["server"]["maxUploadSize"] * 2**20 > 2 * core.MAX_UPLOAD_BYTES
 
 
 def test_app_no_face_offers_whole_image(app):
@@ -428,6 +445,14 @@ def test_browser_upload_shows_nine_faces(root, tmp_path):
         assert all(f"#{i} ·" in text for i in range(1, 10))
         browser.save_screenshot(str(tmp_path / "app.png"))
         assert (tmp_path / "app.png").stat().st_size > 10_000
+        assert core.LIMITS_TEXT in text  # the limits are in view before anything is refused
+        # Over the limit: refused in words on the page (Streamlit's own refusal is a tooltip), and
+        # the previous photo's results are gone, so they cannot pass for this file's.
+        big = tmp_path / "big.jpg"
+        big.write_bytes(b"\xff\xd8" + b"\0" * (11 * 2**20))
+        upload.send_keys(str(big))
+        wait.until(lambda b: "The file is larger than 10 MB." in b.find_element(By.TAG_NAME, "body").text)
+        assert "#1 ·" not in browser.find_element(By.TAG_NAME, "body").text
     finally:
         if browser is not None:
             browser.quit()
