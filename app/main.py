@@ -5,11 +5,14 @@
 Reads what the pipeline built (models/, data/embeddings/, data/split/, data/crops/)
 from the repository root, or from $FACESEARCH_ROOT. Models, galleries and search
 indexes load once per process (st.cache_resource), never per query. Uploads stay
-in memory; the only files read are the pipeline's own.
+in memory; the only files read are the pipeline's own. Every failure reaches the
+visitor as a message: core.UploadError's own text, anything else a generic one
+(its traceback goes to the log, and .streamlit/config.toml hides error details).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` 
 from facesearch import app_core as core
 
 ROOT = Path(os.environ.get("FACESEARCH_ROOT", Path(__file__).resolve().parents[1]))
+log = logging.getLogger("facesearch.app")
+UNEXPECTED = "Something went wrong while searching with this photo. Please try another photo, or try again later."
 
 
 @st.cache_resource(show_spinner="Loading the model…")
@@ -36,8 +41,8 @@ def gallery(backbone: str, state: str) -> core.Gallery:
 
 
 @st.cache_resource
-def settings() -> core.FaceConfig:
-    return core.crop_settings(ROOT)
+def settings(backbone: str) -> core.FaceConfig:
+    return core.crop_settings(ROOT, backbone)
 
 
 def draw_boxes(rgb: np.ndarray, boxes) -> np.ndarray:
@@ -69,9 +74,7 @@ def show_results(face: np.ndarray, results: list[core.Result]) -> None:
                     col.caption(" · ".join(shown) or "no positive attributes")
 
 
-def main() -> None:
-    st.set_page_config(page_title="facesearch", layout="wide")
-    st.title("facesearch")
+def page() -> None:
     choices = core.available(ROOT)
     if not choices:
         st.error("No search index has been built yet: run `dvc repro` (or `dvc pull`) in the repository first.")
@@ -80,19 +83,18 @@ def main() -> None:
     st.sidebar.caption("ResNet-50 is the more accurate, MobileNet-V2 the faster backbone.")
     upload_tab, camera_tab = st.tabs(["Upload a photo", "Take a photo"])
     with upload_tab:
-        upload = st.file_uploader("Photo", type=["jpg", "jpeg", "png", "webp", "bmp"], key="upload")
+        upload = st.file_uploader("Photo", type=core.UPLOAD_EXTENSIONS, key="upload")
+        # In view, not only in the uploader's tooltip: a refused file should not be a surprise.
+        st.caption(core.LIMITS_TEXT)
     with camera_tab:
         shot = st.camera_input("Camera", key="camera")
     source = upload or shot
     if source is None:
         st.info("Upload a photo or take one to find the most similar faces in the gallery.")
         return
-    try:
-        image = core.read_upload(source.getvalue())
-    except core.UploadError as exc:
-        st.error(str(exc))
-        return
-    detection = core.find_faces(image, settings())
+    image = core.read_upload(source.getvalue())
+    crop = settings(choice[0])
+    detection = core.find_faces(image, crop)
     box = None
     if not detection.boxes:
         st.warning("No face was found in this photo.")
@@ -107,9 +109,21 @@ def main() -> None:
         box = detection.boxes[pick]
     else:
         box = detection.boxes[0]
-    face = core.crop_face(image, box, settings())
+    face = core.crop_face(image, box, crop)
     results, _ = core.search(embedder(*choice), gallery(*choice), face)
     show_results(face, results)
+
+
+def main() -> None:
+    st.set_page_config(page_title="facesearch", layout="wide")
+    st.title("facesearch")
+    try:
+        page()
+    except core.UploadError as exc:
+        st.error(str(exc))
+    except Exception:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+        log.exception("the search page failed")
+        st.error(UNEXPECTED)
 
 
 main()

@@ -2,19 +2,33 @@
 
 A photo arrives as bytes (upload or camera), is checked and decoded in memory
 (never written to disk), its faces found by the pipeline's own detector, the
-chosen face cropped exactly as the crop stage crops, embedded by the chosen
-model and searched in the gallery the pipeline built
-(``data/embeddings/<backbone>/<state>_gallery.npy``).
+chosen face cropped as the crop stage cropped the chosen model's gallery
+(the model's own ``preprocessing.crop``), embedded by that model and searched
+in the gallery the pipeline built (``data/embeddings/<backbone>/<state>_gallery.npy``).
+
+Uploads are hostile until proven otherwise: every function a query passes
+through (:func:`read_upload`, :func:`find_faces`, :func:`crop_face`,
+:func:`search`) raises only :class:`UploadError`, whose text is meant for the
+visitor, and an accepted upload costs a bounded amount of memory: its header is
+checked before any pixel is decoded, JPEGs are decoded at reduced scale, and the
+image is brought down to :data:`WORK_SIDE` right after decoding.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
+from PIL import ExifTags, Image
 
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_NAMES
@@ -22,57 +36,206 @@ from facesearch.data import embed_array
 from facesearch.detect import Box, Detection, crop_square
 from facesearch.faces import FaceConfig, face_crop
 from facesearch.faces import find_faces as _find_faces
-from facesearch.images import DecodedImage, ImageRejected, decode_image
+from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, _to_rgb, decode_image
 from facesearch.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
 from facesearch.retrieval import attribute_matrix
 from facesearch.search import ExactIndex, cosine_similarity
 
+log = logging.getLogger(__name__)
+
 MAX_UPLOAD_BYTES = 10 * 2**20  # 10 MB
 MAX_UPLOAD_PIXELS = 40_000_000  # 40 megapixels
+# Longer side a photo is brought down to right after decoding. Faces are found
+# on 160-256 px copies and cut to ~218 px, so 2048 px loses nothing a query
+# needs, while a 40 MP photo would otherwise cost ~120 MB per RGB copy.
+WORK_SIDE = 2048
+# A face photo is never a strip: 100000 x 1 or 12000 x 32 images only break
+# the detector's downscaled copies (a zero-pixel side) and cost memory.
+MAX_ASPECT = 10
 STATES = ("after", "before")
 STATE_LABELS = {"after": "fine-tuned", "before": "before fine-tuning"}
 BACKBONE_LABELS = {"resnet50": "ResNet-50 (more accurate)", "mobilenet_v2": "MobileNet-V2 (faster)"}
 
+# The formats the app accepts: the decoder's own (facesearch.images.ALLOWED_FORMATS),
+# each with the file extensions the uploader lets through and the name shown to
+# visitors. Derived from ALLOWED_FORMATS so the uploader, the message and the
+# decoder cannot disagree; a format added there without an entry here is refused
+# by the app (tests/test_app.py flags it).
+_FORMAT_NAMES = {"JPEG": ("JPEG", ("jpg", "jpeg")), "MPO": ("MPO", ("mpo",)), "PNG": ("PNG", ("png",)),
+                 "WEBP": ("WebP", ("webp",)), "BMP": ("BMP", ("bmp",)), "TIFF": ("TIFF", ("tif", "tiff")),
+                 "GIF": ("GIF", ("gif",))}  # fmt: skip
+UPLOAD_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    fmt: entry for fmt, entry in _FORMAT_NAMES.items() if fmt in ALLOWED_FORMATS
+}
+UPLOAD_EXTENSIONS = [ext for _, exts in UPLOAD_FORMATS.values() for ext in exts]
+_names = [name for name, _ in UPLOAD_FORMATS.values()]
+FORMATS_TEXT = ", ".join(_names[:-1]) + f" or {_names[-1]}"
+LIMITS_TEXT = (f"{FORMATS_TEXT}; at most {MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 1_000_000} "
+               f"megapixels, no side more than {MAX_ASPECT} times the other.")  # fmt: skip
+
 REJECT_MESSAGES = {
     "empty_file": "The file is empty.",
     "not_an_image": "This is not an image file we can read.",
-    "unsupported_format": "This image format is not supported; use JPEG, PNG, WebP, BMP, TIFF or GIF.",
+    "unsupported_format": f"This image format is not supported; use {FORMATS_TEXT}.",
     "too_large": f"The image is too large (more than {MAX_UPLOAD_PIXELS // 1_000_000} megapixels).",
     "truncated": "The image file is cut short (truncated).",
     "corrupt": "The image file is damaged.",
 }
+UNREADABLE = "The image cannot be read (the file or its metadata is damaged)."
+
+# EXIF orientation -> the transpose that shows the photo upright (as ImageOps.exif_transpose),
+# applied after reduction: exif_transpose copies the full-size image even when upright.
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}  # fmt: skip
 
 
 class UploadError(ValueError):
     """A user-facing reason an upload cannot be searched."""
 
 
+@contextmanager
+def failures_as(message: str) -> Iterator[None]:
+    """Turn anything raised inside into :class:`UploadError` (``message``), logging the cause.
+
+    Decoders, detectors and models fail in ways no list of exception types covers
+    (struct.error from EXIF, TypeError from TIFF tags, cv2.error, MemoryError);
+    the visitor gets ``message``, the log the traceback.
+    """
+    try:
+        yield
+    except UploadError:
+        raise
+    except Exception as exc:
+        log.exception("%s", message)
+        raise UploadError(message) from exc
+
+
+def _fit(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is ``side``."""
+    s = side / max(width, height)
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def shrink(arr: np.ndarray, side: int) -> np.ndarray:
+    """``arr`` area-averaged down so its longer side is at most ``side`` (unchanged if it already is)."""
+    h, w = arr.shape[:2]
+    if max(h, w) <= side:
+        return arr
+    return cv2.resize(arr, _fit(w, h, side), interpolation=cv2.INTER_AREA)
+
+
+def _open(data: bytes) -> Image.Image:
+    """The image's header, parsed without decoding pixels, checked for format, size and shape."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise UploadError(REJECT_MESSAGES["too_large"]) from None
+    except Exception:
+        raise UploadError(REJECT_MESSAGES["not_an_image"]) from None
+    if img.format not in UPLOAD_FORMATS:
+        raise UploadError(REJECT_MESSAGES["unsupported_format"])
+    w, h = img.size
+    if w <= 0 or h <= 0 or w * h > MAX_UPLOAD_PIXELS:
+        raise UploadError(REJECT_MESSAGES["too_large"])
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise UploadError(f"The image is {w} x {h} pixels: too long and narrow for a face photo "
+                          f"(at most {MAX_ASPECT}:1).")  # fmt: skip
+    return img
+
+
+def _decode_reduced(data: bytes) -> DecodedImage:
+    """Decode a large image at no more than about twice :data:`WORK_SIDE`, never at full size in RGB.
+
+    JPEG: libjpeg's DCT scaling (``draft``) decodes at 1/2, 1/4 or 1/8 size
+    directly. Other formats decode at full size in their own mode (at most
+    ~160 MB at 40 MP) and are shrunk by an integer factor before any conversion
+    or rotation, the full-size image freed as soon as the small one exists.
+    Belongs with :func:`facesearch.images.decode_image` as a size option; kept
+    here until that module offers one.
+    """
+    img = _open(data)
+    source_mode = img.mode
+    w, h = img.size
+    ratio = WORK_SIDE / max(w, h)
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    img.draft(None, (max(1, int(w * ratio)), max(1, int(h * ratio))))  # no-op except for JPEG
+    img.load()
+    factor = max(img.size) // WORK_SIDE
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # High-bit images are shrunk all the way here, in their own depth (a box filter is an
+        # area average): the conversion to 8 bits works in float64, 8 bytes a pixel, in copies.
+        if max(img.size) > WORK_SIDE:
+            img = img.resize(_fit(img.width, img.height, WORK_SIDE), Image.Resampling.BOX)
+    elif factor > 1:
+        if img.mode in ("1", "P"):
+            # Palette indices and bits cannot be averaged (PIL forces nearest for them).
+            img = img.resize((img.width // factor, img.height // factor), Image.Resampling.NEAREST)
+        else:
+            img = img.reduce(factor)
+    if orientation in _ORIENT:
+        img = img.transpose(_ORIENT[orientation])
+    rgb = np.asarray(img if img.mode == "RGB" else _to_rgb(img), dtype=np.uint8)
+    return DecodedImage(rgb=rgb, width=rgb.shape[1], height=rgb.shape[0], source_mode=source_mode)
+
+
 def read_upload(data: bytes) -> DecodedImage:
-    """Check and decode uploaded bytes in memory; raises :class:`UploadError` with a clear message."""
+    """Check and decode uploaded bytes in memory, at most :data:`WORK_SIDE` px on the longer side.
+
+    Raises :class:`UploadError` with a clear message. Boxes found later are in
+    the returned image's coordinates, and the app draws them on that image.
+    """
     if len(data) > MAX_UPLOAD_BYTES:
         raise UploadError(f"The file is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
-    try:
-        return decode_image(data, MAX_UPLOAD_PIXELS)
-    except ImageRejected as exc:
-        raise UploadError(REJECT_MESSAGES.get(exc.reason, "The image cannot be read.")) from None
+    if not data:
+        raise UploadError(REJECT_MESSAGES["empty_file"])
+    long_side = max(_open(data).size)
+    with failures_as(UNREADABLE):
+        if long_side <= WORK_SIDE:
+            try:
+                image = decode_image(data, MAX_UPLOAD_PIXELS)
+            except ImageRejected as exc:
+                raise UploadError(REJECT_MESSAGES.get(exc.reason, UNREADABLE)) from None
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = _decode_reduced(data)
+        if max(image.width, image.height) > WORK_SIDE:
+            rgb = shrink(image.rgb, WORK_SIDE)
+            image = DecodedImage(rgb=rgb, width=rgb.shape[1], height=rgb.shape[0], source_mode=image.source_mode)
+    return image
 
 
-def crop_settings(root: Path) -> FaceConfig:
-    """The crop stage's settings from the pipeline's ``params.yaml``, so queries are cut like the gallery."""
-    return FaceConfig.from_params(load_params(root / "params.yaml")["crop"])
+def crop_settings(root: Path, backbone: str) -> FaceConfig:
+    """How ``backbone``'s gallery was cropped, so queries are cut the same way.
+
+    The model file's ``preprocessing.crop`` when it has one (settings travel with
+    the model), else ``params.yaml: crop`` (models saved before they carried it).
+    """
+    # mmap: only the small preprocessing entry is read, not the weights.
+    payload = torch.load(root / "models" / f"{backbone}.pt", map_location="cpu", weights_only=True, mmap=True)
+    crop = (payload.get("preprocessing") or {}).get("crop")
+    if crop is None:
+        crop = load_params(root / "params.yaml")["crop"]
+    return FaceConfig.from_params(crop)
 
 
 def find_faces(image: DecodedImage, settings: FaceConfig) -> Detection:
-    return _find_faces(image.rgb, settings)
+    with failures_as("Looking for faces in this photo failed; please try another photo."):
+        return _find_faces(image.rgb, settings)
 
 
 def crop_face(image: DecodedImage, box: Box | None, settings: FaceConfig) -> np.ndarray:
     """The crop the pipeline would make of ``box``; ``None``: the whole image, squared."""
-    if box is None:
-        box = (0, 0, image.width, image.height)
-        return crop_square(image.rgb, box, 0.0, settings.size)
-    return face_crop(image.rgb, box, settings)
+    with failures_as("Cutting the face out of this photo failed; please try another photo."):
+        if box is None:
+            # Shrink before squaring: the square of a 10:1 photo is 10x its pixels.
+            rgb = shrink(image.rgb, settings.size)
+            return crop_square(rgb, (0, 0, rgb.shape[1], rgb.shape[0]), 0.0, settings.size)
+        return face_crop(image.rgb, box, settings)
 
 
 @dataclass
@@ -131,6 +294,11 @@ def search(model: torch.nn.Module, gallery: Gallery, face: np.ndarray, k: int = 
     estimated as the majority of its results' (the report's attribute view
     compares them); returns the results and that estimate.
     """
+    with failures_as("The search failed; please try again."):
+        return _search(model, gallery, face, k)
+
+
+def _search(model: torch.nn.Module, gallery: Gallery, face: np.ndarray, k: int) -> tuple[list[Result], dict]:
     size = model.config.img_size
     emb = embed_array(model, face[None], size, torch.device("cpu"), batch=1)
     dist, idx = gallery.index.search(emb, k)
