@@ -144,7 +144,7 @@ def decode_image(data: bytes, max_pixels: int, *, strict: bool = True) -> Decode
         raise
     except MemoryError:
         raise ImageRejected(Reason.TOO_LARGE, "out of memory while decoding") from None
-    except Exception as exc:  # noqa: BLE001 - the contract: a bad file never raises anything else
+    except Exception as exc:  # the contract: a bad file never raises anything else
         # E.g. struct.error from an EXIF SHORT tag stored as ASCII in exif_transpose,
         # TypeError/OverflowError from TIFF StripOffsets stored as DOUBLE or RATIONAL.
         raise ImageRejected(Reason.CORRUPT, f"{type(exc).__name__}: {exc}") from None
