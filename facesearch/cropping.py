@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import stat
+from collections import Counter
 from dataclasses import dataclass
 
 import cv2
@@ -68,13 +69,13 @@ def crop_names(file_names: list[str], digits: int = _HASH_DIGITS) -> dict[str, s
     everything between the last ``_`` and ``.jpg``, and distinct hashes give
     distinct names. Names whose short hashes collide within ``file_names`` get the
     full 64-digit hash instead (a different length, so they cannot meet a short one).
+    Hex digits are lower case, so the names stay distinct on case-insensitive file systems.
     """
     short = {n: _crop_name(n, digits) for n in file_names}
-    counts: dict[str, int] = {}
-    for c in short.values():
-        counts[c] = counts.get(c, 0) + 1
-    out = {n: (c if counts[c] == 1 else _crop_name(n, 64)) for n, c in short.items()}
-    if len(set(out.values())) != len(out):
+    # Compared case-folded: on a case-insensitive file system A_5.jpg and a_5.jpg are one file.
+    counts = Counter(c.lower() for c in short.values())
+    out = {n: (c if counts[c.lower()] == 1 else _crop_name(n, 64)) for n, c in short.items()}
+    if len({c.lower() for c in out.values()}) != len(out):
         raise RuntimeError("SHA-256 collision between two file names")  # not expected in this universe
     return out
 
