@@ -175,11 +175,6 @@ def validate_manifest(df: pd.DataFrame, base_dir: str | os.PathLike | None = Non
         # Two photos written to one crop file: one overwrote the other, and if they are
         # of different identities the surviving crop carries a wrong label.
         raise SchemaError(f"manifest: kept rows share a crop_path, e.g. {shared[shared.duplicated()].iloc[0]!r}")
-    for col in (IMAGE_PATH, FILE_NAME):
-        try:
-            df[col].dropna().map(lambda v: v.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise SchemaError(f"manifest: {col} holds a lone surrogate (escape names with storable_name)") from None
     reasons = df.loc[rejected, REASON]
     if reasons.isna().any():
         raise SchemaError("manifest: every rejected row needs a reject_reason")
