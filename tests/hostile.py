@@ -93,7 +93,12 @@ def scan_start(data: bytes) -> int:
 def corrupt_mid_scan(data: bytes, n: int = 64) -> bytes:
     """``data`` with ``n`` bytes zeroed in the middle of its scan: same length, valid markers.
 
-    PIL decodes it without a word (and a smeared band); libjpeg warns "Corrupt JPEG data".
+    PIL decodes it without a word (and a smeared band). libjpeg warns "Corrupt JPEG data"
+    when the damaged scan no longer ends where its data does, which is the usual case but
+    not every one: garbage that happens to decode into as many blocks as it replaced is
+    a valid JPEG stream of wrong pixels (on 100 real CelebA photos with 64 bytes
+    replaced at random scan offsets, 67 to 75 were reported). The photo the tests use,
+    ``jpeg(photo(1, (320, 240)), quality=90)``, is one libjpeg reports.
     """
     start = scan_start(data)
     mid = (start + len(data) - 2) // 2
@@ -150,7 +155,7 @@ def hostile_folder(img_dir: Path, good: bytes) -> dict[str, str]:
     put("tiff_double.tif", tiff_strip_offsets("double"), "corrupt")
     put("tiff_rational.tif", tiff_strip_offsets("rational"), "corrupt")
     put("strip.png", strip_png(), "bad_aspect")
-    put("scan_garbage.jpg", corrupt_mid_scan(good), "corrupt")
+    put("scan_garbage.jpg", corrupt_mid_scan(jpeg(photo(1, (320, 240)), quality=90)), "corrupt")
     put(".DS_Store", b"\0\0\0\1Bud1", "hidden_file")
     put(LONG_NAME, good, "kept")
     make_sparse(img_dir / "huge.jpg")
