@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     data_root = Path(args.data)
     image_dir = find_image_dir(data_root)
     annotations = read_annotations(data_root)  # fails early (nothing written) if unusable
-    entries = list_entries(image_dir)
+    # Absolute paths for the workers: a reused loky worker (or a Dask/Ray one) has its own
+    # working directory, where relative paths name other files or none.
+    entries = list_entries(os.path.abspath(image_dir))
     file_names = [e.name for e in entries]
     names = crop_names(file_names)
     crop_paths = {n: (Path(args.crops) / names[n]).as_posix() for n in file_names}
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             results = Parallel(return_as="generator")(
                 delayed(process_image)(
                     os.fsdecode(e.path),
-                    str(tmp / names[e.name]),
+                    os.path.abspath(tmp / names[e.name]),
                     cfg,
                     p["jpeg_quality"],
                     limits.max_pixels,
@@ -252,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
                             strict=True))  # fmt: skip
         seconds = time.perf_counter() - start
         rows = [done.get(n) or {M.STATUS: M.Status.REJECTED.value, M.REASON: early[n]} for n in file_names]
+        errors = [n for n, r in done.items() if r.get(M.REASON) == M.Reason.ERROR]
+        if errors:
+            # Counted, not fatal; but many of them usually mean a broken setup, not bad photos.
+            log.warning("%d of %d photos failed unexpectedly (reject reason error), e.g. %s",
+                        len(errors), len(todo), errors[:3])  # fmt: skip
         df = build_manifest(file_names, image_dir.name, rows, annotations, crop_paths)
         # Check everything before the new crops replace the old ones.
         M.validate_manifest(df)
