@@ -115,7 +115,7 @@ def broken_files(good_jpeg: bytes) -> dict[str, bytes]:
 
 
 def write_params(path: Path, overrides: dict | None = None) -> Path:
-    """Copy the repo's params.yaml to ``path`` with dotted-key overrides ({"crop.n_jobs": 1})."""
+    """Copy the repo's params.yaml to ``path`` with dotted-key overrides ({"execution.n_jobs": 1})."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for dotted, value in (overrides or {}).items():
         node = params
