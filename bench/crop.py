@@ -30,6 +30,7 @@ import cv2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facesearch.celeba import find_image_dir, list_images
+from facesearch.cropping import CropLimits, read_photo
 from facesearch.detect import FRONTAL_CASCADE, detect_face, load_cascade
 from facesearch.faces import FaceConfig, face_crop, find_faces
 from facesearch.images import ImageRejected, decode_image
@@ -55,12 +56,12 @@ def crop_fn(cfg: FaceConfig):
     return keep
 
 
-def run(name, keep_fn, blobs) -> tuple[float, float]:
+def run(name, keep_fn, blobs, max_pixels: int = 40_000_000) -> tuple[float, float]:
     start = time.perf_counter()
     kept = 0
     for data in blobs:
         try:
-            rgb = decode_image(data, 40_000_000).rgb
+            rgb = decode_image(data, max_pixels).rgb
         except ImageRejected:
             continue
         kept += bool(keep_fn(rgb))
@@ -81,8 +82,14 @@ def main() -> None:
     image_dir = find_image_dir(args.data)
     names = list_images(image_dir)
     names = sorted(random.Random(args.seed).sample(names, min(args.n, len(names))))
-    blobs = [(image_dir / n).read_bytes() for n in names]  # read once: time decode + detect only
     crop_params = load_params(args.params)["crop"]
+    limits = CropLimits.from_params(crop_params)
+    blobs = []  # read once: time decode + detect only; within crop.max_file_bytes, as the stage reads
+    for n in names:
+        try:
+            blobs.append(read_photo(image_dir / n, limits.max_file_bytes))
+        except ImageRejected as exc:
+            print(f"skipped {n}: {exc}")
     cfg = FaceConfig.from_params(crop_params).haar  # with crop.policy
     print(f"{len(blobs)} images from {image_dir}, one core")
     ours, ours_rate = run(f"facesearch ({cfg.policy})", lambda rgb: detect_face(rgb, cfg).chosen is not None, blobs)

@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     ref.add_argument("--split", default="data/split", help="folder with query.parquet and gallery.parquet")
     ref.add_argument("--out", required=True, help="metrics JSON to write")
     ref.add_argument("--landmarks", type=int, default=68, choices=(5, 68), help="shape predictor")
+    chk = sub.add_parser("check-data", help="what a crop run would reject and why, without detecting; exit 1 if "
+                         "DVC could not hash an entry (FIFO, socket, broken symlink)")  # fmt: skip
+    chk.add_argument("dir", help="CelebA-layout folder (img_celeba/ + identity_CelebA.txt)")
+    chk.add_argument("--params", default="params.yaml", help="crop limits (crop.max_file_bytes, max_pixels, ...)")
+    chk.add_argument("--json", action="store_true", help="print the full report as JSON")
     res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
     res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
     res.add_argument("--backbones", default=None, help="comma-separated (default: params.yaml backbones)")
@@ -155,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     res.add_argument("--readme", default=None, help="rewrite this file's marked section instead of printing")
     res.add_argument("--section", default="results-sample", help="marker name in the README")
     args = parser.parse_args(argv)
+    if args.command == "check-data":
+        from facesearch.checkdata import run
+
+        raise SystemExit(run(args.dir, args.params, args.json))
     if args.command == "results":
         from facesearch.params import load_params
 

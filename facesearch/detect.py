@@ -77,7 +77,8 @@ def _prepare_gray(rgb: np.ndarray, side: int, equalize: bool) -> tuple[np.ndarra
     scale = 1.0
     if side and max(h, w) > side:
         scale = max(h, w) / side
-        gray = cv2.resize(gray, (round(w / scale), round(h / scale)), interpolation=cv2.INTER_AREA)
+        # max(1, ...): a 12000 x 32 strip would otherwise round its short side to 0 (cv2.error).
+        gray = cv2.resize(gray, (max(1, round(w / scale)), max(1, round(h / scale))), interpolation=cv2.INTER_AREA)
     if equalize:
         gray = cv2.equalizeHist(gray)
     return gray, scale

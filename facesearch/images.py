@@ -3,17 +3,35 @@
 Inputs come from photo dumps and user uploads, so anything can arrive: empty
 or truncated files, text files named ``.jpg``, grayscale, palette, CMYK,
 alpha and 16-bit images, and decompression bombs (a few KB of PNG that claim
-a 100,000 x 100,000 canvas). Every failure maps to one reject reason from
-:mod:`facesearch.manifest`; nothing here raises anything but
+a 100,000 x 100,000 canvas), EXIF or TIFF tags of the wrong type, and JPEGs
+whose scan data is damaged in the middle. Every failure maps to one reject
+reason from :mod:`facesearch.manifest`; nothing here raises anything but
 :class:`ImageRejected`.
+
+Damaged JPEG scans: libjpeg recovers from them with a *warning* ("Corrupt JPEG
+data: ...") and returns an image with a smeared or magenta band, and PIL
+silences those warnings entirely. So a JPEG is decoded a second time, strictly,
+by OpenCV's libjpeg, whose warnings go to the C ``stderr``: that file
+descriptor is pointed at a temporary file for the duration of the decode
+(under a lock; anything else written meanwhile is passed on to the real
+stderr) and any libjpeg corruption warning rejects the file. The strict pass
+decodes at 1/8 scale, which still walks every Huffman code of the scan (the
+warnings come from there) but skips most of the inverse DCT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
+import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -64,15 +82,75 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+# libjpeg's warnings that mean the pixels are not what was encoded (jerror.h:
+# JWRN_HIT_MARKER, JWRN_EXTRANEOUS_DATA, JWRN_HUFF_BAD_CODE, JWRN_MUST_RESYNC, ...).
+_JPEG_CORRUPT = b"Corrupt JPEG data"
+_JPEG_TRUNCATED = b"Premature end of JPEG file"  # JWRN_JPEG_EOF
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[bytes]]:
+    """Collect what C code writes to file descriptor 2 meanwhile (yielded list gets one item)."""
+    out: list[bytes] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read())
+
+
+def strict_jpeg_check(data: bytes) -> None:
+    """Raise :class:`ImageRejected` if libjpeg reports the JPEG ``data`` as corrupt or truncated."""
+    with _captured_stderr() as captured:
+        decoded = cv2.imdecode(
+            np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION
+        )
+    messages = captured[0]
+    other = b"\n".join(
+        line for line in messages.splitlines() if _JPEG_CORRUPT not in line and _JPEG_TRUNCATED not in line
+    )
+    if other.strip():
+        os.write(2, other + b"\n")  # not ours: pass it on
+    if _JPEG_TRUNCATED in messages:
+        raise ImageRejected(Reason.TRUNCATED, "libjpeg: premature end of JPEG file")
+    if _JPEG_CORRUPT in messages:
+        first = next(line for line in messages.splitlines() if _JPEG_CORRUPT in line)
+        raise ImageRejected(Reason.CORRUPT, "libjpeg: " + first.decode("ascii", "replace").strip())
+    if decoded is None:
+        raise ImageRejected(Reason.CORRUPT, "libjpeg could not decode it")
+
+
+def decode_image(data: bytes, max_pixels: int, *, strict: bool = True) -> DecodedImage:
     """Decode ``data`` to RGB uint8, honouring EXIF orientation.
 
     Raises :class:`ImageRejected` for empty, non-image, unsupported-format,
     oversized (``width * height > max_pixels``, checked from the header before
-    any pixel is decoded) or corrupt/truncated data.
+    any pixel is decoded) or corrupt/truncated data, and for any other
+    exception a hostile file provokes in the decoders (``corrupt``).
+    ``strict``: also reject JPEGs libjpeg only warns about (see the module doc).
     """
     if not data:
         raise ImageRejected(Reason.EMPTY_FILE)
+    try:
+        return _decode(data, max_pixels, strict)
+    except ImageRejected:
+        raise
+    except MemoryError:
+        raise ImageRejected(Reason.TOO_LARGE, "out of memory while decoding") from None
+    except Exception as exc:  # the contract: a bad file never raises anything else
+        # E.g. struct.error from an EXIF SHORT tag stored as ASCII in exif_transpose,
+        # TypeError/OverflowError from TIFF StripOffsets stored as DOUBLE or RATIONAL.
+        raise ImageRejected(Reason.CORRUPT, f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode(data: bytes, max_pixels: int, strict: bool) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             # PIL warns (not raises) between MAX_IMAGE_PIXELS and twice that;
@@ -86,6 +164,8 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
             if width <= 0 or height <= 0 or width * height > max_pixels:
                 raise ImageRejected(Reason.TOO_LARGE, f"{width}x{height} exceeds {max_pixels} pixels")
             img.load()
+            if strict and fmt in ("JPEG", "MPO"):
+                strict_jpeg_check(data)
             source_mode = img.mode
             img = ImageOps.exif_transpose(img)
             rgb = np.asarray(_to_rgb(img), dtype=np.uint8)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from facesearch import celeba
 from facesearch.celeba import ATTRIBUTE_NAMES
 
 
@@ -22,19 +23,37 @@ class Status(StrEnum):
 
 
 class Reason(StrEnum):
-    """Why an input image was not kept. Stored as plain strings in Parquet."""
+    """Why an input image was not kept. Stored as plain strings in Parquet.
 
+    In the order the crop stage checks them: the folder entry (never opened when it
+    fails), the annotations, the file's bytes, the decoded image, the detection.
+    """
+
+    # -- the folder entry, from its name and lstat/stat alone (facesearch.celeba.list_entries)
+    # Directory, FIFO, socket, device, dangling or looping symlink (a symlink to a file is followed).
+    NOT_A_FILE = celeba.NOT_A_FILE
+    HIDDEN_FILE = celeba.HIDDEN_FILE  # name starts with "."
+    BAD_FILE_NAME = celeba.BAD_FILE_NAME  # not UTF-8 or whitespace/control/backslash in it (file_name is then escaped)
+    # -- the annotations
     NO_IDENTITY = "no_identity"  # no row in identity_CelebA.txt
+    AMBIGUOUS_IDENTITY = "ambiguous_identity"  # identity_CelebA.txt names it twice with different ids
+    # -- the bytes
+    FILE_TOO_LARGE = "file_too_large"  # more bytes than crop.max_file_bytes (checked by stat; never read)
     EMPTY_FILE = "empty_file"  # zero bytes
-    UNREADABLE = "unreadable"  # the file system refused to read it
+    UNREADABLE = "unreadable"  # the file system refused to open or read it
     NOT_AN_IMAGE = "not_an_image"  # no image format recognised
     UNSUPPORTED_FORMAT = "unsupported_format"  # an image format we do not accept
-    TOO_LARGE = "too_large"  # more pixels than crop.max_pixels (decompression bomb guard)
+    TOO_LARGE = "too_large"  # more pixels than crop.max_pixels (decompression bomb guard), or out of memory decoding
     TRUNCATED = "truncated"  # the pixel data ends early
-    CORRUPT = "corrupt"  # the decoder failed otherwise
+    CORRUPT = "corrupt"  # the decoder failed or warned (bad JPEG scan data, bad EXIF/TIFF tags, ...)
+    # -- the decoded image
     TOO_SMALL = "too_small"  # smaller than crop.min_image_side
+    BAD_ASPECT = "bad_aspect"  # longer side more than crop.max_aspect times the shorter (strips, banners)
+    # -- the detection
     NO_FACE = "no_face"  # no detection after the retry
     MULTIPLE_FACES = "multiple_faces"  # several detections after the retry (policy "single")
+    # -- anything else
+    ERROR = "error"  # an unexpected exception while processing this one photo (logged with the file name)
 
 
 # --- manifest columns -------------------------------------------------------
@@ -151,6 +170,11 @@ def validate_manifest(df: pd.DataFrame, base_dir: str | os.PathLike | None = Non
         raise SchemaError("manifest: kept crops were cut in different ways (align); re-run crop whole")
     if df.loc[rejected, CROP_PATH].notna().any():
         raise SchemaError("manifest: rejected rows must not have a crop")
+    shared = df.loc[kept, CROP_PATH]
+    if shared.duplicated().any():
+        # Two photos written to one crop file: one overwrote the other, and if they are
+        # of different identities the surviving crop carries a wrong label.
+        raise SchemaError(f"manifest: kept rows share a crop_path, e.g. {shared[shared.duplicated()].iloc[0]!r}")
     reasons = df.loc[rejected, REASON]
     if reasons.isna().any():
         raise SchemaError("manifest: every rejected row needs a reject_reason")

@@ -1,13 +1,18 @@
 """Stage ``crop``: detect and crop one face per photo, and write the manifest.
 
     python -m stages.crop --data data/sample --crops data/crops \
-        --manifest data/manifest.parquet --metrics metrics/crop.json --sheet reports/crops.png
+        --manifest data/manifest.parquet --metrics metrics/crop.json --sheet reports/crops.png \
+        --timing reports/crop_timing.json
 
-Reads ``params.yaml: data.root`` (passed as ``--data``) and ``crop``. Every file
-in the image folder gets one manifest row: kept with its crop, or rejected with
-a reason. Photos are processed in parallel with joblib (``crop.n_jobs``
-workers on the ``crop.backend`` backend); each worker writes its crops into a
-temporary folder that replaces ``--crops`` only when the whole run succeeded.
+Reads ``params.yaml: data.root`` (passed as ``--data``) and ``crop``. Every entry
+of the image folder gets one manifest row: kept with its crop, or rejected with
+a reason (non-regular files, hidden files and bad names included, never
+opened). Photos are processed in parallel with joblib (``execution.n_jobs``
+workers on the ``execution.backend`` backend: how the stage runs, not what it
+produces, so no stage lists them in dvc.yaml); each worker writes its crops
+into a temporary folder that replaces ``--crops`` only when the whole run
+succeeded. ``--metrics`` holds only results that compare across runs; speed goes
+to the log and ``--timing``.
 """
 
 from __future__ import annotations
@@ -26,15 +31,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_NAMES, Annotations, find_image_dir, list_images, read_annotations
-from facesearch.cropping import crop_names, process_image
+from facesearch.celeba import ATTRIBUTE_NAMES, Annotations, find_image_dir, list_entries, read_annotations
+from facesearch.cropping import CropLimits, crop_names, pre_reason, process_image, read_photo
 from facesearch.faces import FaceConfig
-from facesearch.images import ImageRejected, decode_image
+from facesearch.images import decode_image
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
 from facesearch.params import load_params
 from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.crop")
+
+# Which photos the contact sheet shows. A constant, not a param: the sheet is a stage output,
+# so what it shows must follow from the stage's inputs and params alone (an execution knob
+# would change the plot without DVC re-running anything).
+SHEET_SEED = 0
+EXECUTION_DEFAULTS = {"n_jobs": 1, "backend": "loky"}
+# Reasons decided before a file is opened: such originals are never read for the sheet either.
+UNOPENED = {M.Reason.NOT_A_FILE, M.Reason.HIDDEN_FILE, M.Reason.BAD_FILE_NAME, M.Reason.FILE_TOO_LARGE}
 
 
 def build_manifest(
@@ -60,7 +73,20 @@ def build_manifest(
     return M.conform(df.sort_values(M.IMAGE_PATH, kind="stable"), M.MANIFEST_DTYPES)
 
 
-def crop_metrics(df: pd.DataFrame, annotations: Annotations, seconds: float, n_jobs: int) -> dict:
+def crop_timing(n_input: int, seconds: float, n_jobs: int, backend: str) -> dict:
+    """Speed of this run: depends on the machine and ``execution``, so it is kept out of the metrics."""
+    return {
+        "n_input": n_input,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(n_input / seconds, 2) if seconds > 0 else 0.0,
+        "images_per_second_per_job": round(n_input / seconds / max(1, n_jobs), 2) if seconds > 0 else 0.0,
+        "n_jobs": n_jobs,
+        "backend": backend,
+    }
+
+
+def crop_metrics(df: pd.DataFrame, annotations: Annotations) -> dict:
+    """Results only (a function of data and params): same inputs, same bytes, so runs compare cleanly."""
     n_input = len(df)
     kept = int((df[M.STATUS] == M.Status.KEPT).sum())
     present = set(df[M.FILE_NAME])
@@ -70,10 +96,6 @@ def crop_metrics(df: pd.DataFrame, annotations: Annotations, seconds: float, n_j
         "n_input": n_input,
         "n_kept": kept,
         "keep_rate": round(kept / n_input, 4) if n_input else 0.0,
-        "seconds": round(seconds, 2),
-        "images_per_second": round(n_input / seconds, 2) if seconds > 0 else 0.0,
-        "images_per_second_per_job": round(n_input / seconds / n_jobs, 2) if seconds > 0 else 0.0,
-        "n_jobs": n_jobs,
         "rejected": {r.value: int((df[M.REASON] == r.value).sum()) for r in M.Reason},
         "kept_by_detector": {
             str(k): int(v)
@@ -87,29 +109,58 @@ def crop_metrics(df: pd.DataFrame, annotations: Annotations, seconds: float, n_j
             "attribute_header_count": report.attribute_header_count,
             "malformed_rows": dict(sorted(report.malformed_rows.items())),
             "duplicate_rows": dict(sorted(report.duplicate_rows.items())),
+            "conflicting_rows": dict(sorted(report.conflicting_rows.items())),
+            "ambiguous_identity_images": int((df[M.REASON] == M.Reason.AMBIGUOUS_IDENTITY).sum()),
             "missing_files": sorted(report.missing_files),
         },
     }
 
 
 def contact_sheet(
-    df: pd.DataFrame, data_root: Path, seed: int, n_kept: int = 24, n_rejected: int = 12, tile_size: int = 128
+    df: pd.DataFrame,
+    data_root: Path,
+    limits: CropLimits,
+    seed: int = SHEET_SEED,
+    n_kept: int = 24,
+    n_rejected: int = 12,
+    tile_size: int = 128,
 ) -> np.ndarray:
-    """A grid of seeded random kept crops (green) and rejected originals (red, with reason)."""
+    """A grid of seeded random kept crops (green) and rejected originals (red, with reason).
+
+    Never raises: a tile that cannot be drawn is left out (with a log warning), and a
+    rejected original is shown only when it is a regular file that decodes within
+    ``limits``; otherwise its tile is a gray blank with the reason.
+    """
     rng = random.Random(seed)
     kept = df[df[M.STATUS] == M.Status.KEPT]
     rejected = df[df[M.STATUS] == M.Status.REJECTED]
     tiles = []
     for _, row in kept.iloc[sorted(rng.sample(range(len(kept)), min(n_kept, len(kept))))].iterrows():
-        img = np.asarray(Image.open(row[M.CROP_PATH]).convert("RGB"))
-        tiles.append(tile(img, f"id {row[M.IDENTITY]}", tile_size, (40, 200, 40)))
+        try:
+            img = np.asarray(Image.open(row[M.CROP_PATH]).convert("RGB"))
+            tiles.append(tile(img, f"id {row[M.IDENTITY]}", tile_size, (40, 200, 40)))
+        except Exception as exc:  # a picture for people: never worth failing the stage
+            log.warning("contact sheet: left out %s (%s: %s)", row[M.CROP_PATH], type(exc).__name__, exc)
     for _, row in rejected.iloc[sorted(rng.sample(range(len(rejected)), min(n_rejected, len(rejected))))].iterrows():
         try:
-            img = decode_image((data_root / row[M.IMAGE_PATH]).read_bytes(), 40_000_000).rgb
-        except (ImageRejected, OSError):
-            img = None
-        tiles.append(tile(img, str(row[M.REASON]), tile_size, (220, 40, 40)))
+            tiles.append(tile(_original(row, data_root, limits), str(row[M.REASON]), tile_size, (220, 40, 40)))
+        except Exception as exc:
+            log.warning("contact sheet: left out %s (%s: %s)", row[M.IMAGE_PATH], type(exc).__name__, exc)
     return grid(tiles, cols=8)
+
+
+def _original(row: pd.Series, data_root: Path, limits: CropLimits) -> np.ndarray | None:
+    if row[M.REASON] in UNOPENED:
+        return None
+    try:
+        data = read_photo(data_root / row[M.IMAGE_PATH], limits.max_file_bytes)
+        return decode_image(data, limits.max_pixels, strict=False).rgb  # show the damage of a corrupt one
+    except Exception:  # rejected for a reason: not being decodable is expected here
+        return None
+
+
+def placeholder_sheet(message: str, size: int = 128) -> np.ndarray:
+    return grid([tile(None, message, size, (220, 40, 40))], cols=1)
 
 
 def _backend_context(backend: str, n_jobs: int):
@@ -126,10 +177,28 @@ def _backend_context(backend: str, n_jobs: int):
     return parallel_config(backend=backend, n_jobs=n_jobs)
 
 
+MOVED_TO_EXECUTION = ("n_jobs", "backend", "sheet_seed")
+
+
 def load_crop_params(path: str) -> dict:
+    """``params.yaml: crop`` plus ``face`` (its FaceConfig) and ``limits`` (its CropLimits)."""
     p = dict(load_params(path)["crop"])
+    moved = [k for k in MOVED_TO_EXECUTION if k in p]
+    if moved:
+        raise ValueError(f"params.yaml crop.{moved[0]} is gone: n_jobs and backend live under execution: "
+                         "(they do not change the outputs), and the contact sheet uses a fixed seed")  # fmt: skip
     p["face"] = FaceConfig.from_params(p)
+    p["limits"] = CropLimits.from_params(p)
     return p
+
+
+def load_execution(path: str) -> dict:
+    """``params.yaml: execution`` (how to run, not what to produce); defaults where absent."""
+    given = dict(load_params(path).get("execution") or {})
+    unknown = set(given) - set(EXECUTION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"params.yaml execution: unknown keys {sorted(unknown)}")
+    return {**EXECUTION_DEFAULTS, **given}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,6 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--manifest", required=True, help="Parquet manifest to write")
     parser.add_argument("--metrics", required=True, help="JSON metrics to write")
     parser.add_argument("--sheet", required=True, help="contact sheet PNG to write")
+    parser.add_argument("--timing", default=None, help="JSON with this run's speed (not a metric), optional")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
@@ -147,35 +217,48 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
     p = load_crop_params(args.params)
-    cfg = p["face"]
+    execution = load_execution(args.params)
+    cfg, limits = p["face"], p["limits"]
     data_root = Path(args.data)
     image_dir = find_image_dir(data_root)
     annotations = read_annotations(data_root)  # fails early (nothing written) if unusable
-    file_names = list_images(image_dir)
+    # Absolute paths for the workers: a reused loky worker (or a Dask/Ray one) has its own
+    # working directory, where relative paths name other files or none.
+    entries = list_entries(os.path.abspath(image_dir))
+    file_names = [e.name for e in entries]
     names = crop_names(file_names)
     crop_paths = {n: (Path(args.crops) / names[n]).as_posix() for n in file_names}
-    # Images without an identity row cannot enter any split: skip their decoding.
-    todo = [n for n in file_names if n in annotations.identities]
-    log.info("%d files in %s, %d with an identity row", len(file_names), image_dir, len(todo))
+    # Entries rejected before opening (not a file, hidden, bad name, no or ambiguous
+    # identity row) are never read; only the rest is decoded and detected.
+    early = {e.name: pre_reason(e, annotations) for e in entries}
+    todo = [e for e in entries if early[e.name] is None]
+    log.info("%d entries in %s, %d to process", len(entries), image_dir, len(todo))
 
     start = time.perf_counter()
     with atomic_dir(args.crops) as tmp:
-        with _backend_context(p["backend"], p["n_jobs"]):
+        with _backend_context(execution["backend"], execution["n_jobs"]):
             results = Parallel(return_as="generator")(
                 delayed(process_image)(
-                    str(image_dir / n),
-                    str(tmp / names[n]),
+                    os.fsdecode(e.path),
+                    os.path.abspath(tmp / names[e.name]),
                     cfg,
                     p["jpeg_quality"],
-                    p["max_pixels"],
-                    p["min_image_side"],
+                    limits.max_pixels,
+                    limits.min_image_side,
+                    max_file_bytes=limits.max_file_bytes,
+                    max_aspect=limits.max_aspect,
                 )
-                for n in todo
+                for e in todo
             )
-            done = dict(zip(todo, tqdm(results, total=len(todo), desc="crop", unit="img"), strict=True))
+            done = dict(zip([e.name for e in todo], tqdm(results, total=len(todo), desc="crop", unit="img"),
+                            strict=True))  # fmt: skip
         seconds = time.perf_counter() - start
-        no_identity = {M.STATUS: M.Status.REJECTED.value, M.REASON: M.Reason.NO_IDENTITY.value}
-        rows = [done.get(n, no_identity) for n in file_names]
+        rows = [done.get(n) or {M.STATUS: M.Status.REJECTED.value, M.REASON: early[n]} for n in file_names]
+        errors = [n for n, r in done.items() if r.get(M.REASON) == M.Reason.ERROR]
+        if errors:
+            # Counted, not fatal; but many of them usually mean a broken setup, not bad photos.
+            log.warning("%d of %d photos failed unexpectedly (reject reason error), e.g. %s",
+                        len(errors), len(todo), errors[:3])  # fmt: skip
         df = build_manifest(file_names, image_dir.name, rows, annotations, crop_paths)
         # Check everything before the new crops replace the old ones.
         M.validate_manifest(df)
@@ -184,17 +267,27 @@ def main(argv: list[str] | None = None) -> None:
             raise RuntimeError(f"{len(lost)} crops were not written, e.g. {lost[:3]}")
     M.validate_manifest(df, base_dir=".")
     write_parquet_atomic(args.manifest, df)
-    metrics = crop_metrics(df, annotations, seconds, p["n_jobs"])
+    metrics = crop_metrics(df, annotations)
     write_json_atomic(args.metrics, metrics)
-    sheet = contact_sheet(df, data_root, p["sheet_seed"])
+    timing = crop_timing(len(df), seconds, execution["n_jobs"], execution["backend"])
+    if args.timing:
+        write_json_atomic(args.timing, timing)
+    try:
+        sheet = contact_sheet(df, data_root, limits)
+    except Exception as exc:  # the manifest is written; a picture must not fail the stage
+        log.warning("contact sheet failed (%s: %s); writing a placeholder", type(exc).__name__, exc)
+        sheet = placeholder_sheet("contact sheet failed")
     with atomic_path(args.sheet) as tmp_png:
         Image.fromarray(sheet).save(tmp_png, format="PNG")
     log.info(
-        "kept %d of %d (%.1f%%) at %.1f images/s; rejected: %s",
+        "kept %d of %d (%.1f%%) in %.1f s (%.1f images/s, %s x%d); rejected: %s",
         metrics["n_kept"],
         metrics["n_input"],
         100 * metrics["keep_rate"],
-        metrics["images_per_second"],
+        timing["seconds"],
+        timing["images_per_second"],
+        execution["backend"],
+        execution["n_jobs"],
         {k: v for k, v in metrics["rejected"].items() if v},
     )
 

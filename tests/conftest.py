@@ -115,7 +115,7 @@ def broken_files(good_jpeg: bytes) -> dict[str, bytes]:
 
 
 def write_params(path: Path, overrides: dict | None = None) -> Path:
-    """Copy the repo's params.yaml to ``path`` with dotted-key overrides ({"crop.n_jobs": 1})."""
+    """Copy the repo's params.yaml to ``path`` with dotted-key overrides ({"execution.n_jobs": 1})."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for dotted, value in (overrides or {}).items():
         node = params
@@ -130,7 +130,7 @@ def write_params(path: Path, overrides: dict | None = None) -> Path:
 def run_crop(workdir: Path, data: Path, overrides: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Run the crop stage in ``workdir`` (as DVC would, from the repo root) and load its outputs."""
     workdir.mkdir(parents=True, exist_ok=True)
-    params = write_params(workdir / "params.yaml", {"crop.n_jobs": 1, **(overrides or {})})
+    params = write_params(workdir / "params.yaml", {"execution.n_jobs": 1, **(overrides or {})})
     from stages import crop
 
     cwd = os.getcwd()
@@ -231,7 +231,7 @@ def app_root(prepared) -> Path:
 
 # --- temporary copies of this repository, for tests that run DVC itself ---------------------
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-TINY_PIPELINE = {"sample.identities": 8, "sample.images_per_identity": 5, "crop.n_jobs": 1, "crop.size": 48,
+TINY_PIPELINE = {"sample.identities": 8, "sample.images_per_identity": 5, "execution.n_jobs": 1, "crop.size": 48,
                  "split.test_fraction": 0.25, "split.val_identities": 2}  # fmt: skip
 for _backbone in ("resnet50", "mobilenet_v2"):
     TINY_PIPELINE |= {f"train.{_backbone}.epochs": 1, f"train.{_backbone}.steps_per_epoch": 1,

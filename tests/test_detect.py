@@ -57,3 +57,10 @@ def test_policies_on_two_faces(face_photos):
     assert x >= 10 and x + w <= 170  # the bigger face, on the left
     single = detect_face(canvas, DetectorConfig(policy="single"))
     assert single.chosen is None and single.reason == "multiple_faces"
+
+
+def test_extreme_strip_does_not_crash_the_scan():
+    # 12000 x 32 scaled to a 160 px long side used to round its short side to 0: cv2.error in resize.
+    strip = np.full((32, 12000, 3), 128, np.uint8)
+    det = detect_face(strip, DetectorConfig())
+    assert det.chosen is None and det.reason == "no_face"

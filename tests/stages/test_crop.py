@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
+import hostile as H
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +13,7 @@ from conftest import broken_files, run_crop, variants_of, write_params
 from PIL import Image
 
 from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_FILE, IDENTITY_FILE
+from facesearch.celeba import ATTRIBUTE_FILE, IDENTITY_FILE, storable_name
 from facesearch.cropping import crop_names
 from facesearch.detect import DetectorConfig, detect_face
 from stages import crop
@@ -88,9 +91,12 @@ def test_same_params_byte_identical_manifest(small_sample, tmp_path):
 
 def test_loky_workers_match_sequential(small_sample, tmp_path):
     seq, _ = run_crop(tmp_path / "seq", small_sample)
-    par, metrics = run_crop(tmp_path / "par", small_sample, {"crop.n_jobs": 2, "crop.backend": "loky"})
-    assert metrics["n_jobs"] == 2
+    _, seq_metrics = run_crop(tmp_path / "seq", small_sample)
+    par, metrics = run_crop(tmp_path / "par", small_sample, {"execution.n_jobs": 2, "execution.backend": "loky"})
     pd.testing.assert_frame_equal(seq, par)
+    # Execution changes speed only: metrics identical, speed is not in them.
+    assert metrics == seq_metrics
+    assert not {"seconds", "images_per_second", "n_jobs"} & set(metrics)
 
 
 def test_failed_run_leaves_previous_outputs_untouched(small_sample, tmp_path, monkeypatch):
@@ -129,8 +135,10 @@ def test_single_policy_and_unknown_detector_key(small_sample, tmp_path):
 
 
 def test_crop_names_never_collide():
-    names = crop_names(["a.jpg", "a.png", "b.jpg"])
-    assert names == {"a.jpg": "a_jpg.jpg", "a.png": "a_png.jpg", "b.jpg": "b.jpg"}
+    # The reproduced leak: vcol.jpg (identity A) and vcol_jpg.jpg (identity B) shared one crop.
+    names = crop_names(["vcol.jpg", "vcol.png", "vcol_jpg.jpg", "a.jpg", "a.png", "b.jpg"])
+    assert len(set(names.values())) == len(names)
+    assert names["vcol.jpg"].startswith("vcol_") and names["vcol_jpg.jpg"].startswith("vcol-jpg_")
 
 
 def linked_subset(celeba_dev: Path, dst: Path, step: int) -> tuple[Path, list[str]]:
@@ -171,3 +179,88 @@ def test_dlib_detection_and_landmark_chips(celeba_dev, tmp_path, detector, point
                                                                                    "haar_profile"})  # fmt: skip
     for path in kept[M.CROP_PATH]:
         assert Image.open(tmp_path / "work" / path).size == (150, 150)
+
+
+@pytest.fixture
+def hostile_data(small_sample) -> tuple[Path, dict[str, str], str]:
+    """The small sample plus every hostile entry, BOM-prefixed identities, bad ids and one conflicting row."""
+    img_dir = small_sample / "img_celeba"
+    cfg = DetectorConfig()
+    face_file = next(
+        p for p in sorted(img_dir.glob("*.jpg")) if detect_face(np.asarray(Image.open(p).convert("RGB")), cfg).chosen
+    )
+    expected = H.hostile_folder(img_dir, face_file.read_bytes())
+    H.make_sparse(img_dir / "huge_no_id.jpg")  # no identity row: only the contact sheet might touch it
+    expected["huge_no_id.jpg"] = "no_identity"
+    for name in ("superscript_id.jpg", "overflow_id.jpg"):
+        (img_dir / name).write_bytes(face_file.read_bytes())
+        expected[name] = "no_identity"  # their rows are malformed
+    ids = (small_sample / IDENTITY_FILE).read_text().splitlines()
+    ambiguous = ids[-1].split()[0]
+    expected[ambiguous] = "ambiguous_identity"
+    rows = [f"{n} 90001" for n in H.identity_names(expected) if n not in expected or expected[n] != "no_identity"]
+    rows += [f"{ambiguous} 77777", "superscript_id.jpg \u00b2", f"overflow_id.jpg {2**64}"]
+    (small_sample / IDENTITY_FILE).write_bytes(("\ufeff" + "\n".join(ids + rows) + "\n").encode())
+    return small_sample, expected, ids[0].split()[0]
+
+
+def test_hostile_folder_every_entry_one_row(hostile_data, tmp_path):
+    data, expected, first = hostile_data
+    base, _ = run_crop(tmp_path / "base", data, {"crop.max_file_bytes": 2**20})  # for the good photos' outcome
+    # Two loky workers: the strict JPEG check and the guards work in worker processes too.
+    df, metrics = run_crop(tmp_path / "work", data, {"crop.max_file_bytes": 2**20, "execution.n_jobs": 2})
+    M.validate_manifest(df, base_dir=tmp_path / "work")
+    entries = sorted(storable_name(n) for n in os.listdir(os.fsencode(data / "img_celeba")))
+    assert sorted(df[M.FILE_NAME]) == entries  # every entry exactly once, FIFOs and bad names included
+    got = dict(zip(df[M.FILE_NAME], df[M.REASON].fillna("kept"), strict=True))
+    assert {n: got[n] for n in expected} == expected
+    # The good photos are unaffected by their hostile neighbours.
+    good = base[~base[M.FILE_NAME].isin(expected)]
+    assert good[M.STATUS].eq("kept").sum() >= len(good) - 3
+    pd.testing.assert_series_equal(
+        df.set_index(M.FILE_NAME).loc[good[M.FILE_NAME], M.STATUS], good.set_index(M.FILE_NAME)[M.STATUS]
+    )
+    # The BOM did not eat the first row's identity.
+    assert df.loc[df[M.FILE_NAME] == first, M.IDENTITY].notna().all()
+    ann = metrics["annotations"]
+    assert ann["conflicting_rows"][IDENTITY_FILE] == 1 and ann["ambiguous_identity_images"] == 1
+    assert ann["malformed_rows"][IDENTITY_FILE] == 2
+    assert metrics["n_kept"] + sum(metrics["rejected"].values()) == metrics["n_input"] == len(entries)
+    assert Image.open(tmp_path / "work/reports/crops.png").size[0] > 0
+    crops = df.loc[df[M.STATUS] == "kept", M.CROP_PATH]
+    assert crops.is_unique and all(len(Path(c).name) <= 64 for c in crops)
+
+
+def test_contact_sheet_failure_never_fails_the_stage(small_sample, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise MemoryError("sheet")
+
+    monkeypatch.setattr(crop, "contact_sheet", broken)
+    df, _ = run_crop(tmp_path, small_sample)
+    assert len(df) and Image.open(tmp_path / "reports/crops.png").size == (128, 128)
+
+
+def test_timing_is_written_apart_from_metrics(small_sample, tmp_path):
+    run_crop(tmp_path, small_sample)
+    params = tmp_path / "params.yaml"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        crop.main(["--data", str(small_sample), "--crops", "data/crops", "--manifest", "data/manifest.parquet",
+                   "--metrics", "metrics/crop.json", "--sheet", "reports/crops.png", "--params", str(params),
+                   "--timing", "reports/crop_timing.json"])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    timing = json.loads((tmp_path / "reports/crop_timing.json").read_text())
+    assert timing["n_jobs"] == 1 and timing["images_per_second"] > 0
+    metrics = json.loads((tmp_path / "metrics/crop.json").read_text())
+    assert not {"seconds", "images_per_second", "images_per_second_per_job", "n_jobs"} & set(metrics)
+
+
+def test_execution_knobs_left_in_crop_block_fail_loudly(tmp_path):
+    write_params(tmp_path / "old.yaml", {"crop.n_jobs": 4})
+    with pytest.raises(ValueError, match="execution"):
+        crop.load_crop_params(str(tmp_path / "old.yaml"))
+    write_params(tmp_path / "typo.yaml", {"execution.njobs": 4})
+    with pytest.raises(ValueError, match="unknown keys"):
+        crop.load_execution(str(tmp_path / "typo.yaml"))
