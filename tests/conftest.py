@@ -180,7 +180,7 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("train")
     data = sample_factory(identities=8, images_per_identity=5, seed=4)
     run_crop(work, data, {"crop.size": 40})
-    write_params(work / "params.yaml", {"split.val_identities": 2, "split.test_fraction": 0.5})
+    write_params(work / "params.yaml", {"split.val_fraction": 0.25, "split.test_fraction": 0.5})
     from stages import pack, split
 
     cwd = os.getcwd()
@@ -232,7 +232,7 @@ def app_root(prepared) -> Path:
 # --- temporary copies of this repository, for tests that run DVC itself ---------------------
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
 TINY_PIPELINE = {"sample.identities": 8, "sample.images_per_identity": 5, "crop.n_jobs": 1, "crop.size": 48,
-                 "split.test_fraction": 0.25, "split.val_identities": 2}  # fmt: skip
+                 "split.test_fraction": 0.25, "split.val_fraction": 0.25}  # fmt: skip
 for _backbone in ("resnet50", "mobilenet_v2"):
     TINY_PIPELINE |= {f"train.{_backbone}.epochs": 1, f"train.{_backbone}.steps_per_epoch": 1,
                       f"train.{_backbone}.img_size": 32, f"train.{_backbone}.p_identities": 2}  # fmt: skip
