@@ -172,6 +172,8 @@ TINY = {
     "p_identities": 3, "k_images": 2, "batch_triplets": 4, "epochs": 2, "steps_per_epoch": 2, "warmup_steps": 1,
     "eval_batch": 16,
 }  # fmt: skip
+# The crop settings of ``prepared``: train checks its crops against them and records them in the model.
+TINY_CROP = {"crop.size": 40}
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +181,8 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
     """A working directory with crops, split and packed arrays of a tiny sample."""
     work = tmp_path_factory.mktemp("train")
     data = sample_factory(identities=8, images_per_identity=5, seed=4)
-    run_crop(work, data, {"crop.size": 40})
-    write_params(work / "params.yaml", {"split.val_fraction": 0.25, "split.test_fraction": 0.5})
+    run_crop(work, data, TINY_CROP)
+    write_params(work / "params.yaml", TINY_CROP | {"split.val_fraction": 0.25, "split.test_fraction": 0.5})
     from stages import pack, split
 
     cwd = os.getcwd()
@@ -195,7 +197,7 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
 
 def run_train(work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2") -> Path:
     params = write_params(
-        work / f"{name}.yaml", {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
+        work / f"{name}.yaml", TINY_CROP | {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
     )
     from stages import train
 
