@@ -229,12 +229,17 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def save_model(path: str | os.PathLike, model: EmbeddingNet, extra: dict | None = None) -> None:
-    """Save a servable model: config + weights (+ ``extra`` metadata), atomically."""
+    """Save a servable model: config + weights (+ ``extra`` metadata), atomically.
+
+    Equal payloads give equal bytes (DVC's hash of the model is reproducible).
+    """
     from facesearch.io import atomic_path
 
     payload = {"config": asdict(model.config), "state_dict": model.state_dict(), **(extra or {})}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Saved through a file object: given a path, torch.save names the zip's records after
+    # the file, here atomic_path's random temporary name, and equal models got unequal bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[EmbeddingNet, dict]:

@@ -91,6 +91,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     eval_batch: int = 128
+    cpu_threads: int = 2  # torch.set_num_threads: results depend on it (see set_deterministic)
 
     @classmethod
     def from_params(cls, params: dict) -> TrainConfig:
@@ -187,8 +188,15 @@ def check_crops(table: pd.DataFrame, images: np.ndarray, face: FaceConfig) -> No
                          f"{face.alignment!r}: re-run crop and pack (dvc repro)")  # fmt: skip
 
 
-def set_deterministic() -> None:
-    """Same params and inputs, same model bytes, on CPU (README "Train", Reproducibility)."""
+def set_deterministic(cpu_threads: int) -> None:
+    """Same params and inputs, same model bytes, on CPU (README "Train", Reproducibility).
+
+    The thread count is a param, not the machine's core count: the CPU kernels
+    (oneDNN convolutions, MKL matmuls) split their float sums by thread, so 1 and
+    2 threads give different weights for every backbone (measured), while the
+    same count gives the same bits run after run.
+    """
+    torch.set_num_threads(cpu_threads)
     torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, for ops with no such kernel
     if torch.cuda.is_available():
         # cuBLAS needs a fixed workspace to be deterministic; must be set before its first use.
@@ -326,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     cfg = TrainConfig.from_params(params["train"][args.backbone])
     face = FaceConfig.from_params(params["crop"])
-    set_deterministic()
+    set_deterministic(cfg.cpu_threads)
     ctx = setup_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     device = pick_device(cfg.device, ctx)
     try:
