@@ -2,12 +2,17 @@
 
     python -m facesearch evaluate --model models/resnet50.pt --data DIR --out OUT.json
 
-The protocol is the pipeline's own: crop every photo with the crop settings
-of ``params.yaml`` (or the defaults), keep identities with at least two kept
-photos, pick one query per identity (seeded), put every other kept photo in the
-gallery, embed with the model, search exactly, and write Rank-1/5/10, mAP,
-Recall@k, the attribute agreement (where the folder has attributes), the
-numbers of queries and gallery images and the crop keep rate.
+The protocol is the pipeline's own: leave out the identities the model was
+trained or validated on (the model file names them; counted as
+``n_identities_excluded_seen``), crop every other photo as the model's own
+training crops were cut (its recorded preprocessing; ``--crop-params FILE``
+overrides it with that file's ``crop`` block), keep identities with at least
+two kept photos, pick one query per identity (seeded), put every other kept
+photo in the gallery, embed with the model, search exactly, and write
+Rank-1/5/10, mAP, Recall@k, leave-one-out Rank-k/mAP (``loo_*``: every kept
+photo queries all the others, as the evaluate stage reports), the attribute
+agreement (where the folder has attributes), the numbers of queries and
+gallery images and the crop keep rate of the photos cropped.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from tqdm import tqdm
 
 from facesearch import manifest as M
 from facesearch.celeba import find_image_dir, list_images, read_annotations
+from facesearch.contract import model_preprocessing, seen_identities
 from facesearch.cropping import crop_names, process_image
 from facesearch.data import embed_array
 from facesearch.faces import FaceConfig
 from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.models import load_model, resolve_device
 from facesearch.protocol import choose_queries, eligible_images
-from facesearch.retrieval import attribute_matrix, evaluate, readable
+from facesearch.retrieval import attribute_matrix, evaluate, loo_metrics, readable
 from facesearch.search import build_index
 
 log = logging.getLogger("facesearch.cli")
@@ -42,30 +48,46 @@ log = logging.getLogger("facesearch.cli")
 CROP_DEFAULTS = {"jpeg_quality": 95, "max_pixels": 40_000_000, "min_image_side": 32}
 
 
-def crop_settings(params_path: str | None) -> tuple[dict, FaceConfig]:
-    """Crop settings from a params file when there is one, else the project's defaults."""
-    if params_path and Path(params_path).is_file():
-        from facesearch.params import load_params
+def crop_settings(payload: dict, crop_params: str | None) -> tuple[dict, FaceConfig, int]:
+    """(image guards, crop settings, model input side): the model's own, or ``crop_params``'s crop block.
 
-        crop = load_params(params_path)["crop"]
-        return {k: crop[k] for k in CROP_DEFAULTS}, FaceConfig.from_params(crop)
-    return dict(CROP_DEFAULTS), FaceConfig()
+    The file's settings also replace the image guards (jpeg_quality, max_pixels,
+    min_image_side), which are not part of a model's preprocessing. The input
+    side is always the model's: the network was trained at it.
+    """
+    if not crop_params:
+        return dict(CROP_DEFAULTS), *model_preprocessing(payload)
+    from facesearch.params import load_params
+
+    if not Path(crop_params).is_file():
+        raise SystemExit(f"evaluate: --crop-params {crop_params} does not exist")
+    crop = load_params(crop_params)["crop"]
+    face = FaceConfig.from_params(crop)
+    _, size = model_preprocessing(payload, fallback=face)
+    return {k: crop.get(k, v) for k, v in CROP_DEFAULTS.items()}, face, size
 
 
 def evaluate_folder(
-    model_path: str, data: str, params_path: str | None = "params.yaml", seed: int = 0, n_jobs: int = -1,
+    model_path: str, data: str, crop_params: str | None = None, seed: int = 0, n_jobs: int = -1,
     ks: tuple[int, ...] = (10, 20, 50, 100, 1000), device: str = "auto",
 ) -> dict:  # fmt: skip
     """Run the protocol above; returns the metrics dict written to OUT.json."""
-    crop, face = crop_settings(params_path)
+    dev = resolve_device(device)
+    model, payload = load_model(model_path, map_location=dev)
+    crop, face, size = crop_settings(payload, crop_params)
     image_dir = find_image_dir(data)
     ann = read_annotations(data)
     all_files = list_images(image_dir)
-    files = [n for n in all_files if n in ann.identities]
-    n_all = len(all_files)
+    labelled = [n for n in all_files if n in ann.identities]
+    # A score on people the model was trained or selected on would flatter it.
+    seen = seen_identities(payload)
+    excluded = {ann.identities[n] for n in labelled} & seen
+    files = [n for n in labelled if ann.identities[n] not in seen]
+    if labelled and not files:
+        raise SystemExit(f"evaluate: all {len(excluded)} identities in {data} were seen by the model in training "
+                         "or validation; nothing unseen is left to score")  # fmt: skip
+    n_all = len(files)
     names = crop_names(files)
-    dev = resolve_device(device)
-    model, _ = load_model(model_path, map_location=dev)
     with tempfile.TemporaryDirectory(prefix="facesearch-eval-") as tmp:
         jobs = (delayed(process_image)(str(image_dir / n), str(Path(tmp) / names[n]), face, crop["jpeg_quality"],
                                        crop["max_pixels"], crop["min_image_side"]) for n in files)  # fmt: skip
@@ -85,18 +107,19 @@ def evaluate_folder(
             name: np.stack([np.asarray(Image.open(p).convert("RGB")) for p in t[M.CROP_PATH]])
             for name, t in (("query", query), ("gallery", gallery))
         }
-    size = model.config.img_size
     q_emb = embed_array(model.to(dev), arrays["query"], size, dev, desc="embed query")
     g_emb = embed_array(model, arrays["gallery"], size, dev, desc="embed gallery")
 
-    metrics, _, _ = evaluate(q_emb, query[M.IDENTITY].to_numpy(), g_emb, gallery[M.IDENTITY].to_numpy(),
-                             build_index(g_emb, "exact"), ks=ks, query_attrs=attribute_matrix(query),
-                             gallery_attrs=attribute_matrix(gallery))  # fmt: skip
+    q_labels, g_labels = query[M.IDENTITY].to_numpy(), gallery[M.IDENTITY].to_numpy()
+    metrics, _, _ = evaluate(q_emb, q_labels, g_emb, g_labels, build_index(g_emb, "exact"), ks=ks,
+                             query_attrs=attribute_matrix(query), gallery_attrs=attribute_matrix(gallery))  # fmt: skip
+    metrics.update(loo_metrics(q_emb, q_labels, g_emb, g_labels))
     kept = int((table[M.STATUS] == M.Status.KEPT).sum())
     metrics.update({
         "keep_rate": round(kept / n_all, 4) if n_all else 0.0, "n_images": n_all, "n_kept": kept,
-        "n_identities": int(images[M.IDENTITY].nunique()), "model": str(model_path), "data": str(data),
-        "backbone": model.config.backbone, "seed": seed, "crop": asdict(face),
+        "n_identities": int(images[M.IDENTITY].nunique()), "n_identities_excluded_seen": len(excluded),
+        "model": str(model_path), "data": str(data), "backbone": model.config.backbone, "seed": seed,
+        "crop": asdict(face), "crop_source": crop_params or "model",
     })  # fmt: skip
     return readable(metrics)
 
@@ -139,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--model", required=True, help="a trained model, e.g. models/resnet50.pt")
     ev.add_argument("--data", required=True, help="CelebA-layout folder (img_celeba/ + identity_CelebA.txt)")
     ev.add_argument("--out", required=True, help="metrics JSON to write")
-    ev.add_argument("--params", default="params.yaml", help="crop settings (defaults used if absent)")
+    ev.add_argument("--crop-params", default=None, metavar="FILE",
+                    help="crop with this params file's crop block, not the model's recorded preprocessing")  # fmt: skip
     ev.add_argument("--seed", type=int, default=0, help="which photo of each identity is its query")
     ev.add_argument("--n-jobs", type=int, default=-1, help="crop workers (-1: all cores)")
     ev.add_argument("--device", default="auto")
@@ -184,10 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         json.dump({k: metrics[k] for k in ("rank1", "rank5", "mAP", "loo_rank1", "loo_mAP")}, sys.stdout)
         print()
     elif args.command == "evaluate":
-        metrics = evaluate_folder(args.model, args.data, args.params, args.seed, args.n_jobs, device=args.device)
+        metrics = evaluate_folder(args.model, args.data, args.crop_params, args.seed, args.n_jobs, device=args.device)
         write_json_atomic(args.out, metrics)
-        json.dump({k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "n_queries", "n_gallery", "keep_rate")},
-                  sys.stdout)  # fmt: skip
+        json.dump({k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "loo_mAP", "n_queries", "n_gallery",
+                                           "n_identities_excluded_seen", "keep_rate")}, sys.stdout)  # fmt: skip
         print()
 
 

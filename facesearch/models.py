@@ -35,7 +35,15 @@ class WeightsUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model; saved inside every checkpoint."""
+    """Everything needed to rebuild a model; saved inside every checkpoint.
+
+    The defaults are library defaults, the report's fine-tuning setting for the
+    torchvision backbones (ImageNet weights, last 10 layers, 218 px);
+    ``get_model`` replaces ``weights`` and ``img_size`` by the backbone's own
+    (:data:`BACKBONE_DEFAULTS`). The pipeline always passes every field from
+    ``params.yaml: train.<backbone>``, whose sample defaults differ on purpose
+    (random init, all layers, 64 px: a laptop CPU run).
+    """
 
     backbone: str
     weights: str = "imagenet"  # PRETRAINED[backbone] ("imagenet", or "dlib" for dlib_resnet) or "none"
@@ -91,8 +99,16 @@ BACKBONES: dict[str, Callable[[bool, int], Backbone]] = {
     "mobilenet_v2": _mobilenet_v2,
     "dlib_resnet": _dlib_resnet,
 }
+# Each backbone's own ModelConfig defaults, which get_model applies before the caller's
+# overrides: its pretrained weights and the input side those weights expect (dlib's
+# network was trained on 150 px aligned chips; the report fed the torchvision ones 218 px).
+BACKBONE_DEFAULTS: dict[str, dict] = {
+    "resnet50": {"weights": "imagenet", "img_size": 218},
+    "mobilenet_v2": {"weights": "imagenet", "img_size": 218},
+    "dlib_resnet": {"weights": "dlib", "img_size": 150},
+}
 # The `weights` value that means "pretrained" for each backbone.
-PRETRAINED = {"resnet50": "imagenet", "mobilenet_v2": "imagenet", "dlib_resnet": "dlib"}
+PRETRAINED = {name: d["weights"] for name, d in BACKBONE_DEFAULTS.items()}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -177,13 +193,13 @@ def get_model(name: str, **overrides) -> EmbeddingNet:
     """Build the embedding network ``name`` (``resnet50``, ``mobilenet_v2``, ``dlib_resnet``).
 
     ``overrides`` are :class:`ModelConfig` fields (weights, embedding_dim,
-    normalize, trainable_layers, img_size). Random initialisation follows the
-    global torch seed, so seed first for a reproducible untrained network.
+    normalize, trainable_layers, img_size); those not given come from
+    :data:`BACKBONE_DEFAULTS`, then :class:`ModelConfig`. Random initialisation
+    follows the global torch seed, so seed first for a reproducible untrained network.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
-    overrides.setdefault("weights", PRETRAINED[name])
-    config = ModelConfig(backbone=name, **overrides)
+    config = ModelConfig(backbone=name, **(BACKBONE_DEFAULTS[name] | overrides))
     if config.weights not in (PRETRAINED[name], "none"):
         raise ValueError(f"{name}: weights must be {PRETRAINED[name]!r} or 'none', not {config.weights!r}")
     model = _build(config, pretrained=config.weights != "none")
@@ -213,12 +229,17 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def save_model(path: str | os.PathLike, model: EmbeddingNet, extra: dict | None = None) -> None:
-    """Save a servable model: config + weights (+ ``extra`` metadata), atomically."""
+    """Save a servable model: config + weights (+ ``extra`` metadata), atomically.
+
+    Equal payloads give equal bytes (DVC's hash of the model is reproducible).
+    """
     from facesearch.io import atomic_path
 
     payload = {"config": asdict(model.config), "state_dict": model.state_dict(), **(extra or {})}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Saved through a file object: given a path, torch.save names the zip's records after
+    # the file, here atomic_path's random temporary name, and equal models got unequal bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[EmbeddingNet, dict]:

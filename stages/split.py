@@ -1,15 +1,16 @@
-"""Stage ``split``: identity-disjoint train/test split, triplets, query and gallery.
+"""Stage ``split``: identity-disjoint train/val/test split, triplets, query and gallery.
 
     python -m stages.split --manifest data/manifest.parquet --out data/split \
         --metrics metrics/split.json
 
-Reads ``params.yaml: split``. Writes ``train.parquet`` (kept images of train
-identities), ``val.parquet`` (a few held-out images of some train identities:
-retrieval among unseen photos of people the model was trained on, for
-validation during training), ``triplets.parquet`` (offline triplets over
-train), and for the held-out identities ``query.parquet`` (one seeded image per identity) and
-``gallery.parquet`` (all their other images; the other identities act as
-distractors for each query).
+Reads ``params.yaml: split``. Every identity goes to exactly one of train, val
+and test. Writes ``train.parquet`` (kept images of train identities),
+``val.parquet`` (all kept images of the validation identities: people the model
+never trains on, so per-epoch validation and the choice of the best epoch
+never look at the test identities), ``triplets.parquet`` (offline triplets
+over train), and for the test identities ``query.parquet`` (one seeded image
+per identity) and ``gallery.parquet`` (all their other images; the other
+identities act as distractors for each query).
 """
 
 from __future__ import annotations
@@ -32,44 +33,37 @@ SPLIT_FILES = ("train", "val", "triplets", "query", "gallery")
 
 
 def split_identities(
-    images: pd.DataFrame, test_fraction: float, rng: np.random.Generator, use_partition: bool
-) -> tuple[list[int], list[int]]:
-    """Assign each identity to train or test; returns (train ids, test ids), sorted.
+    images: pd.DataFrame, test_fraction: float, val_fraction: float, rng: np.random.Generator,
+    use_partition: bool,
+) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
+    """Assign each identity to train, val or test; returns (train, val, test) ids, each sorted.
 
-    With ``use_partition``, identities whose images are mostly in CelebA's test
-    partition (2) go to test and those mostly in 0/1 to train; identities
-    without partition rows are split at random like the rest.
+    ``test_fraction`` and ``val_fraction`` are shares of the identities; at least
+    one identity stays in train. With ``use_partition``, identities whose images are
+    mostly in one of CelebA's partitions follow it (0 train, 1 val, 2 test: CelebA's
+    partitions are identity-disjoint); identities without partition rows are split at
+    random by the fractions like the rest.
     """
     ids = sorted(int(i) for i in images[M.IDENTITY].unique())
-    fixed: dict[int, bool] = {}
+    fixed: dict[int, int] = {}
     if use_partition:
         part = images.dropna(subset=[M.PARTITION]).groupby(M.IDENTITY)[M.PARTITION]
-        fixed = {int(i): bool((p == 2).mean() > 0.5) for i, p in part}
+        fixed = {int(i): int(p.astype(int).mode().max()) for i, p in part}
     free = [i for i in ids if i not in fixed]
-    n_test = round(len(free) * test_fraction)
-    if free and test_fraction > 0:
-        n_test = min(max(n_test, 1), len(free) - 1) if len(free) > 1 else 0
+    n_test, n_val = _share(len(free), test_fraction), _share(len(free), val_fraction)
+    if n_test + n_val > len(free) - 1:  # train keeps one identity; test gives way last
+        n_val = max(0, min(n_val, len(free) - 1 - n_test))
+        n_test = max(0, min(n_test, len(free) - 1))
+    # The test draw comes first, so adding or resizing val leaves the test identities as they were.
     perm = rng.permutation(len(free))
-    test = {free[k] for k in perm[:n_test]} | {i for i, t in fixed.items() if t}
-    return [i for i in ids if i not in test], sorted(test)
+    test = {free[k] for k in perm[:n_test]} | {i for i, p in fixed.items() if p == 2}
+    val = {free[k] for k in perm[n_test : n_test + n_val]} | {i for i, p in fixed.items() if p == 1}
+    return [i for i in ids if i not in test | val], sorted(val), sorted(test)
 
 
-def hold_out_val(
-    train: pd.DataFrame, n_identities: int, n_images: int, rng: np.random.Generator
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hold out ``n_images`` images of up to ``n_identities`` train identities.
-
-    Only identities that keep at least two training images are eligible, so
-    every train identity can still form anchor-positive pairs.
-    """
-    groups = sorted(train.groupby(M.IDENTITY).indices.items())
-    eligible = [(i, pos) for i, pos in groups if len(pos) >= n_images + 2]
-    chosen = rng.permutation(len(eligible))[: max(0, n_identities)] if n_images > 0 else []
-    held = np.zeros(len(train), dtype=bool)
-    for k in sorted(chosen):
-        positions = eligible[k][1]
-        held[rng.choice(positions, size=n_images, replace=False)] = True
-    return train[~held].reset_index(drop=True), train[held].reset_index(drop=True)
+def _share(n: int, fraction: float) -> int:
+    """``round(n * fraction)``, but at least one when the fraction is positive."""
+    return max(round(n * fraction), 1) if fraction > 0 and n > 0 else 0
 
 
 def make_triplets(train: pd.DataFrame, per_identity: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -94,11 +88,12 @@ def make_split(manifest: pd.DataFrame, params: dict) -> dict[str, pd.DataFrame]:
     """The whole split as a pure function of the manifest and ``params.yaml: split``."""
     rng = np.random.default_rng(params["seed"])
     images = eligible_images(manifest, params["min_images"])
-    train_ids, test_ids = split_identities(images, params["test_fraction"], rng, params["use_partition"])
-    train = images[images[M.IDENTITY].isin(train_ids)].reset_index(drop=True)
-    test = images[images[M.IDENTITY].isin(test_ids)].reset_index(drop=True)
+    train_ids, val_ids, test_ids = split_identities(
+        images, params["test_fraction"], params["val_fraction"], rng, params["use_partition"]
+    )
+    train, val, test = (images[images[M.IDENTITY].isin(ids)].reset_index(drop=True)
+                        for ids in (train_ids, val_ids, test_ids))  # fmt: skip
     query, gallery = choose_queries(test, rng)
-    train, val = hold_out_val(train, params["val_identities"], params["val_images"], rng)
     triplets = make_triplets(train, params["triplets_per_identity"], rng)
     return {"train": train, "val": val, "triplets": triplets, "query": query, "gallery": gallery}
 
@@ -112,6 +107,7 @@ def split_metrics(manifest: pd.DataFrame, tables: dict[str, pd.DataFrame], min_i
         "min_images": min_images,
         "train_identities": int(tables["train"][M.IDENTITY].nunique()),
         "train_images": len(tables["train"]),
+        # Validation identities: disjoint from train and test, all their kept images.
         "val_identities": int(tables["val"][M.IDENTITY].nunique()),
         "val_images": len(tables["val"]),
         "test_identities": int(tables["query"][M.IDENTITY].nunique()),
@@ -125,7 +121,7 @@ def split_metrics(manifest: pd.DataFrame, tables: dict[str, pd.DataFrame], min_i
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True)
-    parser.add_argument("--out", required=True, help="folder for train/triplets/query/gallery .parquet")
+    parser.add_argument("--out", required=True, help="folder for train/val/triplets/query/gallery .parquet")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)

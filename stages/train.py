@@ -9,9 +9,16 @@ Reads ``params.yaml: train.<backbone>``. Losses: the report's offline triplets
 mining. GPU first (bf16 autocast, channels_last, optional ``torch.compile``),
 CPU for small runs; several GPUs with ``torchrun --nproc_per_node N -m
 stages.train ...`` (DDP; gloo on CPU). A checkpoint is written atomically after
-every epoch and a killed run resumes from it when its config is unchanged.
-Curves (loss, share of active triplets, Rank-1/mAP on the validation slice)
-are logged with dvclive.
+every epoch and a killed run resumes from it when its params, inputs and code
+are unchanged; a finished run deletes it. Curves (loss, share of active
+triplets, Rank-1/mAP on the validation identities) are logged with dvclive.
+
+Validation is retrieval among the split's validation identities (people in
+neither train nor test), every image querying the others; the model saved is
+the one of the epoch with the best validation mAP, and the file records which
+epoch that was, the preprocessing its crops had (``params.yaml: crop``, see
+:mod:`facesearch.contract`) and the train and val identities. The test
+identities (query/gallery) are never read here.
 """
 
 from __future__ import annotations
@@ -33,19 +40,31 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from facesearch import manifest as M
+from facesearch.contract import crop_params, identities_record, preprocessing_record
 from facesearch.data import AugmentConfig, augment, embed_array, load_array, to_model_input
+from facesearch.faces import FaceConfig
 from facesearch.io import atomic_path
 from facesearch.losses import MINING, offline_triplet_loss, pairwise_distances
 from facesearch.models import ModelConfig, save_model, seeded_model, trainable_parameters
 from facesearch.params import load_params
+from facesearch.provenance import code_fingerprint
 from facesearch.retrieval import leave_one_out_metrics
 
 log = logging.getLogger("facesearch.train")
 
+# The repository whose stages/train.py and facesearch modules this run executes: their
+# hashes are part of the resume key, so a checkpoint of older code is never resumed.
+CODE_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "stages/train.py"
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """``params.yaml: train.<backbone>``; see the comments there for meaning and units."""
+    """``params.yaml: train.<backbone>``; see the comments there for meaning and units.
+
+    The defaults are library defaults (the report's GPU recipe); the pipeline
+    passes every key from params.yaml, whose sample values differ on purpose.
+    """
 
     weights: str = "imagenet"
     trainable_layers: int = 10
@@ -72,6 +91,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     eval_batch: int = 128
+    cpu_threads: int = 2  # torch.set_num_threads: results depend on it (see set_deterministic)
 
     @classmethod
     def from_params(cls, params: dict) -> TrainConfig:
@@ -89,15 +109,17 @@ class TrainConfig:
                 raise ValueError(f"train param {name}: {params[name]!r} is not a number")
         return cls(**params, augment=AugmentConfig(**aug))
 
-    def digest(self, inputs: dict[str, str] | None = None) -> str:
-        """Identifies the run a checkpoint belongs to: these params on these inputs.
+    def digest(self, inputs: dict[str, str] | None = None, code: dict[str, str] | None = None,
+               crop: dict | None = None) -> str:  # fmt: skip
+        """Identifies the run a checkpoint belongs to: these params and crop settings,
+        on these inputs, with this code (file -> sha256, :func:`code_fingerprint`).
 
         Device and compile settings are excluded: a run may resume elsewhere.
         """
         d = asdict(self)
         for key in ("device", "compile", "eval_batch"):
             d.pop(key)
-        d["inputs"] = inputs or {}
+        d |= {"inputs": inputs or {}, "code": code or {}, "crop": crop or {}}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -138,6 +160,48 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def best_epoch(history: list[dict]) -> int:
+    """The trained epoch with the highest validation mAP (the earliest of equals).
+
+    The untrained baseline (epoch -1) is not a candidate: the stage's output is a
+    fine-tuned model. Without validation scores (no val identities: mAP is NaN)
+    the last epoch wins.
+    """
+    epochs = [r for r in history if r["epoch"] >= 0]
+    scores = [r.get("val_mAP", math.nan) for r in epochs]
+    if all(math.isnan(v) for v in scores):
+        return epochs[-1]["epoch"]
+    best = max(range(len(epochs)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))
+    return epochs[best]["epoch"]
+
+
+def check_crops(table: pd.DataFrame, images: np.ndarray, face: FaceConfig) -> None:
+    """The packed crops must be those ``params.yaml: crop`` describes, or the model file would lie."""
+    if len(table) and images.shape[1:3] != (face.size, face.size):
+        raise SystemExit(f"train: crops are {images.shape[1]}x{images.shape[2]} px but crop.size is {face.size}: "
+                         "re-run crop and pack (dvc repro)")  # fmt: skip
+    aligns = set(table[M.ALIGN].dropna())
+    if aligns - {face.alignment}:
+        raise SystemExit(f"train: crops were cut with align {sorted(aligns)} but crop settings say "
+                         f"{face.alignment!r}: re-run crop and pack (dvc repro)")  # fmt: skip
+
+
+def set_deterministic(cpu_threads: int) -> None:
+    """Same params and inputs, same model bytes, on CPU (README "Train", Reproducibility).
+
+    The thread count is a param, not the machine's core count: the CPU kernels
+    (oneDNN convolutions, MKL matmuls) split their float sums by thread, so 1 and
+    2 threads give different weights for every backbone (measured), while the
+    same count gives the same bits run after run.
+    """
+    torch.set_num_threads(cpu_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, for ops with no such kernel
+    if torch.cuda.is_available():
+        # cuBLAS needs a fixed workspace to be deterministic; must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
 
 
 # ----------------------------------------------------------------- devices ---
@@ -194,17 +258,19 @@ def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: b
     return loss, {**stats, "spread": spread, "fallback": fallback}
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, digest: str, history: list) -> None:
+def save_checkpoint(
+    path: Path, model, optimizer, scheduler, epoch: int, digest: str, history: list, best_state: dict
+) -> None:
     payload = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "digest": digest, "history": history,
+        "epoch": epoch, "digest": digest, "history": history, "best_state": best_state,
     }  # fmt: skip
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path, digest: str) -> dict | None:
-    """The checkpoint at ``path`` if it belongs to this run (params and inputs), else None."""
+    """The checkpoint at ``path`` if it belongs to this run (params, inputs, code), else None."""
     if not path.is_file():
         return None
     try:
@@ -213,7 +279,7 @@ def load_checkpoint(path: Path, digest: str) -> dict | None:
         log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
         return None
     if payload.get("digest") != digest:
-        log.info("checkpoint %s is from other params or inputs: starting fresh", path)
+        log.info("checkpoint %s is from other params, inputs or code: starting fresh", path)
         return None
     return payload
 
@@ -265,22 +331,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
-    cfg = TrainConfig.from_params(load_params(args.params)["train"][args.backbone])
+    params = load_params(args.params)
+    cfg = TrainConfig.from_params(params["train"][args.backbone])
+    face = FaceConfig.from_params(params["crop"])
+    set_deterministic(cfg.cpu_threads)
     ctx = setup_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     device = pick_device(cfg.device, ctx)
     try:
-        train(args, cfg, ctx, device)
+        train(args, cfg, face, ctx, device)
     finally:
         if ctx.world > 1:
             dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.device) -> None:
+def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dist, device: torch.device) -> None:
     split, arrays = Path(args.split), Path(args.arrays)
     train_df = pd.read_parquet(split / "train.parquet")
     val_df = pd.read_parquet(split / "val.parquet")
     train_img = load_array(arrays / "train.npy", len(train_df))
     val_img = load_array(arrays / "val.npy", len(val_df))
+    check_crops(train_df, train_img, face)
     labels = train_df[M.IDENTITY].to_numpy(dtype=np.int64)
     aligned = train_df[M.ALIGN].str.startswith("landmarks").all()
     if args.backbone == "dlib_resnet" and cfg.weights != "none" and not aligned:
@@ -320,16 +390,17 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
     total = cfg.epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps))
 
-    start_epoch, history = 0, []
+    start_epoch, history, best_state = 0, [], None
     ckpt_path = Path(args.checkpoint)
-    digest = cfg.digest(input_fingerprint([split / "train.parquet", split / "val.parquet", split / "triplets.parquet",
-                                           arrays / "train.npy", arrays / "val.npy"]))  # fmt: skip
+    inputs = input_fingerprint([split / "train.parquet", split / "val.parquet", split / "triplets.parquet",
+                                arrays / "train.npy", arrays / "val.npy"])  # fmt: skip
+    digest = cfg.digest(inputs, code_fingerprint(SCRIPT, CODE_ROOT), crop_params(face))
     ckpt = load_checkpoint(ckpt_path, digest)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        start_epoch, history, best_state = ckpt["epoch"] + 1, ckpt["history"], ckpt["best_state"]
         if ctx.main:
             log.info("resuming from %s after epoch %d", ckpt_path, ckpt["epoch"])
 
@@ -341,7 +412,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
         net = torch.compile(net)
 
     def validate() -> dict[str, float]:
-        """Rank-k and mAP among the held-out photos of train identities (each queries the rest)."""
+        """Rank-k and mAP among the validation identities' images (each queries the rest)."""
         emb = embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp, channels_last)
         return leave_one_out_metrics(emb, val_df[M.IDENTITY].to_numpy())
 
@@ -395,15 +466,28 @@ def train(args: argparse.Namespace, cfg: TrainConfig, ctx: Dist, device: torch.d
             history.append(record)
             log_record(live, record)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, digest, history)
+            if best_epoch(history) == epoch:
+                # A copy: the live tensors keep changing in the next epoch's steps.
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, digest, history, best_state)
         if ctx.world > 1:
             dist.barrier()  # nobody starts the next epoch before the checkpoint is safe
 
     if ctx.main:
-        save_model(args.out, model, extra={"train_config": asdict(cfg), "history": history,
-                                           "trainable_parameters": n_trainable})  # fmt: skip
+        best = best_epoch(history)
+        model.load_state_dict(best_state)
+        best_val = {k: v for r in history if r["epoch"] == best for k, v in r.items() if k.startswith("val_")}
+        save_model(args.out, model, extra={
+            "train_config": asdict(cfg), "history": history, "trainable_parameters": n_trainable,
+            "best_epoch": best, "preprocessing": preprocessing_record(face, cfg.img_size),
+            "identities": identities_record(train_df[M.IDENTITY], val_df[M.IDENTITY]),
+        })  # fmt: skip
+        live.summary["best"] = {"epoch": best, "val": {k[4:]: v for k, v in best_val.items()}}
         live.end()
-        log.info("wrote %s", args.out)
+        # The model is safe: a checkpoint left behind would only be stale state.
+        ckpt_path.unlink(missing_ok=True)
+        log.info("wrote %s (epoch %d of %d, best validation mAP %.4f)", args.out, best + 1, cfg.epochs,
+                 best_val.get("val_mAP", math.nan))  # fmt: skip
 
 
 if __name__ == "__main__":

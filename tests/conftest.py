@@ -172,6 +172,8 @@ TINY = {
     "p_identities": 3, "k_images": 2, "batch_triplets": 4, "epochs": 2, "steps_per_epoch": 2, "warmup_steps": 1,
     "eval_batch": 16,
 }  # fmt: skip
+# The crop settings of ``prepared``: train checks its crops against them and records them in the model.
+TINY_CROP = {"crop.size": 40}
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +181,8 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
     """A working directory with crops, split and packed arrays of a tiny sample."""
     work = tmp_path_factory.mktemp("train")
     data = sample_factory(identities=8, images_per_identity=5, seed=4)
-    run_crop(work, data, {"crop.size": 40})
-    write_params(work / "params.yaml", {"split.val_identities": 2, "split.test_fraction": 0.5})
+    run_crop(work, data, TINY_CROP)
+    write_params(work / "params.yaml", TINY_CROP | {"split.val_fraction": 0.25, "split.test_fraction": 0.5})
     from stages import pack, split
 
     cwd = os.getcwd()
@@ -195,7 +197,7 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
 
 def run_train(work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2") -> Path:
     params = write_params(
-        work / f"{name}.yaml", {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
+        work / f"{name}.yaml", TINY_CROP | {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
     )
     from stages import train
 
@@ -232,7 +234,7 @@ def app_root(prepared) -> Path:
 # --- temporary copies of this repository, for tests that run DVC itself ---------------------
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
 TINY_PIPELINE = {"sample.identities": 8, "sample.images_per_identity": 5, "execution.n_jobs": 1, "crop.size": 48,
-                 "split.test_fraction": 0.25, "split.val_identities": 2}  # fmt: skip
+                 "split.test_fraction": 0.25, "split.val_fraction": 0.25}  # fmt: skip
 for _backbone in ("resnet50", "mobilenet_v2"):
     TINY_PIPELINE |= {f"train.{_backbone}.epochs": 1, f"train.{_backbone}.steps_per_epoch": 1,
                       f"train.{_backbone}.img_size": 32, f"train.{_backbone}.p_identities": 2}  # fmt: skip

@@ -108,3 +108,12 @@ def test_save_load_roundtrip_and_seeded_init(tmp_path):
     again = get_model("mobilenet_v2", weights="none", embedding_dim=8, img_size=40, trainable_layers=5).eval()
     with torch.no_grad():
         assert torch.equal(again(x), model(x))  # the untrained network is reproducible from its seed
+
+
+def test_each_backbone_gets_its_own_defaults(monkeypatch):
+    built = []
+    monkeypatch.setattr(models, "_build", lambda config, pretrained: built.append(config) or nn.Linear(1, 1))
+    get_model("dlib_resnet")
+    get_model("mobilenet_v2")
+    get_model("resnet50", img_size=64)
+    assert [(c.weights, c.img_size) for c in built] == [("dlib", 150), ("imagenet", 218), ("imagenet", 64)]

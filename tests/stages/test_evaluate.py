@@ -96,11 +96,13 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
 
 def test_cli_evaluates_any_folder(evaluated, sample_factory, tmp_path):
     data = sample_factory(identities=8, images_per_identity=5, seed=4)
-    m = evaluate_folder(str(evaluated / "model.pt"), str(data), params_path=None, n_jobs=1)
-    assert {"rank1", "rank5", "rank10", "mAP", "n_queries", "n_gallery", "keep_rate"} <= set(m)
-    assert m["n_queries"] == m["n_identities"] <= 8 and m["n_queries"] + m["n_gallery"] == m["n_kept"]
+    m = evaluate_folder(str(evaluated / "model.pt"), str(data), n_jobs=1)
+    assert {"rank1", "rank5", "rank10", "mAP", "loo_mAP", "n_queries", "n_gallery", "keep_rate"} <= set(m)
+    # The model's train + val identities (4 of the 8) are left out of the score: the test ones remain.
+    assert m["n_identities_excluded_seen"] == 4 and m["n_queries"] == m["n_identities"] <= 4
+    assert m["n_queries"] + m["n_gallery"] == m["n_kept"] and m["crop"]["size"] == 40  # the model's crops
     assert 0.8 <= m["keep_rate"] <= 1.0
     out = tmp_path / "o.json"
     cli_main(["evaluate", "--model", str(evaluated / "model.pt"), "--data", str(data), "--out", str(out),
-              "--params", "none", "--n-jobs", "1"])  # fmt: skip
+              "--n-jobs", "1"])  # fmt: skip
     assert json.loads(out.read_text())["mAP"] == m["mAP"]

@@ -9,11 +9,12 @@ import pytest
 from conftest import fake_manifest, run_crop, write_params
 
 from facesearch import manifest as M
+from facesearch.protocol import eligible_images
 from stages import split
 
 PARAMS = {
-    "seed": 0, "test_fraction": 0.2, "min_images": 2, "triplets_per_identity": 5, "use_partition": False,
-    "val_identities": 0, "val_images": 2,
+    "seed": 0, "test_fraction": 0.2, "val_fraction": 0.0, "min_images": 2, "triplets_per_identity": 5,
+    "use_partition": False,
 }  # fmt: skip
 
 
@@ -50,6 +51,7 @@ def test_use_partition_honours_celeba_test_partition():
     tables = split.make_split(fake_manifest(counts, partitions), PARAMS | {"use_partition": True})
     check(tables)
     assert set(tables["query"][M.IDENTITY]) == {1, 2, 3, 4, 5}
+    assert set(tables["val"][M.IDENTITY]) == set(range(16, 21))  # partition 1 is CelebA's validation
 
 
 def test_validator_rejects_broken_splits():
@@ -103,18 +105,38 @@ def test_stage_writes_validated_byte_identical_tables(small_sample, tmp_path):
     assert len(tables["query"]) == 2 and len(tables["triplets"]) > 0
 
 
-def test_val_slice_holds_out_unseen_images_of_train_identities():
-    counts = {i: 2 + i % 6 for i in range(1, 41)}
-    tables = split.make_split(fake_manifest(counts), PARAMS | {"val_identities": 10, "val_images": 2})
+def test_val_identities_are_disjoint_from_train_and_test():
+    counts = {i: 2 + i % 6 for i in range(1, 51)}
+    manifest = fake_manifest(counts)
+    tables = split.make_split(manifest, PARAMS | {"val_fraction": 0.2})
     check(tables)
-    val, train = tables["val"], tables["train"]
-    assert val[M.IDENTITY].nunique() == 10 and (val.groupby(M.IDENTITY).size() == 2).all()
-    assert set(val[M.IDENTITY]) <= set(train[M.IDENTITY])
-    assert not set(val[M.CROP_PATH]) & set(train[M.CROP_PATH])
-    assert (train.groupby(M.IDENTITY).size() >= 2).all()
-    used = set(tables["triplets"][M.ANCHOR]) | set(tables["triplets"][M.POSITIVE]) | set(tables["triplets"][M.NEGATIVE])
-    assert not used & set(val[M.CROP_PATH])
-    with pytest.raises(M.SchemaError, match="val image is also a train image"):
-        M.validate_split(
-            train, tables["query"], tables["gallery"], tables["triplets"], pd.concat([val, train.iloc[[0]]])
-        )
+    train, val = set(tables["train"][M.IDENTITY]), set(tables["val"][M.IDENTITY])
+    test = set(tables["query"][M.IDENTITY])
+    assert (len(train), len(val), len(test)) == (30, 10, 10)  # the sample's 50 identities at 0.2 / 0.2
+    assert not train & val and not val & test and not train & test
+    assert len(tables["val"]) == sum(counts[i] for i in val)  # every kept image of a val identity
+    used = set(tables["triplets"][M.ANCHOR_IDENTITY]) | set(tables["triplets"][M.NEGATIVE_IDENTITY])
+    assert used == train
+    # Val is carved after the test draw: the test identities do not depend on val_fraction.
+    assert test == set(split.make_split(manifest, PARAMS)["query"][M.IDENTITY])
+    metrics = split.split_metrics(manifest, tables, 2)
+    assert (metrics["train_identities"], metrics["val_identities"], metrics["test_identities"]) == (30, 10, 10)
+    assert metrics["val_images"] == len(tables["val"])
+
+
+def test_tiny_sets_keep_a_train_identity():
+    images = eligible_images(fake_manifest({1: 2, 2: 2}), 2)
+    train, val, test = split.split_identities(images, 0.5, 0.5, np.random.default_rng(0), use_partition=False)
+    assert len(train) == 1 and len(val) + len(test) == 1
+
+
+def test_validator_rejects_val_overlaps():
+    tables = split.make_split(fake_manifest({i: 4 for i in range(1, 21)}), PARAMS | {"val_fraction": 0.2})
+    train, val, query, gallery, triplets = (tables[n] for n in ("train", "val", "query", "gallery", "triplets"))
+    with pytest.raises(M.SchemaError, match="both val and train"):
+        M.validate_split(train, query, gallery, triplets, pd.concat([val, train.iloc[[0]]], ignore_index=True))
+    with pytest.raises(M.SchemaError, match="both val and test"):
+        M.validate_split(train, query, gallery, triplets, pd.concat([val, gallery.iloc[[0]]], ignore_index=True))
+    lone = val[val[M.IDENTITY] != val[M.IDENTITY].iloc[0]]
+    with pytest.raises(M.SchemaError, match="single image"):
+        M.validate_split(train, query, gallery, triplets, pd.concat([lone, val.iloc[[0]]], ignore_index=True))

@@ -1,0 +1,67 @@
+"""What a model file promises its users: how its input was cut, and whom it has seen.
+
+The train stage records it in the model file (``payload["preprocessing"]`` and
+``payload["identities"]``); ``python -m facesearch evaluate`` and the app read it
+back through :func:`model_preprocessing` and :func:`seen_identities`, so a photo
+is cropped exactly as the model's training crops were, and a score never
+counts people the model trained or was selected on.
+
+- ``payload["preprocessing"] = {"crop": {...}, "img_size": int}``: ``crop`` is
+  shaped like ``params.yaml: crop`` (the keys :meth:`FaceConfig.from_params`
+  reads, ``haar`` as a nested block), ``img_size`` the input side the network
+  was trained at.
+- ``payload["identities"] = {"train": [...], "val": [...]}``: sorted ints.
+
+Models saved before these keys existed fall back to the library defaults
+(:class:`FaceConfig`) and to ``payload["config"]["img_size"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict
+
+from facesearch.faces import FaceConfig
+
+log = logging.getLogger("facesearch.contract")
+
+
+def crop_params(face: FaceConfig) -> dict:
+    """``face`` as a ``params.yaml: crop``-shaped dict: ``FaceConfig.from_params`` gives ``face`` back."""
+    out = asdict(face)
+    haar = out.pop("haar")
+    out["policy"] = haar.pop("policy")  # params.yaml keeps the policy at crop.policy, not crop.haar
+    out["haar"] = haar
+    return out
+
+
+def preprocessing_record(face: FaceConfig, img_size: int) -> dict:
+    """The ``payload["preprocessing"]`` entry of a model trained on ``face`` crops at ``img_size``."""
+    return {"crop": crop_params(face), "img_size": int(img_size)}
+
+
+def identities_record(train: Iterable[int], val: Iterable[int]) -> dict:
+    """The ``payload["identities"]`` entry: sorted, de-duplicated plain ints (JSON- and torch-safe)."""
+    return {"train": sorted({int(i) for i in train}), "val": sorted({int(i) for i in val})}
+
+
+def model_preprocessing(payload: dict, fallback: FaceConfig | None = None) -> tuple[FaceConfig, int]:
+    """(crop settings, input side in px) a saved model expects.
+
+    A model without the record (saved before it existed) gets ``fallback`` (or the
+    library defaults) and its config's ``img_size``, with a warning: its crops may
+    not be the ones it was trained on.
+    """
+    record = payload.get("preprocessing")
+    if record is None:
+        log.warning("model has no preprocessing record (saved by an older version): using %s crop settings",
+                    "the given" if fallback is not None else "the default")  # fmt: skip
+        return fallback or FaceConfig(), int(payload["config"]["img_size"])
+    return FaceConfig.from_params(record["crop"]), int(record["img_size"])
+
+
+def seen_identities(payload: dict) -> set[int]:
+    """Identities a saved model was trained on or selected on (train + val); empty for older models."""
+    record = payload.get("identities") or {}
+    return {int(i) for key in ("train", "val") for i in record.get(key, [])}

@@ -1,0 +1,63 @@
+"""``python -m facesearch evaluate`` follows the model's contract: its crops, only unseen identities."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import write_params
+
+from facesearch.celeba import read_annotations
+from facesearch.cli import evaluate_folder
+from facesearch.contract import identities_record, model_preprocessing, preprocessing_record
+from facesearch.faces import FaceConfig
+from facesearch.models import get_model, save_model
+
+
+@pytest.fixture(scope="module")
+def folder(sample_factory):
+    return sample_factory(identities=6, images_per_identity=4, seed=3)
+
+
+def tiny_model(path, seen: list[int], size: int = 48, record: bool = True):
+    torch.manual_seed(0)
+    model = get_model("mobilenet_v2", weights="none", embedding_dim=8, img_size=32)
+    extra = {"preprocessing": preprocessing_record(FaceConfig(size=size), 32),
+             "identities": identities_record(seen[:1], seen[1:])} if record else {}  # fmt: skip
+    save_model(path, model, extra=extra)
+    return str(path)
+
+
+def test_seen_identities_are_excluded_and_counted(folder, tmp_path):
+    ids = sorted(set(read_annotations(folder).identities.values()))
+    m = evaluate_folder(tiny_model(tmp_path / "m.pt", ids[:2]), str(folder), n_jobs=1)
+    assert m["n_identities_excluded_seen"] == 2 and m["n_identities"] <= len(ids) - 2
+    assert m["crop"]["size"] == 48 and m["crop_source"] == "model"
+    assert 0 <= m["loo_mAP"] <= 1 and m["loo_queries"] == m["n_queries"] + m["n_gallery"]
+    with pytest.raises(SystemExit, match=r"all 6 identities .* were seen"):
+        evaluate_folder(tiny_model(tmp_path / "all.pt", ids), str(folder), n_jobs=1)
+
+
+def test_crop_params_file_overrides_the_model(folder, tmp_path):
+    params = write_params(tmp_path / "p.yaml", {"crop.size": 56})
+    m = evaluate_folder(tiny_model(tmp_path / "m.pt", []), str(folder), crop_params=str(params), n_jobs=1)
+    assert m["crop"]["size"] == 56 and m["crop_source"] == str(params) and m["n_identities_excluded_seen"] == 0
+    with pytest.raises(SystemExit, match="does not exist"):
+        evaluate_folder(tiny_model(tmp_path / "m.pt", []), str(folder), crop_params=str(tmp_path / "no.yaml"))
+
+
+def test_old_models_fall_back_with_a_warning(tmp_path, caplog):
+    from facesearch.models import load_model
+
+    _, payload = load_model(tiny_model(tmp_path / "old.pt", [], record=False))
+    caplog.set_level(logging.WARNING)
+    assert model_preprocessing(payload) == (FaceConfig(), 32)
+    assert model_preprocessing(payload, fallback=FaceConfig(size=99))[0].size == 99
+    assert "no preprocessing record" in caplog.text
+
+
+def test_record_round_trips_through_params_shape():
+    face = FaceConfig.from_params({"size": 150, "detector": "dlib_hog", "align": "landmarks", "landmarks": 68,
+                                   "policy": "single", "haar": {"detect_side": 200}})  # fmt: skip
+    assert model_preprocessing({"preprocessing": preprocessing_record(face, 150)}) == (face, 150)
