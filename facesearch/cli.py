@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from facesearch import manifest as M
+from facesearch import tune
 from facesearch.celeba import find_image_dir, list_images, read_annotations
 from facesearch.contract import model_preprocessing, seen_identities
 from facesearch.cropping import crop_names, process_image
@@ -75,7 +76,8 @@ def evaluate_folder(
     dev = resolve_device(device)
     model, payload = load_model(model_path, map_location=dev)
     crop, face, size = crop_settings(payload, crop_params)
-    image_dir = find_image_dir(data)
+    # Absolute: a reused joblib worker may sit in another working directory.
+    image_dir = find_image_dir(data).absolute()
     ann = read_annotations(data)
     all_files = list_images(image_dir)
     labelled = [n for n in all_files if n in ann.identities]
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     chk.add_argument("dir", help="CelebA-layout folder (img_celeba/ + identity_CelebA.txt)")
     chk.add_argument("--params", default="params.yaml", help="crop limits (crop.max_file_bytes, max_pixels, ...)")
     chk.add_argument("--json", action="store_true", help="print the full report as JSON")
+    tune.add_parser(sub)
     res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
     res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
     res.add_argument("--backbones", default=None, help="comma-separated (default: params.yaml backbones)")
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     res.add_argument("--readme", default=None, help="rewrite this file's marked section instead of printing")
     res.add_argument("--section", default="results-sample", help="marker name in the README")
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        return tune.main(args)
     if args.command == "check-data":
         from facesearch.checkdata import run
 

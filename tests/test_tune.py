@@ -1,0 +1,49 @@
+"""Recipe choice on validation identities, over seeds, without the test identities."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import yaml
+from conftest import TINY, write_params
+
+from facesearch.cli import main as cli_main
+from facesearch.tune import summarise
+
+
+def test_summary_is_mean_and_sd_best_first():
+    rows = summarise({"a": [{"mAP": 0.5, "rank1": 0.5, "rank5": 1.0}, {"mAP": 0.7, "rank1": 0.5, "rank5": 1.0}],
+                      "b": [{"mAP": 0.9, "rank1": 1.0, "rank5": 1.0}]})  # fmt: skip
+    assert [r["recipe"] for r in rows] == ["b", "a"]
+    assert abs(rows[1]["mAP_mean"] - 0.6) < 1e-12 and abs(rows[1]["mAP_sd"] - 0.1414213562) < 1e-9
+    assert rows[0]["mAP_sd"] is None  # one seed: no spread to report
+
+
+def test_tune_trains_every_recipe_and_seed_on_validation_only(prepared, tmp_path):
+    # A copy without query/gallery: tuning cannot read the test identities.
+    work = tmp_path / "work"
+    for rel in ("data/split/train.parquet", "data/split/val.parquet", "data/split/triplets.parquet",
+                "data/arrays/train.npy", "data/arrays/val.npy"):  # fmt: skip
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(prepared / rel, work / rel)
+    write_params(work / "params.yaml", {f"train.mobilenet_v2.{k}": v for k, v in (TINY | {"epochs": 1}).items()}
+                 | {"crop.size": 40})  # fmt: skip
+    (work / "grid.yaml").write_text(yaml.safe_dump({"slow": {"lr": 1e-5}, "fast": {"lr": 3e-3}}))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        cli_main(["tune", "--backbone", "mobilenet_v2", "--grid", "grid.yaml", "--seeds", "0,1", "--out", "t.json"])
+    finally:
+        os.chdir(cwd)
+    result = json.loads((work / "t.json").read_text())
+    assert sorted((r["recipe"], r["seed"]) for r in result["runs"]) == [("fast", 0), ("fast", 1), ("slow", 0),
+                                                                        ("slow", 1)]  # fmt: skip
+    assert {r["recipe"] for r in result["summary"]} == {"slow", "fast", "zero-shot (untrained)"}
+    best = max(result["summary"], key=lambda r: r["mAP_mean"])
+    assert result["chosen"] == best["recipe"]
+    assert all(r["seeds"] == 2 for r in result["summary"])
+    # Different seeds are different runs (else the spread would be meaningless).
+    slow = [r for r in result["runs"] if r["recipe"] == "slow"]
+    assert slow[0]["mAP"] != slow[1]["mAP"] or slow[0]["rank1"] != slow[1]["rank1"]
