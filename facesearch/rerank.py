@@ -33,21 +33,23 @@ So by default (``adaptive: true``) expansion is **adaptive**:
    item's ``background``-th nearest gallery item, a rank at which its neighbourhood is mostly
    other people; a neighbour weighs ``w_j = max((s_j - s_b) / (1 - s_b), 0) ** alpha`` with
    ``s`` the cosine similarity: 0 at or below the background, 1 for an identical vector. A lone
-   photo's look-alikes are barely more similar than its background, so they weigh ~0; a
-   person's other photos stand out. An item none of whose top ``n`` clears its floor is left
-   exactly as it is.
+   photo's look-alikes are barely more similar than its background, so they weigh little and
+   it barely moves; a person's other photos stand out and weigh more. (A neighbour weighs
+   exactly 0 only at or below the background's similarity; the item itself always weighs 1.)
 2. *Mutual* (QE only): a result ``g`` is used only if the query would be among ``g``'s own top
    ``n`` gallery neighbours, i.e. the raw query-to-``g`` distance is at most ``g``'s precomputed
    raw distance to its ``n``-th neighbour. Tested in the raw space, where query and gallery
    vectors are alike: DBA vectors are averages and sit closer to each other than any raw query
-   does. This is what keeps QE from following a wrong first result on a gallery of lone
-   photos. DBA has no mutual test: on the synthetic galleries of ``bench/rerank.py`` it made
-   expansion patchy (some vectors averaged, their equally good neighbours not), and averaged
-   vectors then out-rank unaveraged true matches; mAP fell below the plain search on both kinds.
+   does. A query none of whose results passes is left exactly as it is (its first search is
+   its answer). This keeps QE from following a wrong first result on a gallery of lone photos.
+   DBA has no mutual test: in trials on the synthetic galleries of ``bench/rerank.py`` (n=3) it
+   made expansion patchy (some vectors averaged, their equally good neighbours not), averaged
+   vectors then out-ranked unaveraged true matches, and DBA alone went from +0.04 to -0.05 mAP
+   on the one-or-two-photos gallery and from +0.09 to +0.02 on the many-photos one.
 
 On the synthetic galleries of ``bench/rerank.py`` the adaptive default raises mAP on both the
 many-photos and the one-or-two-photos kind, where plain fixed-``n`` DBA + QE lowers it on the
-latter (its QE follows wrong first results); the numbers are in that benchmark's output.
+latter; the numbers are in that benchmark's output.
 
 ``k_reciprocal`` — k-reciprocal re-ranking (Zhong et al., CVPR 2017), gallery-side variant.
 ``N(p, k)`` is ``p`` and its ``k`` nearest gallery items; ``R(p, k)`` those ``g`` in ``N(p, k)``
@@ -124,9 +126,10 @@ class GalleryStructure:
 
     ``gallery`` is the raw gallery (float32). dba_qe: ``expanded`` the DBA vectors, and when
     adaptive ``qe_radius`` (each raw gallery vector's distance to its n-th raw neighbour, for
-    the query's mutual test). k_reciprocal: ``radius`` (distance to the k1-th neighbour), ``near`` (the k2 - 1
-    nearest neighbours), ``half`` (the sets R(g, round(k1/2)), 0/1), ``v`` (R* weights, rows sum
-    to 1) and ``v_qe`` (``v`` after local query expansion), all CSR over the gallery.
+    the query's mutual test). k_reciprocal: ``radius`` (distance to the k1-th neighbour),
+    ``near`` (the k2 - 1 nearest neighbours), ``half`` (the sets R(g, round(k1/2)), 0/1), ``v``
+    (R* weights, rows sum to 1) and ``v_qe`` (``v`` after local query expansion), the last three
+    CSR over the gallery.
     """
 
     params: RerankParams
@@ -304,8 +307,7 @@ def _k_reciprocal(struct: GalleryStructure, chunk: int = 8192) -> None:
     struct.half = _sets(idx, int(np.around(p.k1 / 2)))
     full = _sets(idx, p.k1)
     parts = [
-        _weigh(_expand_sets(full[s : s + chunk], struct.half), x[s : s + chunk], x)
-        for s in range(0, len(x), chunk)
+        _weigh(_expand_sets(full[s : s + chunk], struct.half), x[s : s + chunk], x) for s in range(0, len(x), chunk)
     ]
     struct.v = sparse.vstack(parts).tocsr()
     struct.v_qe = _local_qe(struct.v, struct.v, struct.near)
@@ -364,25 +366,32 @@ class RerankIndex:
             dist[moved], idx[moved] = self.base.search(expanded_q, k)
         return dist, idx
 
-    def _k_reciprocal(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        s, p = self.s, self.p
-        b = len(q)
-        cand = min(p.candidates, self.n)
-        dist, idx = self.base.search(q, max(k, cand, p.k1, p.k2 - 1))
-        k1 = min(p.k1, self.n)
+    def query_sets(self, dist: np.ndarray, idx: np.ndarray) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
+        """R(q, k1) and R*(q) (0/1 rows over the gallery) from the queries' base results, nearest first."""
+        s, k1 = self.s, min(self.p.k1, self.n)
+        b = len(idx)
+        # g joins when the query would enter g's top k1: nearer than g's precomputed k1-th neighbour.
         keep = dist[:, :k1] <= s.radius[idx[:, :k1]]
         members = sparse.csr_matrix(
             (np.ones(int(keep.sum()), np.float32), (np.repeat(np.arange(b), k1)[keep.ravel()], idx[:, :k1][keep])),
             shape=(b, self.n),
         )
-        v_q = _weigh(_expand_sets(members, s.half), q, s.gallery)
+        return members, _expand_sets(members, s.half)
+
+    def _k_reciprocal(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        s, p = self.s, self.p
+        b = len(q)
+        cand = min(p.candidates, self.n)
+        dist, idx = self.base.search(q, max(k, cand, p.k1, p.k2 - 1))
+        v_q = _weigh(self.query_sets(dist, idx)[1], q, s.gallery)
         v_q = _local_qe(v_q, s.v, idx[:, : min(p.k2 - 1, self.n)])
         # Jaccard over the candidates: sum(min) / sum(max), sum(max) = sum(a) + sum(b) - sum(min).
+        # min() is non-zero only where V_g is: walk the candidates' sparse rows, each entry against
+        # the query's row (dense, chunk x N).
         rows = s.v_qe[idx[:, :cand].ravel()]
-        owner = np.repeat(np.arange(b * cand), np.diff(rows.indptr)) // cand
-        dense_q = v_q.toarray()
-        mins = np.minimum(rows.data, dense_q[owner, rows.indices])
-        shared = np.bincount(np.repeat(np.arange(b * cand), np.diff(rows.indptr)), mins, minlength=b * cand)
+        pair = np.repeat(np.arange(b * cand), np.diff(rows.indptr))  # (query, candidate) of each entry
+        mins = np.minimum(rows.data, v_q.toarray()[pair // cand, rows.indices])
+        shared = np.bincount(pair, mins, minlength=b * cand)
         total = np.repeat(np.asarray(v_q.sum(1)).ravel(), cand) + np.asarray(rows.sum(1)).ravel() - shared
         jac = np.where(total > 0, 1.0 - shared / np.where(total > 0, total, 1.0), 1.0).reshape(b, cand)
         blended = (1 - p.lam) * jac + p.lam * dist[:, :cand].astype(np.float64) ** 2 / 2
@@ -400,5 +409,8 @@ def build_rerank_index(structure: GalleryStructure, backend: str = "exact", **op
 
 
 def rerank(structure: GalleryStructure, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Re-ranked (distances, indices), nearest first, of ``queries`` with exact base search."""
+    """Re-ranked (distances, indices), nearest first, of ``queries`` with exact base search.
+
+    Builds the base index on every call; to search repeatedly keep a :func:`build_rerank_index`.
+    """
     return build_rerank_index(structure).search(queries, k)
