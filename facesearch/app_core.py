@@ -32,6 +32,7 @@ from PIL import ExifTags, Image
 
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_NAMES
+from facesearch.contract import model_preprocessing
 from facesearch.data import embed_array
 from facesearch.detect import Box, Detection, crop_square
 from facesearch.faces import FaceConfig, face_crop
@@ -217,10 +218,9 @@ def crop_settings(root: Path, backbone: str) -> FaceConfig:
     """
     # mmap: only the small preprocessing entry is read, not the weights.
     payload = torch.load(root / "models" / f"{backbone}.pt", map_location="cpu", weights_only=True, mmap=True)
-    crop = (payload.get("preprocessing") or {}).get("crop")
-    if crop is None:
-        crop = load_params(root / "params.yaml")["crop"]
-    return FaceConfig.from_params(crop)
+    if payload.get("preprocessing") is not None:
+        return model_preprocessing(payload)[0]
+    return model_preprocessing(payload, fallback=FaceConfig.from_params(load_params(root / "params.yaml")["crop"]))[0]
 
 
 def find_faces(image: DecodedImage, settings: FaceConfig) -> Detection:

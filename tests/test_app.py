@@ -264,12 +264,14 @@ print(json.dumps(bench.upload_costs(files, files["normal"], bench.core.FaceConfi
 def test_crop_settings_travel_with_the_model(app_root, tmp_path):
     """A model that carries preprocessing.crop is served with it; one that does not, with params.yaml's."""
     model, payload = load_model(app_root / "models" / "mobilenet_v2.pt")
-    assert "preprocessing" not in payload  # today's models: the params.yaml fallback
-    params_crop = load_params(app_root / "params.yaml")["crop"]
-    assert core.crop_settings(app_root, "mobilenet_v2") == core.FaceConfig.from_params(params_crop)
+    assert payload["preprocessing"]["crop"]["size"] == 40  # the train stage records the crops it saw
     root = tmp_path / "root"
     (root / "models").mkdir(parents=True)
     write_params(root / "params.yaml", {"crop.size": 218, "crop.margin": 0.2})
+    # A model saved before models carried their preprocessing: params.yaml's crop settings.
+    save_model(root / "models" / "mobilenet_v2.pt", model)
+    params_crop = load_params(root / "params.yaml")["crop"]
+    assert core.crop_settings(root, "mobilenet_v2") == core.FaceConfig.from_params(params_crop)
     own = {"size": 40, "margin": 0.5, "detector": "haar", "policy": "single", "haar": {"detect_side": 128}}
     extra = {"preprocessing": {"crop": own, "img_size": 32}, "identities": {"train": [1], "val": [2]}}
     save_model(root / "models" / "mobilenet_v2.pt", model, extra=extra)
