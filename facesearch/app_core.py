@@ -24,11 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_NAMES
@@ -37,7 +36,7 @@ from facesearch.data import embed_array
 from facesearch.detect import Box, Detection, crop_square
 from facesearch.faces import FaceConfig, face_crop
 from facesearch.faces import find_faces as _find_faces
-from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, _to_rgb, decode_image
+from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, decode_image, shrink
 from facesearch.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
 from facesearch.retrieval import attribute_matrix
@@ -85,13 +84,6 @@ REJECT_MESSAGES = {
 }
 UNREADABLE = "The image cannot be read (the file or its metadata is damaged)."
 
-# EXIF orientation -> the transpose that shows the photo upright (as ImageOps.exif_transpose),
-# applied after reduction: exif_transpose copies the full-size image even when upright.
-_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-           8: Image.Transpose.ROTATE_90}  # fmt: skip
-
-
 class UploadError(ValueError):
     """A user-facing reason an upload cannot be searched."""
 
@@ -111,20 +103,6 @@ def failures_as(message: str) -> Iterator[None]:
     except Exception as exc:
         log.exception("%s", message)
         raise UploadError(message) from exc
-
-
-def _fit(width: int, height: int, side: int) -> tuple[int, int]:
-    """(width, height) scaled so the longer side is ``side``."""
-    s = side / max(width, height)
-    return max(1, round(width * s)), max(1, round(height * s))
-
-
-def shrink(arr: np.ndarray, side: int) -> np.ndarray:
-    """``arr`` area-averaged down so its longer side is at most ``side`` (unchanged if it already is)."""
-    h, w = arr.shape[:2]
-    if max(h, w) <= side:
-        return arr
-    return cv2.resize(arr, _fit(w, h, side), interpolation=cv2.INTER_AREA)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -148,41 +126,6 @@ def _open(data: bytes) -> Image.Image:
     return img
 
 
-def _decode_reduced(data: bytes) -> DecodedImage:
-    """Decode a large image at no more than about twice :data:`WORK_SIDE`, never at full size in RGB.
-
-    JPEG: libjpeg's DCT scaling (``draft``) decodes at 1/2, 1/4 or 1/8 size
-    directly. Other formats decode at full size in their own mode (at most
-    ~160 MB at 40 MP) and are shrunk by an integer factor before any conversion
-    or rotation, the full-size image freed as soon as the small one exists.
-    Belongs with :func:`facesearch.images.decode_image` as a size option; kept
-    here until that module offers one.
-    """
-    img = _open(data)
-    source_mode = img.mode
-    w, h = img.size
-    ratio = WORK_SIDE / max(w, h)
-    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-    img.draft(None, (max(1, int(w * ratio)), max(1, int(h * ratio))))  # no-op except for JPEG
-    img.load()
-    factor = max(img.size) // WORK_SIDE
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        # High-bit images are shrunk all the way here, in their own depth (a box filter is an
-        # area average): the conversion to 8 bits works in float64, 8 bytes a pixel, in copies.
-        if max(img.size) > WORK_SIDE:
-            img = img.resize(_fit(img.width, img.height, WORK_SIDE), Image.Resampling.BOX)
-    elif factor > 1:
-        if img.mode in ("1", "P"):
-            # Palette indices and bits cannot be averaged (PIL forces nearest for them).
-            img = img.resize((img.width // factor, img.height // factor), Image.Resampling.NEAREST)
-        else:
-            img = img.reduce(factor)
-    if orientation in _ORIENT:
-        img = img.transpose(_ORIENT[orientation])
-    rgb = np.asarray(img if img.mode == "RGB" else _to_rgb(img), dtype=np.uint8)
-    return DecodedImage(rgb=rgb, width=rgb.shape[1], height=rgb.shape[0], source_mode=source_mode)
-
-
 def read_upload(data: bytes) -> DecodedImage:
     """Check and decode uploaded bytes in memory, at most :data:`WORK_SIDE` px on the longer side.
 
@@ -193,21 +136,12 @@ def read_upload(data: bytes) -> DecodedImage:
         raise UploadError(f"The file is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
     if not data:
         raise UploadError(REJECT_MESSAGES["empty_file"])
-    long_side = max(_open(data).size)
+    _open(data)  # the header: format, pixel count and shape, each with the app's own message
     with failures_as(UNREADABLE):
-        if long_side <= WORK_SIDE:
-            try:
-                image = decode_image(data, MAX_UPLOAD_PIXELS)
-            except ImageRejected as exc:
-                raise UploadError(REJECT_MESSAGES.get(exc.reason, UNREADABLE)) from None
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = _decode_reduced(data)
-        if max(image.width, image.height) > WORK_SIDE:
-            rgb = shrink(image.rgb, WORK_SIDE)
-            image = DecodedImage(rgb=rgb, width=rgb.shape[1], height=rgb.shape[0], source_mode=image.source_mode)
-    return image
+        try:
+            return decode_image(data, MAX_UPLOAD_PIXELS, max_side=WORK_SIDE)
+        except ImageRejected as exc:
+            raise UploadError(REJECT_MESSAGES.get(exc.reason, UNREADABLE)) from None
 
 
 def crop_settings(root: Path, backbone: str) -> FaceConfig:

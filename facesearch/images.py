@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from facesearch.manifest import Reason
 
@@ -127,8 +127,64 @@ def strict_jpeg_check(data: bytes) -> None:
         raise ImageRejected(Reason.CORRUPT, "libjpeg could not decode it")
 
 
-def decode_image(data: bytes, max_pixels: int, *, strict: bool = True) -> DecodedImage:
+# EXIF orientation -> the transpose that shows the photo upright (as ImageOps.exif_transpose),
+# applied after reduction on the reduced path: exif_transpose copies the full-size image.
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}  # fmt: skip
+
+
+def _fit(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is ``side``."""
+    s = side / max(width, height)
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def shrink(arr: np.ndarray, side: int) -> np.ndarray:
+    """``arr`` area-averaged down so its longer side is at most ``side`` (unchanged if it already is)."""
+    h, w = arr.shape[:2]
+    if max(h, w) <= side:
+        return arr
+    return cv2.resize(arr, _fit(w, h, side), interpolation=cv2.INTER_AREA)
+
+
+def _reduced_rgb(img: Image.Image, max_side: int) -> np.ndarray:
+    """RGB of an opened (not yet loaded) image at most ``max_side`` px long, never at full size in RGB.
+
+    JPEG: libjpeg's DCT scaling (``draft``) decodes at 1/2, 1/4 or 1/8 size
+    directly. Other formats decode at full size in their own mode (at most
+    ~160 MB at 40 MP) and are shrunk by an integer factor before any conversion
+    or rotation, the full-size image freed as soon as the small one exists.
+    """
+    w, h = img.size
+    ratio = max_side / max(w, h)
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    img.draft(None, (max(1, int(w * ratio)), max(1, int(h * ratio))))  # no-op except for JPEG
+    img.load()
+    factor = max(img.size) // max_side
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # High-bit images are shrunk all the way here, in their own depth (a box filter is an
+        # area average): the conversion to 8 bits works in float64, 8 bytes a pixel, in copies.
+        if max(img.size) > max_side:
+            img = img.resize(_fit(img.width, img.height, max_side), Image.Resampling.BOX)
+    elif factor > 1:
+        if img.mode in ("1", "P"):
+            # Palette indices and bits cannot be averaged (PIL forces nearest for them).
+            img = img.resize((img.width // factor, img.height // factor), Image.Resampling.NEAREST)
+        else:
+            img = img.reduce(factor)
+    if orientation in _ORIENT:
+        img = img.transpose(_ORIENT[orientation])
+    return shrink(np.asarray(img if img.mode == "RGB" else _to_rgb(img), dtype=np.uint8), max_side)
+
+
+
+def decode_image(data: bytes, max_pixels: int, *, strict: bool = True, max_side: int = 0) -> DecodedImage:
     """Decode ``data`` to RGB uint8, honouring EXIF orientation.
+
+    ``max_side`` > 0: a larger image comes back area-shrunk to at most that many
+    pixels on its longer side, decoded reduced (see :func:`_reduced_rgb`), so a
+    40 MP upload never exists in memory as 120 MB of RGB.
 
     Raises :class:`ImageRejected` for empty, non-image, unsupported-format,
     oversized (``width * height > max_pixels``, checked from the header before
@@ -139,7 +195,7 @@ def decode_image(data: bytes, max_pixels: int, *, strict: bool = True) -> Decode
     if not data:
         raise ImageRejected(Reason.EMPTY_FILE)
     try:
-        return _decode(data, max_pixels, strict)
+        return _decode(data, max_pixels, strict, max_side)
     except ImageRejected:
         raise
     except MemoryError:
@@ -150,7 +206,7 @@ def decode_image(data: bytes, max_pixels: int, *, strict: bool = True) -> Decode
         raise ImageRejected(Reason.CORRUPT, f"{type(exc).__name__}: {exc}") from None
 
 
-def _decode(data: bytes, max_pixels: int, strict: bool) -> DecodedImage:
+def _decode(data: bytes, max_pixels: int, strict: bool, max_side: int = 0) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             # PIL warns (not raises) between MAX_IMAGE_PIXELS and twice that;
@@ -163,12 +219,15 @@ def _decode(data: bytes, max_pixels: int, strict: bool) -> DecodedImage:
                 raise ImageRejected(Reason.UNSUPPORTED_FORMAT, str(fmt))
             if width <= 0 or height <= 0 or width * height > max_pixels:
                 raise ImageRejected(Reason.TOO_LARGE, f"{width}x{height} exceeds {max_pixels} pixels")
-            img.load()
+            if max_side and max(width, height) > max_side:
+                source_mode = img.mode
+                rgb = _reduced_rgb(img, max_side)
+            else:
+                img.load()
+                source_mode = img.mode
+                rgb = np.asarray(_to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8)
             if strict and fmt in ("JPEG", "MPO"):
                 strict_jpeg_check(data)
-            source_mode = img.mode
-            img = ImageOps.exif_transpose(img)
-            rgb = np.asarray(_to_rgb(img), dtype=np.uint8)
     except ImageRejected:
         raise
     except UnidentifiedImageError as exc:

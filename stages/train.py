@@ -163,13 +163,15 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def best_epoch(history: list[dict]) -> int:
-    """The trained epoch with the highest validation mAP (the earliest of equals).
+    """The epoch with the highest validation mAP (the earliest of equals), the start included.
 
-    The untrained baseline (epoch -1) is not a candidate: the stage's output is a
-    fine-tuned model. Without validation scores (no val identities: mAP is NaN)
-    the last epoch wins.
+    The starting network (epoch -1: the pretrained weights, or the random
+    initialisation) is a candidate too: when no epoch of fine-tuning improves
+    the validation identities, the stage keeps what it started from rather than
+    a model that validation says is worse (early stopping at zero). Without
+    validation scores (no val identities: mAP is NaN) the last epoch wins.
     """
-    epochs = [r for r in history if r["epoch"] >= 0]
+    epochs = list(history)
     scores = [r.get("val_mAP", math.nan) for r in epochs]
     if all(math.isnan(v) for v in scores):
         return epochs[-1]["epoch"]
@@ -425,6 +427,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
             # Step 0: the untrained network, the baseline the curves start from.
             base = validate()
             history.append({"epoch": -1, **{f"val_{k}": v for k, v in base.items()}})
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the start is a candidate
         for record in history:
             log_record(live, record)
 

@@ -18,7 +18,7 @@ from facesearch.faces import FaceConfig
 from facesearch.models import load_model
 from facesearch.params import load_params
 from facesearch.provenance import module_closure
-from stages import train
+from stages import embed, train
 
 
 def test_outputs_curves_contract_and_no_leftover_checkpoint(prepared):
@@ -64,10 +64,23 @@ def test_best_validation_epoch_is_the_model_saved(prepared, monkeypatch):
     assert any(not torch.equal(v, states[2][k]) for k, v in model.state_dict().items())
 
 
+def test_the_start_is_kept_when_no_epoch_improves_validation(prepared, monkeypatch):
+    scores = iter([0.9, 0.5, 0.3])  # baseline, then epochs 0..1: fine-tuning only hurts
+    real_metrics = train.leave_one_out_metrics
+    monkeypatch.setattr(train, "leave_one_out_metrics", lambda *a, **k: {**real_metrics(*a, **k), "mAP": next(scores)})
+    model, payload = load_model(run_train(prepared, "start", {"epochs": 2}) / "model.pt")
+    assert payload["best_epoch"] == -1
+    twin = embed.untrained_twin(payload)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[name]), name
+
+
 def test_best_epoch_rule():
     h = [{"epoch": -1, "val_mAP": 1.0}, {"epoch": 0, "val_mAP": 0.5}, {"epoch": 1, "val_mAP": 0.7},
          {"epoch": 2, "val_mAP": 0.7}]  # fmt: skip
-    assert train.best_epoch(h) == 1  # the baseline never wins; the earliest of equals does
+    assert train.best_epoch(h) == -1  # no epoch beats the start: keep it (early stopping at zero)
+    h[0]["val_mAP"] = 0.6
+    assert train.best_epoch(h) == 1  # the earliest of equals
     assert train.best_epoch([{"epoch": 0, "val_mAP": float("nan")}, {"epoch": 1, "val_mAP": float("nan")}]) == 1
 
 
