@@ -148,8 +148,8 @@ def shrink(arr: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(arr, _fit(w, h, side), interpolation=cv2.INTER_AREA)
 
 
-def _reduced_rgb(img: Image.Image, max_side: int) -> np.ndarray:
-    """RGB of an opened (not yet loaded) image at most ``max_side`` px long, never at full size in RGB.
+def _reduced(img: Image.Image, max_side: int) -> Image.Image:
+    """An opened (not yet loaded) image decoded small, upright, never converted at full size.
 
     JPEG: libjpeg's DCT scaling (``draft``) decodes at 1/2, 1/4 or 1/8 size
     directly. Other formats decode at full size in their own mode (at most
@@ -173,9 +173,7 @@ def _reduced_rgb(img: Image.Image, max_side: int) -> np.ndarray:
             img = img.resize((img.width // factor, img.height // factor), Image.Resampling.NEAREST)
         else:
             img = img.reduce(factor)
-    if orientation in _ORIENT:
-        img = img.transpose(_ORIENT[orientation])
-    return shrink(np.asarray(img if img.mode == "RGB" else _to_rgb(img), dtype=np.uint8), max_side)
+    return img.transpose(_ORIENT[orientation]) if orientation in _ORIENT else img
 
 
 
@@ -183,7 +181,7 @@ def decode_image(data: bytes, max_pixels: int, *, strict: bool = True, max_side:
     """Decode ``data`` to RGB uint8, honouring EXIF orientation.
 
     ``max_side`` > 0: a larger image comes back area-shrunk to at most that many
-    pixels on its longer side, decoded reduced (see :func:`_reduced_rgb`), so a
+    pixels on its longer side, decoded reduced (see :func:`_reduced`), so a
     40 MP upload never exists in memory as 120 MB of RGB.
 
     Raises :class:`ImageRejected` for empty, non-image, unsupported-format,
@@ -221,7 +219,9 @@ def _decode(data: bytes, max_pixels: int, strict: bool, max_side: int = 0) -> De
                 raise ImageRejected(Reason.TOO_LARGE, f"{width}x{height} exceeds {max_pixels} pixels")
             if max_side and max(width, height) > max_side:
                 source_mode = img.mode
-                rgb = _reduced_rgb(img, max_side)
+                # Rebinding ``img`` frees the full-size decode before the RGB conversion.
+                img = _reduced(img, max_side)
+                rgb = shrink(np.asarray(img if img.mode == "RGB" else _to_rgb(img), dtype=np.uint8), max_side)
             else:
                 img.load()
                 source_mode = img.mode
