@@ -489,8 +489,8 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
         live.end()
         # The model is safe: a checkpoint left behind would only be stale state.
         ckpt_path.unlink(missing_ok=True)
-        log.info("wrote %s (epoch %d of %d, best validation mAP %.4f)", args.out, best + 1, cfg.epochs,
-                 best_val.get("val_mAP", math.nan))  # fmt: skip
+        chosen = f"epoch {best + 1} of {cfg.epochs}" if best >= 0 else "the starting network: no epoch improved it"
+        log.info("wrote %s (%s, best validation mAP %.4f)", args.out, chosen, best_val.get("val_mAP", math.nan))
 
 
 if __name__ == "__main__":
