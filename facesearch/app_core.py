@@ -84,6 +84,7 @@ REJECT_MESSAGES = {
 }
 UNREADABLE = "The image cannot be read (the file or its metadata is damaged)."
 
+
 class UploadError(ValueError):
     """A user-facing reason an upload cannot be searched."""
 

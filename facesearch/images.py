@@ -176,7 +176,6 @@ def _reduced(img: Image.Image, max_side: int) -> Image.Image:
     return img.transpose(_ORIENT[orientation]) if orientation in _ORIENT else img
 
 
-
 def decode_image(data: bytes, max_pixels: int, *, strict: bool = True, max_side: int = 0) -> DecodedImage:
     """Decode ``data`` to RGB uint8, honouring EXIF orientation.
 

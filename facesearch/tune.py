@@ -61,9 +61,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune(
-    backbone: str, grid: dict[str, dict], seeds: list[int], params_path: str, split: str, arrays: str
-) -> dict:
+def tune(backbone: str, grid: dict[str, dict], seeds: list[int], params_path: str, split: str, arrays: str) -> dict:
     """Train every recipe of ``grid`` with every seed; returns the per-run and summary scores."""
     from stages import train  # the stage itself, so a recipe trains exactly as dvc repro trains it
 

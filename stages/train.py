@@ -92,6 +92,7 @@ class TrainConfig:
     compile: bool = False
     eval_batch: int = 128
     cpu_threads: int = 2  # torch.set_num_threads: results depend on it (see set_deterministic)
+    keep: str = "best"  # best (validation mAP, the start included) | last (the final epoch)
 
     @classmethod
     def from_params(cls, params: dict) -> TrainConfig:
@@ -107,7 +108,9 @@ class TrainConfig:
             # Otherwise a word where a number belongs fails deep inside the optimiser.
             if f.type == "float" and isinstance(params.get(name), str):
                 raise ValueError(f"train param {name}: {params[name]!r} is not a number")
-        return cls(**params, augment=AugmentConfig(**aug))
+        cfg = cls(**params, augment=AugmentConfig(**aug))
+        best_epoch([], cfg.keep)  # a bad value fails now, not after the last epoch
+        return cfg
 
     def digest(self, inputs: dict[str, str] | None = None, code: dict[str, str] | None = None,
                crop: dict | None = None) -> str:  # fmt: skip
@@ -162,8 +165,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def best_epoch(history: list[dict]) -> int:
+def best_epoch(history: list[dict], keep: str = "best") -> int:
     """The epoch with the highest validation mAP (the earliest of equals), the start included.
+
+    ``keep="last"`` returns the final epoch whatever validation says (a fixed
+    training budget; also how a test sees what training did).
 
     The starting network (epoch -1: the pretrained weights, or the random
     initialisation) is a candidate too: when no epoch of fine-tuning improves
@@ -171,9 +177,13 @@ def best_epoch(history: list[dict]) -> int:
     a model that validation says is worse (early stopping at zero). Without
     validation scores (no val identities: mAP is NaN) the last epoch wins.
     """
+    if keep not in ("best", "last"):
+        raise ValueError(f"train param keep: {keep!r} is not best or last")
+    if not history:
+        return -1
     epochs = list(history)
     scores = [r.get("val_mAP", math.nan) for r in epochs]
-    if all(math.isnan(v) for v in scores):
+    if keep == "last" or all(math.isnan(v) for v in scores):
         return epochs[-1]["epoch"]
     best = max(range(len(epochs)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))
     return epochs[best]["epoch"]
@@ -469,7 +479,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
             history.append(record)
             log_record(live, record)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            if best_epoch(history) == epoch:
+            if best_epoch(history, cfg.keep) == epoch:
                 # A copy: the live tensors keep changing in the next epoch's steps.
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, digest, history, best_state)
@@ -477,7 +487,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
             dist.barrier()  # nobody starts the next epoch before the checkpoint is safe
 
     if ctx.main:
-        best = best_epoch(history)
+        best = best_epoch(history, cfg.keep)
         model.load_state_dict(best_state)
         best_val = {k: v for r in history if r["epoch"] == best for k, v in r.items() if k.startswith("val_")}
         save_model(args.out, model, extra={

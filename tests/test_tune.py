@@ -28,8 +28,9 @@ def test_tune_trains_every_recipe_and_seed_on_validation_only(prepared, tmp_path
                 "data/arrays/train.npy", "data/arrays/val.npy"):  # fmt: skip
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(prepared / rel, work / rel)
-    write_params(work / "params.yaml", {f"train.mobilenet_v2.{k}": v for k, v in (TINY | {"epochs": 1}).items()}
-                 | {"crop.size": 40})  # fmt: skip
+    # keep: last, so each run's score is what its recipe and seed trained (the start would tie them all).
+    recipe = TINY | {"epochs": 1, "keep": "last"}
+    write_params(work / "params.yaml", {f"train.mobilenet_v2.{k}": v for k, v in recipe.items()} | {"crop.size": 40})
     (work / "grid.yaml").write_text(yaml.safe_dump({"slow": {"lr": 1e-5}, "fast": {"lr": 3e-3}}))
     cwd = os.getcwd()
     os.chdir(work)

@@ -20,7 +20,7 @@ from stages import embed, evaluate
 @pytest.fixture(scope="module")
 def evaluated(prepared):
     """A tiny trained model, its embeddings and its evaluation outputs."""
-    run_train(prepared, "ev", {"epochs": 1})
+    run_train(prepared, "ev", {"epochs": 1, "keep": "last"})  # trained weights, whatever val says
     params = write_params(prepared / "ev.yaml", {"embed.batch": 8, "evaluate.ks": [2, 5], "evaluate.latency_queries": 3,
                                                   "evaluate.figure_queries": 2})  # fmt: skip
     cwd = os.getcwd()

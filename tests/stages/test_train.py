@@ -82,6 +82,10 @@ def test_best_epoch_rule():
     h[0]["val_mAP"] = 0.6
     assert train.best_epoch(h) == 1  # the earliest of equals
     assert train.best_epoch([{"epoch": 0, "val_mAP": float("nan")}, {"epoch": 1, "val_mAP": float("nan")}]) == 1
+    h[0]["val_mAP"] = 1.0
+    assert train.best_epoch(h, keep="last") == 2  # a fixed budget: the final epoch, whatever validation says
+    with pytest.raises(ValueError, match="keep"):
+        train.TrainConfig.from_params({"keep": "latest"})
 
 
 def test_train_never_reads_the_test_identities(prepared):
