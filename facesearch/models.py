@@ -111,11 +111,21 @@ BACKBONE_DEFAULTS: dict[str, dict] = {
 PRETRAINED = {name: d["weights"] for name, d in BACKBONE_DEFAULTS.items()}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: the GPU when there is one, else the CPU; any other name as given."""
+def resolve_device(name: str = "auto", index: int | None = None) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; any other name as given.
+
+    ``index`` picks the GPU of a ``cuda`` device (a DDP process passes its
+    LOCAL_RANK); a CPU ignores it. Asking for CUDA where there is none fails here,
+    with the reason, rather than at the first tensor moved.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but no CUDA device is available")
+    if device.type == "cuda" and index is not None:
+        device = torch.device("cuda", index)
+    return device
 
 
 def weights_cache_path(weights: tvm.WeightsEnum) -> Path:

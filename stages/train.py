@@ -8,10 +8,12 @@ Reads ``params.yaml: train.<backbone>``. Losses: the report's offline triplets
 (``loss: triplet``) or P x K batches with online ``semi_hard`` / ``batch_hard``
 mining. GPU first (bf16 autocast, channels_last, optional ``torch.compile``),
 CPU for small runs; several GPUs with ``torchrun --nproc_per_node N -m
-stages.train ...`` (DDP; gloo on CPU). A checkpoint is written atomically after
-every epoch and a killed run resumes from it when its params, inputs and code
-are unchanged; a finished run deletes it. Curves (loss, share of active
-triplets, Rank-1/mAP on the validation identities) are logged with dvclive.
+stages.train ...`` (DDP; gloo on CPU), where an epoch of ``steps_per_epoch: 0``
+is still one pass over the data: each of the N processes takes every Nth batch.
+A checkpoint is written atomically after every epoch and a killed run resumes
+from it when its params, inputs and code are unchanged; a finished run deletes
+it. Curves (loss, share of active triplets, Rank-1/mAP on the validation
+identities) are logged with dvclive.
 
 Validation is retrieval among the split's validation identities (people in
 neither train nor test), every image querying the others; the model saved is
@@ -19,19 +21,23 @@ the one of the epoch with the best validation mAP, and the file records which
 epoch that was, the preprocessing its crops had (``params.yaml: crop``, see
 :mod:`facesearch.contract`) and the train and val identities. The test
 identities (query/gallery) are never read here.
+
+The loop is written for an accelerator: the next batches are read from the
+memory-mapped arrays in a background thread (:class:`facesearch.training.Prefetcher`,
+pinned for an asynchronous copy on CUDA) while the current step runs, and the
+step's loss and statistics stay on the device until the epoch ends
+(:class:`facesearch.training.StepStats`), so the host waits for the GPU only
+where it must. The sampling, schedule, checkpoint and logging pieces live in
+:mod:`facesearch.training`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -43,12 +49,32 @@ from facesearch import manifest as M
 from facesearch.contract import crop_params, identities_record, preprocessing_record
 from facesearch.data import AugmentConfig, augment, embed_array, load_array, to_model_input
 from facesearch.faces import FaceConfig
-from facesearch.io import atomic_path
 from facesearch.losses import MINING, offline_triplet_loss, pairwise_distances
-from facesearch.models import ModelConfig, save_model, seeded_model, trainable_parameters
+from facesearch.models import ModelConfig, resolve_device, save_model, seeded_model, trainable_parameters
 from facesearch.params import load_params
 from facesearch.provenance import code_fingerprint
 from facesearch.retrieval import leave_one_out_metrics
+from facesearch.training import (
+    Dist,
+    Prefetcher,
+    StepStats,
+    best_epoch,
+    epoch_steps,
+    epoch_streams,
+    identity_groups,
+    input_fingerprint,
+    join_process_group,
+    load_checkpoint,
+    log_record,
+    lr_factor,
+    open_live,
+    pk_batches,
+    read_batch,
+    run_digest,
+    save_checkpoint,
+    set_deterministic,
+    triplet_batches,
+)
 
 log = logging.getLogger("facesearch.train")
 
@@ -57,42 +83,54 @@ log = logging.getLogger("facesearch.train")
 CODE_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "stages/train.py"
 
+# Batches read ahead by the prefetch thread: one would do if reads always took the same
+# time; two absorb a slow read (a cold page of the memory map) without holding much memory.
+PREFETCH_BATCHES = 2
+# The progress bar's running loss is read from the device every this many steps: each read
+# is a host sync, which would otherwise stall the GPU's queue at every step.
+POSTFIX_EVERY = 25
+# Where and how fast, not what: left out of the resume key, so a run may resume elsewhere.
+EXECUTION_KEYS = ("device", "compile", "eval_batch")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """``params.yaml: train.<backbone>``; see the comments there for meaning and units.
 
-    The defaults are library defaults (the report's GPU recipe); the pipeline
-    passes every key from params.yaml, whose sample values differ on purpose.
+    No field has a default: params.yaml is the one home of every value. The
+    backbones' blocks differ (dlib_resnet's weights, layers, size, loss, margin,
+    epochs, lr, ...), so a dataclass default could agree with one block at most
+    and would silently stand in for a key left out of another; a missing key is
+    an error instead.
     """
 
-    weights: str = "imagenet"
-    trainable_layers: int = 10
-    embedding_dim: int = 128
-    normalize: bool = True
-    img_size: int = 218
-    loss: str = "semi_hard"  # triplet | semi_hard | batch_hard
-    margin: float = 0.2
-    soft_margin: bool = False
-    semi_hard_epochs: int = 1  # batch_hard only: semi-hard mining for these first epochs
-    collapse_spread: float = 0.0  # batch_hard only: below this mean pairwise distance, mine semi-hard
-    p_identities: int = 16
-    k_images: int = 4
-    batch_triplets: int = 32
-    epochs: int = 10
-    steps_per_epoch: int = 0  # 0: one pass over the images (P x K) or the triplets
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
-    seed: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True
-    compile: bool = False
-    eval_batch: int = 128
-    cpu_threads: int = 2  # torch.set_num_threads: results depend on it (see set_deterministic)
-    keep: str = "best"  # best (validation mAP, the start included) | last (the final epoch)
+    weights: str
+    trainable_layers: int
+    embedding_dim: int
+    normalize: bool
+    img_size: int
+    loss: str  # triplet | semi_hard | batch_hard
+    margin: float
+    soft_margin: bool
+    semi_hard_epochs: int  # batch_hard only: semi-hard mining for these first epochs
+    collapse_spread: float  # batch_hard only: below this mean pairwise distance, mine semi-hard
+    p_identities: int
+    k_images: int
+    batch_triplets: int
+    epochs: int
+    steps_per_epoch: int  # 0: one pass over the images (P x K) or the triplets, all processes together
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    seed: int
+    augment: AugmentConfig
+    device: str  # auto | cpu | cuda
+    amp: bool  # bf16 autocast on CUDA
+    channels_last: bool
+    compile: bool
+    eval_batch: int
+    cpu_threads: int  # torch.set_num_threads: results depend on it (see set_deterministic)
+    keep: str  # best (validation mAP, the start included) | last (the final epoch)
 
     @classmethod
     def from_params(cls, params: dict) -> TrainConfig:
@@ -101,9 +139,14 @@ class TrainConfig:
         for key in ("erase_scale", "erase_ratio"):
             if key in aug:
                 aug[key] = tuple(aug[key])
-        unknown = set(params) - {f for f in cls.__dataclass_fields__}
+        names = set(cls.__dataclass_fields__) - {"augment"}
+        aug_names = set(AugmentConfig.__dataclass_fields__)
+        unknown = sorted(set(params) - names) + [f"augment.{k}" for k in sorted(set(aug) - aug_names)]
         if unknown:
-            raise ValueError(f"unknown train params {sorted(unknown)}")
+            raise ValueError(f"unknown train params {unknown}")
+        missing = sorted(names - set(params)) + [f"augment.{k}" for k in sorted(aug_names - set(aug))]
+        if missing:
+            raise ValueError(f"missing train params {missing} (params.yaml: train.<backbone> lists every key)")
         for name, f in cls.__dataclass_fields__.items():
             # Otherwise a word where a number belongs fails deep inside the optimiser.
             if f.type == "float" and isinstance(params.get(name), str):
@@ -111,82 +154,6 @@ class TrainConfig:
         cfg = cls(**params, augment=AugmentConfig(**aug))
         best_epoch([], cfg.keep)  # a bad value fails now, not after the last epoch
         return cfg
-
-    def digest(self, inputs: dict[str, str] | None = None, code: dict[str, str] | None = None,
-               crop: dict | None = None) -> str:  # fmt: skip
-        """Identifies the run a checkpoint belongs to: these params and crop settings,
-        on these inputs, with this code (file -> sha256, :func:`code_fingerprint`).
-
-        Device and compile settings are excluded: a run may resume elsewhere.
-        """
-        d = asdict(self)
-        for key in ("device", "compile", "eval_batch"):
-            d.pop(key)
-        d |= {"inputs": inputs or {}, "code": code or {}, "crop": crop or {}}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def input_fingerprint(paths: list[Path]) -> dict[str, str]:
-    """Cheap identity of the training inputs: content hash of tables, size+mtime of big arrays.
-
-    Hashing a 20 GB array at every start would cost minutes; the pack stage
-    rewrites the arrays whole, so a new array always has a new mtime.
-    """
-    out = {}
-    for path in paths:
-        if path.suffix == ".parquet":
-            out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            st = path.stat()
-            out[path.name] = f"{st.st_size}:{st.st_mtime_ns}"
-    return out
-
-
-# ---------------------------------------------------------------- sampling ---
-def identity_groups(labels: np.ndarray, min_size: int = 2) -> list[np.ndarray]:
-    """Row indices per identity (sorted by identity) for identities with >= ``min_size`` rows."""
-    order = np.argsort(labels, kind="stable")
-    _, starts = np.unique(labels[order], return_index=True)
-    groups = np.split(order, starts[1:])
-    return [g for g in groups if len(g) >= min_size]
-
-
-def pk_batch(groups: list[np.ndarray], p: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """P identities x K images each (images repeat only when an identity has fewer than K)."""
-    chosen = rng.choice(len(groups), size=min(p, len(groups)), replace=False)
-    return np.concatenate([rng.choice(groups[c], size=k, replace=len(groups[c]) < k) for c in chosen])
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def best_epoch(history: list[dict], keep: str = "best") -> int:
-    """The epoch with the highest validation mAP (the earliest of equals), the start included.
-
-    ``keep="last"`` returns the final epoch whatever validation says (a fixed
-    training budget; also how a test sees what training did).
-
-    The starting network (epoch -1: the pretrained weights, or the random
-    initialisation) is a candidate too: when no epoch of fine-tuning improves
-    the validation identities, the stage keeps what it started from rather than
-    a model that validation says is worse (early stopping at zero). Without
-    validation scores (no val identities: mAP is NaN) the last epoch wins.
-    """
-    if keep not in ("best", "last"):
-        raise ValueError(f"train param keep: {keep!r} is not best or last")
-    if not history:
-        return -1
-    epochs = list(history)
-    scores = [r.get("val_mAP", math.nan) for r in epochs]
-    if keep == "last" or all(math.isnan(v) for v in scores):
-        return epochs[-1]["epoch"]
-    best = max(range(len(epochs)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))
-    return epochs[best]["epoch"]
 
 
 def check_crops(table: pd.DataFrame, images: np.ndarray, face: FaceConfig) -> None:
@@ -200,60 +167,14 @@ def check_crops(table: pd.DataFrame, images: np.ndarray, face: FaceConfig) -> No
                          f"{face.alignment!r}: re-run crop and pack (dvc repro)")  # fmt: skip
 
 
-def set_deterministic(cpu_threads: int) -> None:
-    """Same params and inputs, same model bytes, on CPU (README "Train", Reproducibility).
-
-    The thread count is a param, not the machine's core count: the CPU kernels
-    (oneDNN convolutions, MKL matmuls) split their float sums by thread, so 1 and
-    2 threads give different weights for every backbone (measured), while the
-    same count gives the same bits run after run.
-    """
-    torch.set_num_threads(cpu_threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, for ops with no such kernel
-    if torch.cuda.is_available():
-        # cuBLAS needs a fixed workspace to be deterministic; must be set before its first use.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-
-
-# ----------------------------------------------------------------- devices ---
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_kind: str) -> Dist:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return Dist(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(name: str, ctx: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("train: device cuda requested but no CUDA device is available")
-        torch.cuda.set_device(ctx.local_rank)
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device("cpu")
-
-
 # ---------------------------------------------------------------- training ---
 def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: bool):
-    """Loss and stats for one batch: ``active`` triplets, embedding ``spread``, ``fallback`` step."""
+    """Loss and stats for one batch: ``active`` triplets, embedding ``spread``, ``fallback`` step.
+
+    ``spread`` stays a device tensor; ``active`` is what :mod:`facesearch.losses` returns.
+    """
     emb = model(x)
-    spread = float(pairwise_distances(emb.detach().float()).mean())
+    spread = pairwise_distances(emb.detach().float()).mean()
     if triplet_mode:
         a, p, n = emb.chunk(3)
         loss, stats = offline_triplet_loss(a, p, n, cfg.margin, cfg.soft_margin)
@@ -261,71 +182,14 @@ def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: b
     mining, fallback = cfg.loss, 0.0
     if mining == "batch_hard" and epoch < cfg.semi_hard_epochs:
         mining = "semi_hard"  # anti-collapse: easier negatives first
-    elif mining == "batch_hard" and spread < cfg.collapse_spread:
+    elif mining == "batch_hard" and cfg.collapse_spread > 0 and spread < cfg.collapse_spread:
         # Anti-collapse guard: the batch's embeddings are closing in on one point,
         # which batch-hard mining drives to a total collapse; semi-hard negatives
-        # push them apart again.
+        # push them apart again. Which loss to run is the host's choice, so this
+        # comparison is a host sync: the one a step needs, and only with the guard on.
         mining, fallback = "semi_hard", 1.0
     loss, stats = MINING[mining](emb, labels, cfg.margin, cfg.soft_margin)
     return loss, {**stats, "spread": spread, "fallback": fallback}
-
-
-def save_checkpoint(
-    path: Path, model, optimizer, scheduler, epoch: int, digest: str, history: list, best_state: dict
-) -> None:
-    payload = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "digest": digest, "history": history, "best_state": best_state,
-    }  # fmt: skip
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path, digest: str) -> dict | None:
-    """The checkpoint at ``path`` if it belongs to this run (params, inputs, code), else None."""
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a checkpoint from another torch version, a damaged file, ...
-        log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
-        return None
-    if payload.get("digest") != digest:
-        log.info("checkpoint %s is from other params, inputs or code: starting fresh", path)
-        return None
-    return payload
-
-
-def open_live(path: str):
-    """A dvclive logger at ``path`` that never takes the training run down with it.
-
-    dvclive 3.49 reads HEAD before checking whether the repository has any
-    commit, so in a fresh ``git init`` it raises scmrepo's SCMError; the curves
-    do not need git, so then we log without dvclive's git integration.
-    """
-    import dvclive.live
-    from dvclive import Live  # imported here: only rank 0 logs
-
-    try:
-        return Live(path, resume=False, save_dvc_exp=False, dvcyaml=False)
-    except Exception as exc:  # scmrepo.exceptions.SCMError is not importable from dvclive
-        log.warning("dvclive could not read the git repository (%s); logging without it", exc)
-        with mock.patch.object(dvclive.live, "get_dvc_repo", return_value=None):
-            return Live(path, resume=False, save_dvc_exp=False, dvcyaml=False)
-
-
-LIVE_NAMES = {"loss": "train/loss", "active": "train/active_triplets", "spread": "train/embedding_spread",
-              "fallback": "train/semi_hard_fallback", "lr": "train/lr"}  # fmt: skip
-
-
-def log_record(live, record: dict) -> None:
-    """One dvclive step per epoch record (step 0: the untrained network)."""
-    for key, value in record.items():
-        if key in LIVE_NAMES:
-            live.log_metric(LIVE_NAMES[key], value)
-        elif key.startswith("val_"):
-            live.log_metric(f"val/{key[4:]}", value)
-    live.next_step()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -347,8 +211,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig.from_params(params["train"][args.backbone])
     face = FaceConfig.from_params(params["crop"])
     set_deterministic(cfg.cpu_threads)
-    ctx = setup_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    device = pick_device(cfg.device, ctx)
+    ctx = Dist.from_env()
+    try:
+        device = resolve_device(cfg.device, ctx.local_rank)  # one GPU per process under torchrun
+    except RuntimeError as exc:
+        raise SystemExit(f"train: {exc}") from exc
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and any bare .cuda() use this process's GPU
+    join_process_group(ctx, device)
     try:
         train(args, cfg, face, ctx, device)
     finally:
@@ -357,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dist, device: torch.device) -> None:
+    # ---- data: tables in memory, images memory-mapped ----
     split, arrays = Path(args.split), Path(args.arrays)
     train_df = pd.read_parquet(split / "train.parquet")
     val_df = pd.read_parquet(split / "val.parquet")
@@ -373,15 +244,16 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
         trip = pd.read_parquet(split / "triplets.parquet")
         row = {p: i for i, p in enumerate(train_df[M.CROP_PATH])}
         triplets = np.stack([trip[c].map(row).to_numpy(dtype=np.int64) for c in (M.ANCHOR, M.POSITIVE, M.NEGATIVE)], 1)
-        steps = cfg.steps_per_epoch or max(1, len(triplets) // cfg.batch_triplets)
+        steps = epoch_steps(len(triplets), cfg.batch_triplets, ctx.world, cfg.steps_per_epoch)
     elif cfg.loss in MINING:
         groups = identity_groups(labels)
         if len(groups) < 2:
             raise SystemExit("train: P x K sampling needs at least two identities with two images")
-        steps = cfg.steps_per_epoch or max(1, len(train_df) // (cfg.p_identities * cfg.k_images))
+        steps = epoch_steps(len(train_df), cfg.p_identities * cfg.k_images, ctx.world, cfg.steps_per_epoch)
     else:
         raise SystemExit(f"train: unknown loss {cfg.loss!r}; choose triplet, semi_hard or batch_hard")
 
+    # ---- model and optimiser ----
     # Seeded build: the untrained network ("before fine-tuning") is reproducible
     # from the saved config and seed (see facesearch.models.seeded_model).
     model_config = ModelConfig(
@@ -396,17 +268,19 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
     if ctx.main:
         log.info("%s: %d trainable of %d parameters (last %s layers), %d steps/epoch on %s x%d",
                  args.backbone, n_trainable, sum(p.numel() for p in model.parameters()), cfg.trainable_layers,
-                 steps, device, ctx.world)  # fmt: skip
+                 steps, device.type, ctx.world)  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps))
 
+    # ---- resume a killed run of these params, inputs and code ----
     start_epoch, history, best_state = 0, [], None
     ckpt_path = Path(args.checkpoint)
     inputs = input_fingerprint([split / "train.parquet", split / "val.parquet", split / "triplets.parquet",
                                 arrays / "train.npy", arrays / "val.npy"])  # fmt: skip
-    digest = cfg.digest(inputs, code_fingerprint(SCRIPT, CODE_ROOT), crop_params(face))
+    resume_params = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_KEYS}
+    digest = run_digest(resume_params, inputs, code_fingerprint(SCRIPT, CODE_ROOT), crop_params(face))
     ckpt = load_checkpoint(ckpt_path, digest)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -441,41 +315,44 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
         for record in history:
             log_record(live, record)
 
+    # ---- the loop ----
     use_amp = cfg.amp and device.type == "cuda"
+    pin = device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps the step
+
+    def read(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return read_batch(train_img, idx, None if triplet_mode else labels, pin)
+
     for epoch in range(start_epoch, cfg.epochs):
-        rng = np.random.default_rng([cfg.seed, epoch, ctx.rank])
-        gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
-        order = rng.permutation(len(triplets)) if triplet_mode else None
+        rng, augment_seeds = epoch_streams(cfg.seed, epoch, ctx.world)
+        gen = torch.Generator(device=device).manual_seed(augment_seeds[ctx.rank])
+        if triplet_mode:
+            batches = triplet_batches(triplets, cfg.batch_triplets, steps, rng, ctx.rank, ctx.world)
+        else:
+            batches = pk_batches(groups, cfg.p_identities, cfg.k_images, steps, rng, ctx.rank, ctx.world)
         net.train()
-        losses, active, spread, fallback = [], [], [], []
-        bar = tqdm(range(steps), desc=f"{args.backbone} epoch {epoch + 1}/{cfg.epochs}", disable=not ctx.main,
-                   unit="step")  # fmt: skip
-        for step in bar:
-            if triplet_mode:
-                sel = triplets[order[(np.arange(cfg.batch_triplets) + step * cfg.batch_triplets) % len(order)]]
-                idx, batch_labels = sel.T.reshape(-1), None  # anchors, then positives, then negatives
-            else:
-                idx = pk_batch(groups, cfg.p_identities, cfg.k_images, rng)
-                batch_labels = torch.from_numpy(labels[idx]).to(device)
-            uniq, inverse = np.unique(idx, return_inverse=True)  # sorted reads are kind to a memory map
-            batch = torch.from_numpy(np.ascontiguousarray(train_img[uniq]))[torch.from_numpy(inverse)]
-            x = augment(to_model_input(batch, cfg.img_size, device, channels_last), cfg.augment, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, stats = compute_loss(net, x, batch_labels, cfg, epoch, triplet_mode)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            active.append(stats["active"])
-            spread.append(stats["spread"])
-            fallback.append(stats["fallback"])
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", active=f"{np.mean(active):.2f}")
+        stats = StepStats(("loss", "active", "spread", "fallback"), steps, device)
+        with Prefetcher(batches, read, PREFETCH_BATCHES) as loader:
+            bar = tqdm(loader, total=steps, desc=f"{args.backbone} epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not ctx.main, unit="step")  # fmt: skip
+            for step, (images, batch_labels) in enumerate(bar):
+                x = augment(to_model_input(images, cfg.img_size, device, channels_last), cfg.augment, gen)
+                if batch_labels is not None:  # None: offline triplets, rows in anchor/positive/negative thirds
+                    batch_labels = batch_labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss, step_stats = compute_loss(net, x, batch_labels, cfg, epoch, triplet_mode)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                stats.add(loss=loss, **step_stats)
+                if ctx.main and ((step + 1) % POSTFIX_EVERY == 0 or step + 1 == steps):
+                    bar.set_postfix(loss=f"{stats.running_mean('loss'):.4f}",
+                                    active=f"{stats.running_mean('active'):.2f}")  # fmt: skip
+        epoch_means = stats.means(ctx.world)  # the epoch's one read of the step stats, over all processes
         if ctx.main:
             val = validate()
-            record = {"epoch": epoch, "loss": float(np.mean(losses)), "active": float(np.mean(active)),
-                      "spread": float(np.mean(spread)), "fallback": float(np.mean(fallback)),
-                      "lr": scheduler.get_last_lr()[0], **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
+            record = {"epoch": epoch, **epoch_means, "lr": scheduler.get_last_lr()[0],
+                      **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
             history.append(record)
             log_record(live, record)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
@@ -486,6 +363,7 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
         if ctx.world > 1:
             dist.barrier()  # nobody starts the next epoch before the checkpoint is safe
 
+    # ---- the model file: the kept epoch's weights and what they were trained on ----
     if ctx.main:
         best = best_epoch(history, cfg.keep)
         model.load_state_dict(best_state)

@@ -20,7 +20,7 @@ FEW_STEPS = {"keep": "last", "epochs": 1, "steps_per_epoch": 2, "p_identities": 
 @pytest.mark.parametrize("backbone", ["resnet50", "mobilenet_v2", "dlib_resnet"])
 def test_training_twice_gives_the_same_model_bytes(prepared, backbone):
     # A channels-last, Adam, augmenting run (flip and erasing drawn from the seeded generator).
-    overrides = FEW_STEPS | {"weights": "none", "augment": {"flip_p": 0.5, "erase_p": 0.5, "dropout_p": 0.5}}
+    overrides = FEW_STEPS | {"weights": "none", "augment.flip_p": 0.5, "augment.erase_p": 0.5, "augment.dropout_p": 0.5}
     if backbone == "dlib_resnet":
         overrides |= {"img_size": 112, "trainable_layers": -1}  # its unpadded convs need >= 112 px
     start = time.perf_counter()

@@ -5,14 +5,17 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, TINY_CROP, run_train, write_params
+import yaml
+from conftest import REPO, TINY, TINY_CROP, run_train, write_params
 
 from facesearch import manifest as M
+from facesearch import training
 from facesearch.contract import model_preprocessing, seen_identities
 from facesearch.faces import FaceConfig
 from facesearch.models import load_model
@@ -26,7 +29,7 @@ def test_outputs_curves_contract_and_no_leftover_checkpoint(prepared):
     model, payload = load_model(out / "model.pt")
     assert model.config.backbone == "mobilenet_v2" and model.config.img_size == 32
     assert [h["epoch"] for h in payload["history"]] == [-1, 0, 1]  # untrained baseline, then each epoch
-    assert payload["best_epoch"] == train.best_epoch(payload["history"])
+    assert payload["best_epoch"] == training.best_epoch(payload["history"])
     metrics = json.loads((out / "live" / "metrics.json").read_text())
     assert metrics["step"] == 2 and "rank1" in metrics["val"]
     assert metrics["best"]["epoch"] == payload["best_epoch"] and "mAP" in metrics["best"]["val"]
@@ -75,17 +78,32 @@ def test_the_start_is_kept_when_no_epoch_improves_validation(prepared, monkeypat
         assert torch.equal(value, twin.state_dict()[name]), name
 
 
-def test_best_epoch_rule():
-    h = [{"epoch": -1, "val_mAP": 1.0}, {"epoch": 0, "val_mAP": 0.5}, {"epoch": 1, "val_mAP": 0.7},
-         {"epoch": 2, "val_mAP": 0.7}]  # fmt: skip
-    assert train.best_epoch(h) == -1  # no epoch beats the start: keep it (early stopping at zero)
-    h[0]["val_mAP"] = 0.6
-    assert train.best_epoch(h) == 1  # the earliest of equals
-    assert train.best_epoch([{"epoch": 0, "val_mAP": float("nan")}, {"epoch": 1, "val_mAP": float("nan")}]) == 1
-    h[0]["val_mAP"] = 1.0
-    assert train.best_epoch(h, keep="last") == 2  # a fixed budget: the final epoch, whatever validation says
+def shipped_block(backbone: str = "mobilenet_v2") -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())["train"][backbone]
+
+
+def test_a_bad_keep_fails_when_the_config_is_read():
     with pytest.raises(ValueError, match="keep"):
-        train.TrainConfig.from_params({"keep": "latest"})
+        train.TrainConfig.from_params(shipped_block() | {"keep": "latest"})
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "mobilenet_v2", "dlib_resnet"])
+def test_every_value_comes_from_params_yaml(backbone):
+    """No dataclass default can disagree with params.yaml: there are none, each key must be there."""
+    block = shipped_block(backbone)
+    cfg = train.TrainConfig.from_params(block)
+    as_yaml = json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as YAML has them
+    assert as_yaml == block
+    with pytest.raises(TypeError):
+        train.TrainConfig()  # no defaults
+    without_lr = {k: v for k, v in block.items() if k != "lr"}
+    with pytest.raises(ValueError, match=r"missing train params \['lr'\]"):
+        train.TrainConfig.from_params(without_lr)
+    partial_augment = block | {"augment": {k: v for k, v in block["augment"].items() if k != "erase_p"}}
+    with pytest.raises(ValueError, match=r"missing train params \['augment.erase_p'\]"):
+        train.TrainConfig.from_params(partial_augment)
+    with pytest.raises(ValueError, match=r"unknown train params \['augment.blur'\]"):
+        train.TrainConfig.from_params(block | {"augment": block["augment"] | {"blur": 1}})
 
 
 def test_train_never_reads_the_test_identities(prepared):
@@ -120,7 +138,7 @@ def test_killed_run_resumes_to_the_same_model(prepared, monkeypatch):
     reference, _ = load_model(run_train(prepared, "straight", {"epochs": 3}) / "model.pt")
 
     calls = {"n": 0}
-    real = train.pk_batch
+    real = training.pk_batch
 
     def dies_in_epoch_two(*args, **kwargs):
         calls["n"] += 1
@@ -128,12 +146,12 @@ def test_killed_run_resumes_to_the_same_model(prepared, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "pk_batch", dies_in_epoch_two)
+    monkeypatch.setattr(training, "pk_batch", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         run_train(prepared, "resumed", {"epochs": 3})
     assert not (prepared / "resumed" / "model.pt").exists()
     assert torch.load(prepared / "resumed" / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(train, "pk_batch", real)
+    monkeypatch.setattr(training, "pk_batch", real)
     resumed_dir = run_train(prepared, "resumed", {"epochs": 3})
     resumed, payload = load_model(resumed_dir / "model.pt")
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -145,7 +163,7 @@ def test_killed_run_resumes_to_the_same_model(prepared, monkeypatch):
 
 def kill_after_first_epoch(prepared, name: str, overrides: dict, monkeypatch) -> None:
     """Run ``name`` and kill it in its second epoch: its checkpoint holds epoch 0."""
-    real, calls = train.pk_batch, {"n": 0}
+    real, calls = training.pk_batch, {"n": 0}
 
     def dies_in_epoch_two(*args, **kwargs):
         calls["n"] += 1
@@ -154,7 +172,7 @@ def kill_after_first_epoch(prepared, name: str, overrides: dict, monkeypatch) ->
         return real(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(train, "pk_batch", dies_in_epoch_two)
+        m.setattr(training, "pk_batch", dies_in_epoch_two)
         with pytest.raises(KeyboardInterrupt):
             run_train(prepared, name, overrides)
     assert torch.load(prepared / name / "ckpt" / "last.ckpt", weights_only=False)["epoch"] == 0
@@ -185,7 +203,13 @@ def test_unknown_params_are_rejected(prepared):
 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(prepared):
-    params = write_params(prepared / "ddp.yaml", TINY_CROP | {f"train.mobilenet_v2.{k}": v for k, v in TINY.items()})
+    """torchrun, two gloo processes: one epoch of steps_per_epoch 0 is one pass over the images in all."""
+    pk = {"steps_per_epoch": 0, "p_identities": 2, "k_images": 2}
+    images = len(pd.read_parquet(prepared / "data" / "split" / "train.parquet"))
+    steps = training.epoch_steps(images, 2 * 2, world=2)
+    assert steps == images // (2 * 2 * 2) and steps < images // (2 * 2)  # half a single process's steps
+    overrides = TINY_CROP | {f"train.mobilenet_v2.{k}": v for k, v in (TINY | pk).items()}
+    params = write_params(prepared / "ddp.yaml", overrides)
     cmd = [
         sys.executable,
         "-m",
@@ -214,22 +238,15 @@ def test_ddp_two_processes_on_cpu(prepared):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=prepared, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "on cpu x2" in done.stderr
+    assert f" {steps} steps/epoch on cpu x2" in done.stderr
     _, payload = load_model(prepared / "ddp" / "model.pt")
     assert len(payload["history"]) == 3
 
 
-def test_curves_in_a_git_repo_without_commits(tmp_path, monkeypatch):
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    monkeypatch.chdir(tmp_path)
-    live = train.open_live("live")
-    train.log_record(live, {"epoch": 0, "loss": 0.5, "val_rank1": 0.25})
-    live.end()
-    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["train"]["loss"] == 0.5
-
-
 def test_train_params_read_exponent_floats_yaml_leaves_as_strings(tmp_path):
-    (tmp_path / "p.yaml").write_text("train:\n  lr: 1e-5\n  margin: 0.1\n")
+    text = yaml.safe_dump({"train": shipped_block() | {"lr": 0.5}}).replace("lr: 0.5", "lr: 1e-5")
+    (tmp_path / "p.yaml").write_text(text)
+    assert "lr: 1e-5\n" in text  # unquoted: YAML 1.1 reads it as a string, load_params as a number
     assert train.TrainConfig.from_params(load_params(tmp_path / "p.yaml")["train"]).lr == 1e-5
     with pytest.raises(ValueError, match="lr: 'fast' is not a number"):
-        train.TrainConfig.from_params({"lr": "fast"})
+        train.TrainConfig.from_params(shipped_block() | {"lr": "fast"})
