@@ -8,8 +8,9 @@ Reads ``params.yaml: data.root`` (passed as ``--data``) and ``crop``. Every entr
 of the image folder gets one manifest row: kept with its crop, or rejected with
 a reason (non-regular files, hidden files and bad names included, never
 opened). Photos are processed in parallel with joblib (``execution.n_jobs``
-workers on the ``execution.backend`` backend: how the stage runs, not what it
-produces, so no stage lists them in dvc.yaml); each worker writes its crops
+workers on the ``execution.backend`` backend, on the cluster at
+``execution.address`` for dask/ray: how the stage runs, not what it produces, so
+no stage lists them in dvc.yaml); each worker writes its crops
 into a temporary folder that replaces ``--crops`` only when the whole run
 succeeded. ``--metrics`` holds only results that compare across runs; speed goes
 to the log and ``--timing``.
@@ -18,15 +19,18 @@ to the log and ``--timing``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed, parallel_config
+from joblib import Parallel, delayed, effective_n_jobs, parallel_config
+from joblib.parallel import get_active_backend
 from PIL import Image
 from tqdm import tqdm
 
@@ -45,7 +49,7 @@ log = logging.getLogger("facesearch.crop")
 # so what it shows must follow from the stage's inputs and params alone (an execution knob
 # would change the plot without DVC re-running anything).
 SHEET_SEED = 0
-EXECUTION_DEFAULTS = {"n_jobs": 1, "backend": "loky"}
+EXECUTION_DEFAULTS = {"n_jobs": 1, "backend": "loky", "address": None}
 # Reasons decided before a file is opened: such originals are never read for the sheet either.
 UNOPENED = {M.Reason.NOT_A_FILE, M.Reason.HIDDEN_FILE, M.Reason.BAD_FILE_NAME, M.Reason.FILE_TOO_LARGE}
 
@@ -163,18 +167,58 @@ def placeholder_sheet(message: str, size: int = 128) -> np.ndarray:
     return grid([tile(None, message, size, (220, 40, 40))], cols=1)
 
 
-def _backend_context(backend: str, n_jobs: int):
-    """joblib backend by name; ``dask``/``ray`` fan the stage out over a cluster when installed."""
-    if backend == "ray":
-        from ray.util.joblib import register_ray  # optional dependency
+# Backends that fan the work out over a cluster; ``execution.address`` names the cluster.
+CLUSTER_BACKENDS = ("dask", "ray")
+
+
+@contextlib.contextmanager
+def _backend_context(backend: str, n_jobs: int, address: str | None = None) -> Iterator[None]:
+    """joblib's ``backend``, connected for ``dask``/``ray`` to the cluster at ``address``.
+
+    No ``address``: the framework's own variable (DASK_SCHEDULER_ADDRESS, RAY_ADDRESS), else
+    a local cluster of ``n_jobs`` worker processes that lives as long as the run. A cluster
+    the stage only connects to is left running; a local one it started is shut down.
+    """
+    if backend == "dask":
+        # The client is handed over explicitly: joblib would otherwise take whichever client
+        # was made last in this process. Its workers set the parallelism, not n_jobs.
+        with _dask_client(n_jobs, address) as client, parallel_config(backend="dask", client=client):
+            yield
+    elif backend == "ray":
+        import ray  # optional dependency: requirements-cluster.txt
+        from ray.util.joblib import register_ray
 
         register_ray()
-    elif backend == "dask":
-        from dask.distributed import Client  # optional dependency; registers the "dask" backend
+        started = not ray.is_initialized()
+        if started and address:
+            ray.init(address=address)  # else joblib's ray pool reads RAY_ADDRESS or starts a local ray
+        try:
+            with parallel_config(backend="ray", n_jobs=n_jobs):
+                yield
+        finally:
+            if started and ray.is_initialized():
+                ray.shutdown()  # disconnects from a remote cluster; stops a local one
+    else:
+        with parallel_config(backend=backend, n_jobs=n_jobs):
+            yield
 
-        # DASK_SCHEDULER_ADDRESS points at a running cluster; unset starts a local one.
-        Client(os.environ.get("DASK_SCHEDULER_ADDRESS"))
-    return parallel_config(backend=backend, n_jobs=n_jobs)
+
+@contextlib.contextmanager
+def _dask_client(n_jobs: int, address: str | None) -> Iterator:
+    import dask  # optional dependency: requirements-cluster.txt
+    from dask.distributed import Client, LocalCluster
+
+    address = address or dask.config.get("scheduler-address", None)  # DASK_SCHEDULER_ADDRESS
+    if address:
+        with Client(address, set_as_default=False) as client:
+            yield client
+    else:
+        # Processes with one thread each, as loky: the detector is not thread-parallel.
+        with (
+            LocalCluster(n_workers=effective_n_jobs(n_jobs), threads_per_worker=1, processes=True) as cluster,
+            Client(cluster, set_as_default=False) as client,
+        ):
+            yield client
 
 
 MOVED_TO_EXECUTION = ("n_jobs", "backend", "sheet_seed")
@@ -198,7 +242,11 @@ def load_execution(path: str) -> dict:
     unknown = set(given) - set(EXECUTION_DEFAULTS)
     if unknown:
         raise ValueError(f"params.yaml execution: unknown keys {sorted(unknown)}")
-    return {**EXECUTION_DEFAULTS, **given}
+    execution = {**EXECUTION_DEFAULTS, **given}
+    if execution["address"] and execution["backend"] not in CLUSTER_BACKENDS:
+        raise ValueError(f"params.yaml execution.address is for the {' / '.join(CLUSTER_BACKENDS)} backends, "
+                         f"not {execution['backend']!r}")  # fmt: skip
+    return execution
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -236,8 +284,11 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     with atomic_dir(args.crops) as tmp:
-        with _backend_context(execution["backend"], execution["n_jobs"]):
-            results = Parallel(return_as="generator")(
+        with _backend_context(execution["backend"], execution["n_jobs"], execution["address"]):
+            # Results as they come (the progress bar moves) where the backend can; ray's and
+            # multiprocessing's pools hand back the whole list at the end.
+            streams = get_active_backend()[0].supports_return_generator
+            results = Parallel(return_as="generator" if streams else "list")(
                 delayed(process_image)(
                     os.fsdecode(e.path),
                     os.path.abspath(tmp / names[e.name]),

@@ -26,5 +26,7 @@ def test_execution_knobs_rerun_nothing(repo_root, tmp_path):
     assert not any("execution" in str(s.get("params", [])) for s in stages.values())
     set_params(repo, execution__n_jobs=2, execution__backend="threading")
     assert "crop" not in dvc(repo, "status", "crop")  # nothing to re-run
+    set_params(repo, execution__backend="dask", execution__address="tcp://10.0.0.5:8786")
+    assert "crop" not in dvc(repo, "status", "crop")  # nor on a cluster
     set_params(repo, crop__margin=0.3)  # a real change is seen (the test can fail)
     assert "crop" in dvc(repo, "status", "crop")
