@@ -538,13 +538,13 @@ def _render_chunk(
     return out
 
 
-def generate_sample(spec: SampleSpec, out_dir: str | Path, n_jobs: int = 1) -> dict[str, int]:
+def generate_sample(spec: SampleSpec, out_dir: str | Path, n_jobs: int = 1, chunk: int = CHUNK) -> dict[str, int]:
     """Write a CelebA-layout sample to ``out_dir`` (which must be empty or absent).
 
     Returns counts for logging. File names are assigned in a seeded shuffled
     order, so identities are interleaved on disk as in CelebA. ``n_jobs`` joblib
     workers render the photos (-1: one per core); the bytes are the same for any
-    number.
+    number (and any ``chunk``, the photos per task).
     """
     out = Path(out_dir)
     img_dir = out / "img_celeba"
@@ -562,7 +562,7 @@ def generate_sample(spec: SampleSpec, out_dir: str | Path, n_jobs: int = 1) -> d
     jobs = [(k, j) for k in range(spec.identities) for j in range(spec.images_per_identity)]
     names = master.permutation(len(jobs))
     tasks = [(k, j, f"{num + 1:06d}.jpg") for (k, j), num in sorted(zip(jobs, names, strict=True), key=lambda t: t[1])]
-    chunks = [tasks[i : i + CHUNK] for i in range(0, len(tasks), CHUNK)]
+    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
     rendered = Parallel(n_jobs=n_jobs, return_as="generator")(
         # Each task gets only the identities it draws: pickling all 10k for every chunk would cost more.
         delayed(_render_chunk)(spec, os.fspath(img_dir), chunk, {k: identities[k] for k, _, _ in chunk}, strangers)
