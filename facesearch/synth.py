@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from joblib import Parallel, delayed
 from PIL import Image
 
 from facesearch.celeba import (
@@ -443,9 +445,14 @@ def render_photo(
     stranger: Identity | None,
     face_prob: float,
     second_face_prob: float,
+    width: tuple[int, int] = (220, 340),
 ) -> tuple[np.ndarray, dict[str, bool], int]:
-    """Render one photo of ``ident``; returns (RGB image, attributes, faces drawn of ident)."""
-    w = int(rng.integers(220, 340))
+    """Render one photo of ``ident``; returns (RGB image, attributes, faces drawn of ident).
+
+    The photo is ``width[0] <= w < width[1]`` px wide; everything in it is drawn in
+    proportion to its size, so a smaller range renders the same scenes smaller.
+    """
+    w = int(rng.integers(width[0], width[1]))
     h = int(w * rng.uniform(0.8, 1.3))
     img = _background(rng, h, w)
     glasses = bool(rng.random() < ident.glasses_rate)
@@ -497,16 +504,51 @@ class SampleSpec:
     face_prob: float = 0.96  # share of photos that show the identity's face at all
     second_face_prob: float = 0.15  # share of those with a smaller bystander face too
     jpeg_quality: int = 92
+    photo_width: tuple[int, int] = (220, 340)  # photo width range [low, high), px
+
+    def __post_init__(self):
+        lo, hi = (int(v) for v in self.photo_width)  # params.yaml gives a list
+        if not 0 < lo < hi:
+            raise ValueError(f"sample.photo_width must be [low, high) with 0 < low < high, got {self.photo_width}")
+        object.__setattr__(self, "photo_width", (lo, hi))
 
 
-def generate_sample(spec: SampleSpec, out_dir: str | Path) -> dict[str, int]:
+# Photos per parallel task: large enough that a task's overhead is small, small enough
+# that the workers stay busy to the end. Each photo has its own seed, so the bytes do
+# not depend on it (nor on the number of workers).
+CHUNK = 500
+
+
+def _render_chunk(
+    spec: SampleSpec, img_dir: str, tasks: list[tuple[int, int, str]], identities: dict[int, Identity],
+    strangers: list[Identity],
+) -> list[tuple[str, dict[str, bool], int]]:  # fmt: skip
+    """Render and write the photos ``tasks`` (identity index, photo index, file name)."""
+    out = []
+    for k, j, name in tasks:
+        rng = np.random.default_rng([spec.seed, 3, k, j])
+        stranger = strangers[int(rng.integers(len(strangers)))]
+        img, attrs, has_face = render_photo(
+            identities[k], rng, stranger, spec.face_prob, spec.second_face_prob, spec.photo_width
+        )
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=spec.jpeg_quality)
+        (Path(img_dir) / name).write_bytes(buf.getvalue())
+        out.append((name, attrs, has_face))
+    return out
+
+
+def generate_sample(spec: SampleSpec, out_dir: str | Path, n_jobs: int = 1, chunk: int = CHUNK) -> dict[str, int]:
     """Write a CelebA-layout sample to ``out_dir`` (which must be empty or absent).
 
     Returns counts for logging. File names are assigned in a seeded shuffled
-    order, so identities are interleaved on disk as in CelebA.
+    order, so identities are interleaved on disk as in CelebA. ``n_jobs`` joblib
+    workers render the photos (-1: one per core); the bytes are the same for any
+    number (and any ``chunk``, the photos per task).
     """
     out = Path(out_dir)
-    (out / "img_celeba").mkdir(parents=True, exist_ok=True)
+    img_dir = out / "img_celeba"
+    img_dir.mkdir(parents=True, exist_ok=True)
     master = np.random.default_rng(spec.seed)
     # CelebA identity ids are sparse integers in 1..10177.
     ids = sorted(int(i) for i in master.choice(np.arange(1, 10178), size=spec.identities, replace=False))
@@ -519,20 +561,21 @@ def generate_sample(spec: SampleSpec, out_dir: str | Path) -> dict[str, int]:
     partition_of = {int(k): 0 if r < n_train else 1 if r < n_train + n_val else 2 for r, k in enumerate(order)}
     jobs = [(k, j) for k in range(spec.identities) for j in range(spec.images_per_identity)]
     names = master.permutation(len(jobs))
+    tasks = [(k, j, f"{num + 1:06d}.jpg") for (k, j), num in sorted(zip(jobs, names, strict=True), key=lambda t: t[1])]
+    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
+    rendered = Parallel(n_jobs=n_jobs, return_as="generator")(
+        # Each task gets only the identities it draws: pickling all 10k for every chunk would cost more.
+        delayed(_render_chunk)(spec, os.fspath(img_dir), chunk, {k: identities[k] for k, _, _ in chunk}, strangers)
+        for chunk in chunks
+    )
     id_rows, attr_rows, part_rows = [], [], []
     faces = 0
-    for (k, j), num in sorted(zip(jobs, names, strict=True), key=lambda t: t[1]):
-        rng = np.random.default_rng([spec.seed, 3, k, j])
-        stranger = strangers[int(rng.integers(len(strangers)))]
-        img, attrs, has_face = render_photo(identities[k], rng, stranger, spec.face_prob, spec.second_face_prob)
-        faces += has_face
-        name = f"{num + 1:06d}.jpg"
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=spec.jpeg_quality)
-        (out / "img_celeba" / name).write_bytes(buf.getvalue())
-        id_rows.append(f"{name} {ids[k]}")
-        attr_rows.append(name + " " + " ".join(" 1" if attrs[a] else "-1" for a in ATTRIBUTE_NAMES))
-        part_rows.append(f"{name} {partition_of[k]}")
+    for chunk, results in zip(chunks, rendered, strict=True):
+        for (k, _, name), (_, attrs, has_face) in zip(chunk, results, strict=True):
+            faces += has_face
+            id_rows.append(f"{name} {ids[k]}")
+            attr_rows.append(name + " " + " ".join(" 1" if attrs[a] else "-1" for a in ATTRIBUTE_NAMES))
+            part_rows.append(f"{name} {partition_of[k]}")
     (out / IDENTITY_FILE).write_text("\n".join(id_rows) + "\n")
     header = f"{len(attr_rows)}\n" + " ".join(ATTRIBUTE_NAMES) + "\n"
     (out / ATTRIBUTE_FILE).write_text(header + "\n".join(attr_rows) + "\n")

@@ -2,8 +2,11 @@
 
     python -m stages.make_sample --out data/sample
 
-Reads ``params.yaml: sample``. The output folder is replaced whole and
-atomically, so an interrupted run leaves the previous sample (or none).
+Reads ``params.yaml: sample``, and ``execution.n_jobs`` for the number of
+rendering workers (how the stage runs, not what it writes: the bytes are the
+same for any number, so dvc.yaml does not list it). The output folder is
+replaced whole and atomically, so an interrupted run leaves the previous
+sample (or none).
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
-    spec = SampleSpec(**load_params(args.params)["sample"])
+    params = load_params(args.params)
+    spec = SampleSpec(**params["sample"])
+    n_jobs = (params.get("execution") or {}).get("n_jobs", 1)
     with atomic_dir(args.out) as tmp:
-        counts = generate_sample(spec, tmp)
+        counts = generate_sample(spec, tmp, n_jobs=n_jobs)
     log.info("wrote %s: %s", args.out, counts)
 
 

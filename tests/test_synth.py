@@ -4,6 +4,7 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from facesearch.celeba import ATTRIBUTE_NAMES, find_image_dir, list_images, read_annotations
@@ -26,6 +27,27 @@ def test_same_spec_same_bytes(tmp_path):
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     generate_sample(SampleSpec(identities=3, images_per_identity=2, seed=6), tmp_path / "c")
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_workers_and_chunks_do_not_change_the_bytes(tmp_path):
+    spec = SampleSpec(identities=3, images_per_identity=3, seed=5)
+    generate_sample(spec, tmp_path / "a")
+    # Chunks of 2 photos over 2 workers: results come back from several tasks, in order.
+    generate_sample(spec, tmp_path / "b", n_jobs=2, chunk=2)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_photo_width_sets_the_size_of_the_photos(tmp_path):
+    def sizes(spec, out):
+        generate_sample(spec, out)
+        return [Image.open(p).size for p in sorted((out / "img_celeba").glob("*.jpg"))]
+
+    for lo, hi in [(100, 112), (220, 340)]:
+        found = sizes(SampleSpec(identities=2, images_per_identity=4, seed=1, photo_width=[lo, hi]), tmp_path / str(lo))
+        assert all(lo <= w < hi and 0.8 * w - 1 <= h <= 1.3 * w for w, h in found), found
+    assert SampleSpec().photo_width == (220, 340)  # the renderer's historical range: same bytes as before
+    with pytest.raises(ValueError, match="photo_width"):
+        SampleSpec(photo_width=(64, 64))
 
 
 def test_layout_is_celeba_and_complete(sample_factory):
