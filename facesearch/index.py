@@ -173,13 +173,13 @@ def validate_index(faces: pd.DataFrame, photo_table: pd.DataFrame, embeddings: n
     for col in (ROOT, PHOTO, SHA256, N_FACES):
         if p[col].isna().any():
             raise SchemaError(f"photos: {col} must be present")
-    if not p[SHA256].map(lambda h: len(h) == 64 and set(h) <= _HEX).all():
+    if not all(len(h) == 64 and set(h) <= _HEX for h in p[SHA256]):
         raise SchemaError("photos: sha256 must be 64 lower-case hex digits")
     if p[SHA256].duplicated().any():
         raise SchemaError("photos: a content is indexed twice")
     if p.duplicated([ROOT, PHOTO]).any():
         raise SchemaError("photos: a path is indexed twice")
-    if not p[ROOT].map(os.path.isabs).all():
+    if not all(os.path.isabs(r) for r in p[ROOT]):
         raise SchemaError("photos: root must be an absolute path")
     has_faces = p[N_FACES] > 0
     if (p[N_FACES] < 0).any() or p.loc[has_faces, REASON].notna().any() or p.loc[~has_faces, REASON].isna().any():
