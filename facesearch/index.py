@@ -540,7 +540,7 @@ def writing(folder: Path) -> Iterator[None]:
         yield
 
 
-def _graph_for(embeddings: np.ndarray, record: dict, previous: PhotoIndex | None, appended: bool):
+def search_graph(embeddings: np.ndarray, record: dict, previous: PhotoIndex | None, appended: bool):
     """The HNSW graph for ``embeddings`` (None below the threshold).
 
     ``appended``: ``embeddings`` are the previous version's plus new rows at the end,
@@ -673,7 +673,7 @@ def build(
                   "hnsw_m": HNSW_M, "ef_search": EF_SEARCH}  # fmt: skip
         if folder.joinpath(POINTER).is_file():  # --force: a new version of the same folder
             record["version"] = json.loads((folder / _read_pointer(folder) / RECORD).read_text())["version"] + 1
-        version = write_version(folder, record, embeddings, faces, photo_table, _graph_for(embeddings, record,
+        version = write_version(folder, record, embeddings, faces, photo_table, search_graph(embeddings, record,
                                                                                            None, False))  # fmt: skip
     skips = skips + batch.skips
     _log_skips(skips)
@@ -706,7 +706,7 @@ def add(index_dir: str | os.PathLike, photo_dir: str, layout: str = "auto", mode
         photo_table = pd.concat([old.photos[~old.photos[SHA256].isin(replaced)], new_photos], ignore_index=True)
         embeddings = np.concatenate([old.embeddings[keep], batch.vectors(old.dim)])
         record = old.record | {"version": old.record["version"] + 1, "model": embedder.record()}
-        graph = _graph_for(embeddings, record, old, appended=bool(keep.all()))
+        graph = search_graph(embeddings, record, old, appended=bool(keep.all()))
         version = write_version(folder, record, embeddings, faces, photo_table, graph)
     return _report(faces, photo_table, added_faces=len(batch.face_rows), removed_photos=len(replaced),
                    added_photos=int((new_photos[N_FACES] > 0).sum()), without_faces=without, skips=skips,
@@ -746,7 +746,7 @@ def remove(index_dir: str | os.PathLike, targets: Sequence[str], limits: CropLim
         photo_table = old.photos[~hit].reset_index(drop=True)
         embeddings = np.ascontiguousarray(old.embeddings[keep])
         record = old.record | {"version": old.record["version"] + 1}
-        graph = _graph_for(embeddings, record, old, appended=False)  # HNSW cannot delete: rebuilt
+        graph = search_graph(embeddings, record, old, appended=False)  # HNSW cannot delete: rebuilt
         version = write_version(folder, record, embeddings, faces, photo_table, graph)
     return _report(faces, photo_table, removed_photos=int(hit.sum()), unmatched=unmatched, version=version)
 
