@@ -61,10 +61,11 @@ write. The version before the live one is kept, so a search that read
 exclusive lock (``INDEX/.lock``); readers take none.
 
 Search structure: exact brute force (:class:`facesearch.search.ExactIndex`)
-below ``hnsw_threshold`` faces, FAISS HNSW (approximate, ~10x faster at 100k
-faces; ``bench/index.py`` measures its speed and recall) from there on. ``add``
-inserts the new faces into the stored graph; ``remove`` rebuilds it (HNSW
-cannot delete).
+below ``hnsw_threshold`` faces, FAISS HNSW (approximate) from there on. At
+100k faces exact search takes ~1.2 ms a query on a 2-core CPU and HNSW ~0.4 ms
+at recall@10 ~0.91 (``bench/index.py``), so the default keeps search exact up
+to a million faces. ``add`` inserts the new faces into the stored graph;
+``remove`` rebuilds it (HNSW cannot delete).
 """
 
 from __future__ import annotations
@@ -110,9 +111,11 @@ LOCK = ".lock"
 EMBEDDINGS, FACES, PHOTOS = "embeddings.npy", "faces.parquet", "photos.parquet"
 RECORD, GRAPH = "index.json", "hnsw.faiss"
 LAYOUTS = ("auto", "folders", "plain")
-# Faces from which the index searches with HNSW instead of exactly. At 50k faces exact search costs
-# a few ms per query on a CPU (bench/index.py), still fine interactively; beyond, it grows linearly.
-DEFAULT_HNSW_THRESHOLD = 50_000
+# Faces from which the index searches with HNSW instead of exactly. Exact search grows linearly,
+# ~1.2 ms a query at 100k faces on a 2-core CPU (bench/index.py), so ~12 ms at a million: still
+# instant next to loading the index, and exact. HNSW is only ~3x faster at 100k and misses ~9% of
+# the true top 10; it pays off beyond a million faces.
+DEFAULT_HNSW_THRESHOLD = 1_000_000
 HNSW_M, EF_SEARCH = 32, 64  # FaissIndex's defaults: graph links per node, candidates explored per search
 # Verdict threshold for a model file without payload["threshold"]: FaceNet's (Schroff et al. 2015)
 # squared-L2 threshold of 1.1 between unit embeddings, as a cosine (1 - 1.1 / 2). A guess for any
@@ -471,6 +474,16 @@ class PhotoIndex:
             return CheckedIndex(StoredHNSW(self.graph, self.record["ef_search"]), len(self.faces))
         return build_index(self.embeddings, "exact")
 
+    def embedder(self, model: str | None = None, device: str = "cpu") -> Embedder:
+        """``model`` (default: the one the index was built from), refused unless it is the index's model."""
+        path = model or self.record["model"]["path"]
+        if not Path(path).is_file():
+            raise PhotoIndexError(f"model file {path} does not exist" + ("" if model else
+                                  " (the index's model): pass --model where it is now"))  # fmt: skip
+        embedder = Embedder.load(path, device)
+        self.check_model(embedder)
+        return embedder
+
     def check_model(self, embedder: Embedder) -> None:
         """Refuse a model other than the one this index was built with."""
         own = self.record["model"]
@@ -688,8 +701,7 @@ def add(index_dir: str | os.PathLike, photo_dir: str, layout: str = "auto", mode
     folder = Path(index_dir)
     with writing(folder):
         old = load_index(folder)
-        embedder = Embedder.load(model or old.record["model"]["path"], device)
-        old.check_model(embedder)  # the same model: a new --model path is recorded as its place
+        embedder = old.embedder(model, device)  # the same model: a new --model path is recorded as its place
         root, files, skips = _scan(photo_dir, layout, folder)
         batch = embed_files(files, root, embedder, limits, known=frozenset(old.photos[SHA256]))
         skips = skips + batch.skips
@@ -797,8 +809,7 @@ def search(index_dir: str | os.PathLike, queries: Sequence[str], top: int = 9, t
     if top < 1:
         raise PhotoIndexError(f"--top must be at least 1, not {top}")
     index = load_index(index_dir)
-    embedder = Embedder.load(model or index.record["model"]["path"])
-    index.check_model(embedder)
+    embedder = index.embedder(model)
     cut, source = verdict_threshold(embedder.payload, threshold)
     log.info("verdict threshold %.4f from %s", cut, source)
     structure = index.structure()

@@ -296,6 +296,13 @@ def test_another_model_is_refused(models, people, tmp_path):
     payload["threshold"] = {"similarity": 0.9, "far": 1e-3, "source": "validation identities"}
     torch.save(payload, tmp_path / "moved.pt")
     assert X.add(tmp_path / "idx", str(people), model=str(tmp_path / "moved.pt")).added_faces == 0
+    shutil.move(models["a"], tmp_path / "away.pt")  # the index's model moved: say so, take --model
+    try:
+        with pytest.raises(X.PhotoIndexError, match="pass --model"):
+            list(X.search(tmp_path / "idx", [str(all_files(people)[0])]))
+        assert list(X.search(tmp_path / "idx", [str(all_files(people)[0])], model=str(tmp_path / "away.pt")))
+    finally:
+        shutil.move(tmp_path / "away.pt", models["a"])
     # Different crops are a different model, whatever the weights.
     payload["preprocessing"] = preprocessing_record(FaceConfig(size=48), 32)
     torch.save(payload, tmp_path / "recropped.pt")
