@@ -686,8 +686,8 @@ def build(
                   "hnsw_m": HNSW_M, "ef_search": EF_SEARCH}  # fmt: skip
         if folder.joinpath(POINTER).is_file():  # --force: a new version of the same folder
             record["version"] = json.loads((folder / _read_pointer(folder) / RECORD).read_text())["version"] + 1
-        version = write_version(folder, record, embeddings, faces, photo_table, search_graph(embeddings, record,
-                                                                                           None, False))  # fmt: skip
+        graph = search_graph(embeddings, record, None, appended=False)
+        version = write_version(folder, record, embeddings, faces, photo_table, graph)
     skips = skips + batch.skips
     _log_skips(skips)
     without = Counter(r[REASON] for r in batch.photo_rows if r[REASON] is not None)
