@@ -5,6 +5,9 @@ A photo arrives as bytes (upload or camera), is checked and decoded in memory
 chosen face cropped as the crop stage cropped the chosen model's gallery
 (the model's own ``preprocessing.crop``), embedded by that model and searched
 in the gallery the pipeline built (``data/embeddings/<backbone>/<state>_gallery.npy``).
+Finding, cutting and embedding are :mod:`facesearch.photos`' (shared with the
+photo index, :mod:`facesearch.index`); this module adds the upload checks and
+the visitor-facing errors.
 
 Uploads are hostile until proven otherwise: every function a query passes
 through (:func:`read_upload`, :func:`find_faces`, :func:`crop_face`,
@@ -30,13 +33,12 @@ import torch
 from PIL import Image
 
 from facesearch import manifest as M
+from facesearch import photos
 from facesearch.celeba import ATTRIBUTE_NAMES
 from facesearch.contract import model_preprocessing
-from facesearch.data import embed_array
-from facesearch.detect import Box, Detection, crop_square
-from facesearch.faces import FaceConfig, face_crop
-from facesearch.faces import find_faces as _find_faces
-from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, decode_image, shrink
+from facesearch.detect import Box, Detection
+from facesearch.faces import FaceConfig
+from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, decode_image
 from facesearch.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
 from facesearch.retrieval import attribute_matrix
@@ -159,18 +161,15 @@ def crop_settings(root: Path, backbone: str) -> FaceConfig:
 
 
 def find_faces(image: DecodedImage, settings: FaceConfig) -> Detection:
+    """Every face in the photo, in photo order (:func:`facesearch.photos.detect`)."""
     with failures_as("Looking for faces in this photo failed; please try another photo."):
-        return _find_faces(image.rgb, settings)
+        return photos.detect(image.rgb, settings)
 
 
 def crop_face(image: DecodedImage, box: Box | None, settings: FaceConfig) -> np.ndarray:
     """The crop the pipeline would make of ``box``; ``None``: the whole image, squared."""
     with failures_as("Cutting the face out of this photo failed; please try another photo."):
-        if box is None:
-            # Shrink before squaring: the square of a 10:1 photo is 10x its pixels.
-            rgb = shrink(image.rgb, settings.size)
-            return crop_square(rgb, (0, 0, rgb.shape[1], rgb.shape[0]), 0.0, settings.size)
-        return face_crop(image.rgb, box, settings)
+        return photos.crop(image.rgb, box, settings)
 
 
 @dataclass
@@ -234,8 +233,7 @@ def search(model: torch.nn.Module, gallery: Gallery, face: np.ndarray, k: int = 
 
 
 def _search(model: torch.nn.Module, gallery: Gallery, face: np.ndarray, k: int) -> tuple[list[Result], dict]:
-    size = model.config.img_size
-    emb = embed_array(model, face[None], size, torch.device("cpu"), batch=1)
+    emb = photos.embed(model, face[None], model.config.img_size, batch=1)
     dist, idx = gallery.index.search(emb, k)
     attrs = gallery.attributes[idx[0]]
     known = ~np.isnan(attrs).any(1)

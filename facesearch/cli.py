@@ -31,8 +31,8 @@ from joblib import Parallel, delayed
 from PIL import Image
 from tqdm import tqdm
 
+from facesearch import index, tune
 from facesearch import manifest as M
-from facesearch import tune
 from facesearch.celeba import find_image_dir, list_images, read_annotations
 from facesearch.contract import model_preprocessing, seen_identities
 from facesearch.cropping import crop_names, process_image
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     chk.add_argument("--params", default="params.yaml", help="crop limits (crop.max_file_bytes, max_pixels, ...)")
     chk.add_argument("--json", action="store_true", help="print the full report as JSON")
     tune.add_parser(sub)
+    index.add_parsers(sub)  # index build|add|remove|info, search: your own photos (facesearch.index)
     res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
     res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
     res.add_argument("--backbones", default=None, help="comma-separated (default: params.yaml backbones)")
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "tune":
         return tune.main(args)
+    if args.command in ("index", "search"):
+        return index.main(args)
     if args.command == "check-data":
         from facesearch.checkdata import run
 

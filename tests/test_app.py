@@ -21,6 +21,7 @@ from conftest import bomb_png, jpeg_bytes, png_bytes, write_params
 from PIL import Image
 
 from facesearch import app_core as core
+from facesearch import photos
 from facesearch.detect import crop_square
 from facesearch.images import ALLOWED_FORMATS
 from facesearch.models import load_model, save_model
@@ -146,13 +147,13 @@ def test_core_raises_only_upload_errors(monkeypatch, caplog):
     with pytest.raises(core.UploadError, match="cannot be read"), caplog.at_level(logging.ERROR):
         core.read_upload(jpeg_bytes(Image.new("RGB", (80, 60))))
     assert "struct.error" in caplog.text
-    monkeypatch.setattr(core, "_find_faces", boom)
+    monkeypatch.setattr(photos, "find_faces", boom)
     with pytest.raises(core.UploadError, match="Looking for faces"):
         core.find_faces(photo, core.FaceConfig())
-    monkeypatch.setattr(core, "face_crop", boom)
+    monkeypatch.setattr(photos, "face_crop", boom)
     with pytest.raises(core.UploadError, match="Cutting the face"):
         core.crop_face(photo, (0, 0, 10, 10), core.FaceConfig())
-    monkeypatch.setattr(core, "embed_array", boom)
+    monkeypatch.setattr(photos, "embed_array", boom)
     with pytest.raises(core.UploadError, match="search failed"):
         core.search(None, None, np.zeros((8, 8, 3), np.uint8))
 
