@@ -100,6 +100,7 @@ class SizeResult:
     identities: int
     photos: int
     stages: list[Measure] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -289,21 +290,53 @@ def tail(path: Path, n: int = 15) -> str:
     return "\n".join(line for line in lines[-n:] if line.strip())
 
 
+def reusable(previous: dict | None, identities: int, params: dict, stage_names: list[str]) -> list[Measure]:
+    """The leading stages an earlier run (its ``--report`` JSON) finished for this size with these params."""
+    if not previous:
+        return []
+    size = next((r for r in previous.get("sizes", []) if r["identities"] == identities), None)
+    if size is None or size.get("params") != params:
+        return []
+    done = []
+    for name, row in zip(stage_names, size["stages"], strict=False):
+        if row["stage"] != name or row["rc"] != 0:
+            break
+        done.append(Measure(**{**row, "note": row["note"] or "from the resumed run"}))
+    return done
+
+
 def run_size(
-    identities: int, until: str | None, base_params: dict, dvc: dict, overrides: dict, workdir: Path, args
+    identities: int,
+    until: str | None,
+    base_params: dict,
+    dvc: dict,
+    overrides: dict,
+    workdir: Path,
+    args,
+    previous: dict | None = None,
 ) -> SizeResult:
-    """Every stage (up to ``until``) on a fresh project of ``identities`` people."""
+    """Every stage (up to ``until``) on a fresh project of ``identities`` people.
+
+    With ``previous`` (``--resume``), the stages that run finished with the same
+    params keep their measurements and outputs, and the rest run on top of them:
+    a long run stopped after crop goes on from split.
+    """
     params = bench_params(base_params, identities, overrides)
     photos = identities * int(params["sample"]["images_per_identity"])
-    result = SizeResult(identities, photos)
+    result = SizeResult(identities, photos, params=params)
     root = workdir / f"{identities}"
     project, logs = root / "project", root / "logs"
-    shutil.rmtree(root, ignore_errors=True)
-    project.mkdir(parents=True)
+    all_stages = stage_prefix(pipeline_stages(dvc, params), until)
+    done = reusable(previous, identities, params, [st.name for st in all_stages]) if project.is_dir() else []
+    if not done:
+        shutil.rmtree(root, ignore_errors=True)
+        project.mkdir(parents=True)
+    result.stages.extend(done)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    stages = stage_prefix(pipeline_stages(dvc, params), until)
-    print(f"\n== {result.label}: {len(stages)} stages in {project}", flush=True)
+    stages = all_stages[len(done) :]
+    print(f"\n== {result.label}: {len(stages)} stages in {project}"
+          + (f" (resumed after {done[-1].stage})" if done else ""), flush=True)  # fmt: skip
     failed = None
     for st in stages:
         m = Measure(st.name)
@@ -426,7 +459,7 @@ def parse_set(items: list[str]) -> dict:
 
 
 def size_json(r: SizeResult) -> dict:
-    return {"identities": r.identities, "photos": r.photos, "total_s": r.total_s,
+    return {"identities": r.identities, "photos": r.photos, "total_s": r.total_s, "params": r.params,
             "stages": [asdict(m) for m in r.stages]}  # fmt: skip
 
 
@@ -437,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-200k", action="store_true", help=f"leave out sizes above {LARGE_PHOTOS:,} photos")
     parser.add_argument("--workdir", default="/tmp/facesearch-scale", help="scratch folder (outside the repo)")
     parser.add_argument("--keep", action="store_true", help="keep each size's project folder after it ran")
+    parser.add_argument("--resume", metavar="REPORT_JSON",
+                        help="go on from an earlier --keep run: reuse its finished stages (same params)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="params.yaml change over BENCH_SETTINGS (YAML; train.*.x: each backbone)")  # fmt: skip
     parser.add_argument("--params", default=str(REPO / "params.yaml"), help="base params.yaml")
@@ -458,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = parse_sizes(args.sizes, args.skip_200k, per_identity)
     if not sizes:
         raise SystemExit("no sizes left to run")
-    results = [run_size(ids, until, base, dvc, overrides, workdir, args) for ids, until in sizes]
+    previous = json.loads(Path(args.resume).read_text()) if args.resume else None
+    results = [run_size(ids, until, base, dvc, overrides, workdir, args, previous) for ids, until in sizes]
     checks = targets(results, args.max_rss_gib * GIB, args.linear_slack)
     text = markdown(results, checks)
     print("\n" + text)
