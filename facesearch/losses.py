@@ -14,15 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from facesearch.distances import squared_distances
+
 
 def pairwise_distances(emb: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance matrix; the epsilon keeps sqrt differentiable at 0.
+    """Euclidean distance matrix of a batch; the epsilon keeps sqrt differentiable at 0.
 
-    The expansion ||a||^2 + ||b||^2 - 2ab leaves float rounding (~1e-7) on the
-    diagonal, which sqrt would turn into ~3e-4; the diagonal is zeroed instead.
+    The expansion (:func:`~facesearch.distances.squared_distances`) leaves float rounding
+    (~1e-7) on the diagonal, which sqrt would turn into ~3e-4; the diagonal is zeroed instead.
     """
     sq = emb.pow(2).sum(1)
-    d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * emb @ emb.t()).clamp_min(0)
+    d2 = squared_distances(emb, emb, sq, sq).clamp_min(0)
     off_diagonal = 1.0 - torch.eye(len(emb), device=emb.device, dtype=d2.dtype)
     return torch.sqrt(d2 * off_diagonal + 1e-12) * off_diagonal
 

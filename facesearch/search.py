@@ -35,6 +35,8 @@ from typing import Protocol
 
 import numpy as np
 
+from facesearch.distances import squared_distances
+
 BACKENDS = ("exact", "ckdtree", "faiss")
 
 
@@ -47,7 +49,7 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
 
 
 class ExactIndex:
-    """Brute force with ||q - g||^2 = ||q||^2 - 2 q.g + ||g||^2, in chunks of queries."""
+    """Brute force with :func:`~facesearch.distances.squared_distances`, in chunks of queries."""
 
     def __init__(self, gallery: np.ndarray, chunk: int = 256):
         self.gallery = _as_f32(gallery)
@@ -62,7 +64,9 @@ class ExactIndex:
         idx = np.empty((len(queries), k), np.int64)
         for s in range(0, len(queries), self.chunk):
             q = queries[s : s + self.chunk]
-            d2 = self.g_sq[None, :] - 2.0 * (q @ self.gallery.T)
+            d2 = squared_distances(q, self.gallery, self.g_sq)
+            # The query's norm added after the product, not as a_sq: this index's float order since
+            # it was written, so its distances and its order of near-ties stay what they were.
             d2 += (q**2).sum(1)[:, None]
             part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(q), 1))
             pd = np.take_along_axis(d2, part, 1)

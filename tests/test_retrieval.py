@@ -104,16 +104,24 @@ def test_ties_rank_the_same_whatever_k():
     assert small["mAP"] == pytest.approx(full["mAP"])
 
 
+def full_ranking_loo(emb: np.ndarray, labels: np.ndarray, chunk: int) -> dict[str, float]:
+    """Brute force: every query's whole row ranked by a stable sort (ties by index), itself removed.
+
+    The same row blocks as :func:`leave_one_out_metrics` give the same float32 distances, so the
+    two must agree exactly (``==``), not approximately.
+    """
+    q = np.array([i for i, lab in enumerate(labels) if (labels == lab).sum() > 1])
+    ranking = exact_ranking(emb[q], emb, chunk=chunk)
+    return identity_metrics(np.array([r[r != i] for r, i in zip(ranking, q, strict=True)]), labels[q], labels)
+
+
 def test_leave_one_out_in_chunks_matches_the_full_ranking():
     rng = np.random.default_rng(3)
     emb = rng.normal(size=(60, 8)).astype(np.float32)
     emb[7] = emb[8]  # an exact tie between two images
     labels = rng.integers(0, 12, size=60)
     labels[0] = 99  # an identity with one image: never a query
-    q = np.array([i for i, lab in enumerate(labels) if (labels == lab).sum() > 1])
-    ranking = exact_ranking(emb[q], emb, chunk=5)  # same row blocks: same float32 rounding
-    full = identity_metrics(np.array([r[r != i] for r, i in zip(ranking, q, strict=True)]), labels[q], labels)
-    assert leave_one_out_metrics(emb, labels, chunk=5) == full
+    assert leave_one_out_metrics(emb, labels, chunk=5) == full_ranking_loo(emb, labels, 5)
 
 
 def test_leave_one_out_with_many_ties_matches_the_full_ranking():
@@ -121,10 +129,46 @@ def test_leave_one_out_with_many_ties_matches_the_full_ranking():
     rng = np.random.default_rng(5)
     emb = np.round(rng.normal(size=(90, 3)), 0).astype(np.float32)
     labels = rng.integers(0, 7, size=90)
-    q = np.array([i for i, lab in enumerate(labels) if (labels == lab).sum() > 1])
-    ranking = exact_ranking(emb[q], emb, chunk=16)
-    full = identity_metrics(np.array([r[r != i] for r, i in zip(ranking, q, strict=True)]), labels[q], labels)
-    assert leave_one_out_metrics(emb, labels, chunk=16) == full
+    assert leave_one_out_metrics(emb, labels, chunk=16) == full_ranking_loo(emb, labels, 16)
+
+
+def unit_clusters(seed: int, n: int = 400, n_ids: int = 20, dim: int = 16, scatter: float = 0.25):
+    """Face-like: L2-normalised float32 photos around identity centres on the sphere."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_ids, dim))
+    labels = rng.integers(0, n_ids, size=n)
+    emb = centres[labels] / np.linalg.norm(centres[labels], axis=1, keepdims=True)
+    emb = emb + rng.normal(scale=scatter, size=(n, dim))
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 1024])
+@pytest.mark.parametrize("scatter", [0.1, 0.4, 2.0])  # from tight clusters to near-random
+def test_leave_one_out_on_unit_clusters_matches_the_full_ranking(chunk, scatter):
+    emb, labels = unit_clusters(seed=int(scatter * 10), scatter=scatter)
+    assert leave_one_out_metrics(emb, labels, chunk=chunk) == full_ranking_loo(emb, labels, chunk)
+
+
+def test_leave_one_out_with_duplicates_matches_the_full_ranking():
+    # The same photo several times, in its own identity and in others: equal distances, ranked by
+    # index, some of them between a query and its own relevant images.
+    emb, labels = unit_clusters(seed=7)
+    emb[10:14] = emb[3]
+    emb[50] = emb[51]
+    labels[[3, 10, 11]] = labels[50]
+    m = leave_one_out_metrics(emb, labels, chunk=64)
+    assert m == full_ranking_loo(emb, labels, 64)
+
+
+def test_leave_one_out_of_a_collapsed_model_matches_the_full_ranking():
+    # Every embedding equal: every distance ties, so ranks follow the index alone.
+    emb = np.full((50, 4), 0.5, np.float32)
+    labels = np.repeat(np.arange(10), 5)
+    m = leave_one_out_metrics(emb, labels, chunk=16)
+    assert m == full_ranking_loo(emb, labels, 16)
+    # By hand: each query's others rank by index, so images 0-4 (id 0) come first in every row.
+    # Id 0's queries hit at rank 1, id 1's (5-9) at rank 6, every other identity's after rank 10.
+    assert (m["rank1"], m["rank5"], m["rank10"]) == (0.1, 0.1, 0.2)
 
 
 class PaddedIndex:

@@ -1,0 +1,24 @@
+"""Squared Euclidean distances between two sets of rows: the one formula behind ranking, search and losses.
+
+||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b, a matrix product instead of |A| x |B| vector
+differences. Written with operators only, so the same function serves numpy arrays
+(evaluation, search) and torch tensors (the triplet losses, gradients included).
+"""
+
+from __future__ import annotations
+
+
+def squared_distances(a, b, b_sq, a_sq=None):
+    """(len(a), len(b)) matrix of ||a_i - b_j||^2, from the squared row norms ``b_sq`` (and ``a_sq``).
+
+    Without ``a_sq`` the term ||a_i||^2 is left out: it is constant along a row, so the
+    result orders each row's b_j as the full distance does, and rankings skip that pass
+    (it is also why those values can be negative). Callers pass the norms so that a
+    gallery's are computed once, not per chunk of queries.
+
+    The float operations are fixed, because committed models and metrics depend on their
+    rounding: (``a_sq`` + ``b_sq``) - (2 a) @ b.T, or ``b_sq`` - (2 a) @ b.T; doubling is
+    exact, so (2 a) @ b.T equals 2 (a @ b.T) bit for bit.
+    """
+    sq = b_sq[None, :] if a_sq is None else a_sq[:, None] + b_sq[None, :]
+    return sq - 2 * a @ b.T
