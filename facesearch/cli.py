@@ -53,8 +53,8 @@ log = logging.getLogger("facesearch.cli")
 
 CROP_DEFAULTS = {"jpeg_quality": 95, "max_pixels": 40_000_000, "min_image_side": 32}
 # Packed images embedded per memory map: a map is dropped after its chunk, so the pages
-# read stay out of this process's memory (4096 images at 150 px: 276 MB).
-EMBED_CHUNK = 4096
+# read stay out of this process's memory (1024 images at 150 px: 69 MB).
+EMBED_CHUNK = 1024
 
 
 def crop_settings(payload: dict, crop_params: str | None) -> tuple[dict, FaceConfig, int]:
@@ -133,7 +133,7 @@ def evaluate_folder(
         for name, t in (("query", query), ("gallery", gallery)):
             # The model's own input side: the pixels it trained on (see facesearch.packing).
             pack_crops(list(t[M.CROP_PATH]), Path(tmp) / f"{name}.npy", side=size, n_jobs=n_jobs, desc=name)
-            emb[name] = embed_packed(model, Path(tmp) / f"{name}.npy", size, dev, desc=f"embed {name}")
+            emb[name] = embed_packed(model, Path(tmp) / f"{name}.npy", size, dev, f"embed {name}", EMBED_CHUNK)
     q_emb, g_emb = emb["query"], emb["gallery"]
 
     q_labels, g_labels = query[M.IDENTITY].to_numpy(), gallery[M.IDENTITY].to_numpy()
