@@ -1,7 +1,8 @@
 """The training/serving data path: decoded crop arrays and tensor-side transforms.
 
-Each crop is decoded once, by the ``pack`` stage, into a uint8 array
-(N x H x W x 3) per split, stored as ``.npy`` and memory-mapped by readers, so
+Each crop is decoded once, by the ``pack`` stage (:mod:`facesearch.packing`),
+into a uint8 array (N x S x S x 3) per split at the largest input side S the
+pipeline's backbones read, stored as ``.npy`` and memory-mapped by readers, so
 no JPEG is decoded in the training loop. Resizing, normalisation and
 augmentation then run on whole batches as tensor operations, on the GPU when
 there is one, so the accelerator never waits for the CPU.
@@ -9,45 +10,14 @@ there is one, so the accelerator never waits for the CPU.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from facesearch.io import atomic_path
 from facesearch.models import IMAGENET_MEAN, IMAGENET_STD
-
-
-def pack_crops(paths: Sequence[str | os.PathLike], out: str | os.PathLike, desc: str = "pack") -> int:
-    """Decode ``paths`` (equal-sized RGB crops) into one uint8 ``.npy`` at ``out``; returns N.
-
-    Written through a memory map, so memory use stays at one image whatever N.
-    """
-    n = len(paths)
-    first = np.asarray(Image.open(paths[0]).convert("RGB")) if n else np.zeros((1, 1, 3), np.uint8)
-    with atomic_path(out) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *first.shape))
-        for i, path in enumerate(tqdm(paths, desc=desc, unit="img", disable=n < 1000)):
-            img = np.asarray(Image.open(path).convert("RGB"))
-            if img.shape != first.shape:
-                raise ValueError(f"{path}: crop is {img.shape}, expected {first.shape} like the others")
-            arr[i] = img
-        arr.flush()
-        del arr
-    return n
-
-
-def load_array(path: str | os.PathLike, expected_rows: int | None = None) -> np.ndarray:
-    """Memory-map a packed array; ``expected_rows`` guards against a stale pack."""
-    arr = np.load(path, mmap_mode="r")
-    if expected_rows is not None and len(arr) != expected_rows:
-        raise ValueError(f"{path} has {len(arr)} images but its table has {expected_rows} rows: re-run pack")
-    return arr
 
 
 def to_model_input(

@@ -1,6 +1,6 @@
 """Stage ``evaluate@<backbone>``: retrieval metrics before and after fine-tuning.
 
-    python -m stages.evaluate --embeddings data/embeddings/resnet50 --split data/split \
+    python -m stages.evaluate --embeddings data/embeddings/resnet50 --split data/split --arrays data/arrays \
         --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv --figure reports/retrieval_resnet50.png \
         --timing reports/timing/resnet50.json
 
@@ -15,7 +15,12 @@ metrics only, so ``dvc metrics diff`` shows quality changes and nothing else.
 ``--timing`` gets the search timings (index build, batch search, one-query
 p50/p99), which differ on every run and machine;
 ``--cmc`` the CMC curves (a DVC plot); ``--figure`` a few seeded queries with
-their 9 nearest gallery faces, correct identities framed green.
+their 9 nearest gallery faces, correct identities framed green. The faces are
+drawn from the packed query/gallery arrays (``--arrays``, the pixels the model
+embedded), not from ``data/crops``: the figure is then a function of this
+stage's deps alone, and DVC need not hash every crop file to know it is current
+(the manifest does not capture a crop's pixels: its ``sha256`` is the source
+photo's, and crop settings or code change the crop without changing it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from PIL import Image
 
 from facesearch import manifest as M
 from facesearch.io import atomic_path, write_json_atomic
+from facesearch.packing import load_array
 from facesearch.params import load_params
 from facesearch.retrieval import attribute_matrix, evaluate, loo_metrics, readable
 from facesearch.search import build_index, cosine_similarity
@@ -72,23 +78,25 @@ def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, dict
 
 
 def retrieval_figure(
-    q_table: pd.DataFrame, g_table: pd.DataFrame, query: np.ndarray, gallery: np.ndarray, top: np.ndarray,
-    n_queries: int, seed: int, size: int = 112,
+    q_table: pd.DataFrame, g_table: pd.DataFrame, q_images: np.ndarray, g_images: np.ndarray, query: np.ndarray,
+    gallery: np.ndarray, top: np.ndarray, n_queries: int, seed: int, size: int = 112,
 ) -> np.ndarray:  # fmt: skip
-    """Rows of: the query (blue), then its 9 nearest gallery faces (green: same identity, red: not)."""
+    """Rows of: the query (blue), then its 9 nearest gallery faces (green: same identity, red: not).
+
+    ``q_images``/``g_images``: the packed faces, row ``i`` of the table's row ``i`` (memory-mapped:
+    only the rows shown are read).
+    """
     rng = np.random.default_rng(seed)
     rows = sorted(rng.choice(len(q_table), size=min(n_queries, len(q_table)), replace=False))
     tiles = []
     for r in rows:
         q_id = int(q_table[M.IDENTITY].iloc[r])
-        tiles.append(tile(np.asarray(Image.open(q_table[M.CROP_PATH].iloc[r]).convert("RGB")), f"query id {q_id}",
-                          size, (40, 90, 230)))  # fmt: skip
+        tiles.append(tile(np.asarray(q_images[r]), f"query id {q_id}", size, (40, 90, 230)))
         for g in top[r, :9]:
             g_id = int(g_table[M.IDENTITY].iloc[g])
             sim = float(cosine_similarity(np.linalg.norm(query[r] - gallery[g])))
             colour = (40, 200, 40) if g_id == q_id else (220, 40, 40)
-            img = np.asarray(Image.open(g_table[M.CROP_PATH].iloc[g]).convert("RGB"))
-            tiles.append(tile(img, f"{sim:.2f} id {g_id}", size, colour))
+            tiles.append(tile(np.asarray(g_images[g]), f"{sim:.2f} id {g_id}", size, colour))
     return grid(tiles, cols=10)
 
 
@@ -96,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embeddings", required=True, help="folder written by the embed stage")
     parser.add_argument("--split", required=True, help="folder with query/gallery .parquet (identities, attributes)")
+    parser.add_argument("--arrays", required=True, help="folder with the packed query/gallery .npy (the faces drawn)")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--cmc", required=True, help="CSV of the CMC curves (rank, before, after)")
     parser.add_argument("--figure", required=True, help="PNG of seeded queries and their top 9")
@@ -128,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in STATES}})
     with atomic_path(args.cmc) as tmp:
         cmc.to_csv(tmp, index=False, float_format="%.6f")
-    figure = retrieval_figure(q_table, g_table, *embeddings["after"], tops["after"], params["figure_queries"],
+    arrays = Path(args.arrays)
+    images = [load_array(arrays / f"{name}.npy", len(t)) for name, t in (("query", q_table), ("gallery", g_table))]
+    figure = retrieval_figure(q_table, g_table, *images, *embeddings["after"], tops["after"], params["figure_queries"],
                               params["seed"])  # fmt: skip
     with atomic_path(args.figure) as tmp:
         Image.fromarray(figure).save(tmp, format="PNG")

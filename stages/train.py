@@ -47,10 +47,11 @@ from tqdm import tqdm
 
 from facesearch import manifest as M
 from facesearch.contract import crop_params, identities_record, preprocessing_record
-from facesearch.data import AugmentConfig, augment, embed_array, load_array, to_model_input
+from facesearch.data import AugmentConfig, augment, embed_array, to_model_input
 from facesearch.faces import FaceConfig
 from facesearch.losses import MINING, offline_triplet_loss, pairwise_distances
 from facesearch.models import ModelConfig, resolve_device, save_model, seeded_model, trainable_parameters
+from facesearch.packing import load_array
 from facesearch.params import load_params
 from facesearch.provenance import code_fingerprint
 from facesearch.retrieval import leave_one_out_metrics
@@ -156,11 +157,11 @@ class TrainConfig:
         return cfg
 
 
-def check_crops(table: pd.DataFrame, images: np.ndarray, face: FaceConfig) -> None:
-    """The packed crops must be those ``params.yaml: crop`` describes, or the model file would lie."""
-    if len(table) and images.shape[1:3] != (face.size, face.size):
-        raise SystemExit(f"train: crops are {images.shape[1]}x{images.shape[2]} px but crop.size is {face.size}: "
-                         "re-run crop and pack (dvc repro)")  # fmt: skip
+def check_crops(table: pd.DataFrame, face: FaceConfig) -> None:
+    """The packed crops must be those ``params.yaml: crop`` describes, or the model file would lie.
+
+    Their size is checked by ``load_array(crop_side=...)``: the arrays are packed at the input side.
+    """
     aligns = set(table[M.ALIGN].dropna())
     if aligns - {face.alignment}:
         raise SystemExit(f"train: crops were cut with align {sorted(aligns)} but crop settings say "
@@ -231,9 +232,9 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
     split, arrays = Path(args.split), Path(args.arrays)
     train_df = pd.read_parquet(split / "train.parquet")
     val_df = pd.read_parquet(split / "val.parquet")
-    train_img = load_array(arrays / "train.npy", len(train_df))
-    val_img = load_array(arrays / "val.npy", len(val_df))
-    check_crops(train_df, train_img, face)
+    train_img = load_array(arrays / "train.npy", len(train_df), crop_side=face.size, min_side=cfg.img_size)
+    val_img = load_array(arrays / "val.npy", len(val_df), crop_side=face.size, min_side=cfg.img_size)
+    check_crops(train_df, face)
     labels = train_df[M.IDENTITY].to_numpy(dtype=np.int64)
     aligned = train_df[M.ALIGN].str.startswith("landmarks").all()
     if args.backbone == "dlib_resnet" and cfg.weights != "none" and not aligned:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_params
 
+from facesearch import cli
 from facesearch.celeba import read_annotations
-from facesearch.cli import evaluate_folder
+from facesearch.cli import embed_packed, evaluate_folder
 from facesearch.contract import identities_record, model_preprocessing, preprocessing_record
+from facesearch.data import embed_array
 from facesearch.faces import FaceConfig
 from facesearch.models import get_model, save_model
 
@@ -61,3 +64,21 @@ def test_record_round_trips_through_params_shape():
     face = FaceConfig.from_params({"size": 150, "detector": "dlib_hog", "align": "landmarks", "landmarks": 68,
                                    "policy": "single", "haar": {"detect_side": 200}})  # fmt: skip
     assert model_preprocessing({"preprocessing": preprocessing_record(face, 150)}) == (face, 150)
+
+
+def test_workers_and_chunks_change_nothing(folder, tmp_path, monkeypatch):
+    # Crops packed by 2 workers, embedded 3 at a time (a fresh memory map each): the same scores.
+    model = tiny_model(tmp_path / "m.pt", [])
+    one = evaluate_folder(model, str(folder), n_jobs=1)
+    monkeypatch.setattr(cli, "EMBED_CHUNK", 3)
+    assert evaluate_folder(model, str(folder), n_jobs=2) == one
+
+
+def test_embed_packed_equals_one_pass(tmp_path):
+    torch.manual_seed(0)
+    model = get_model("mobilenet_v2", weights="none", embedding_dim=8, img_size=32).eval()
+    images = np.random.default_rng(0).integers(0, 256, (7, 40, 40, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    whole = embed_array(model, images, 32, torch.device("cpu"))
+    chunked = embed_packed(model, tmp_path / "a.npy", 32, torch.device("cpu"), desc=None, chunk=3)
+    assert chunked.shape == (7, 8) and np.allclose(chunked, whole, atol=1e-5)

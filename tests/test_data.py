@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from facesearch.data import AugmentConfig, augment, load_array, pack_crops, to_model_input
+from facesearch.data import AugmentConfig, augment, to_model_input
 from facesearch.models import IMAGENET_MEAN, IMAGENET_STD
+from facesearch.packing import load_array, pack_crops
 
 
 def test_pack_roundtrip_and_stale_guard(tmp_path):

@@ -5,7 +5,11 @@ A module missing from deps means DVC would not re-run the stage when that module
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import yaml
 
@@ -34,3 +38,37 @@ def test_stage_deps_match_imports(repo_root):
         assert len(scripts) == 1, name
         listed = {d for d in stage["deps"] if d.startswith("facesearch/")}
         assert listed == closure(scripts[0], repo_root), name
+
+
+def test_pack_lists_the_img_size_of_every_train_block(repo_root):
+    # pack stores at max(train.<b>.img_size for b in backbones): listing every block's img_size
+    # (not only the listed ones) means a change to backbones needs no dvc.yaml edit to stay exact.
+    pack = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["pack"]
+    train = yaml.safe_load((repo_root / "params.yaml").read_text())["train"]
+    assert set(pack["params"]) == {"backbones"} | {f"train.{b}.img_size" for b in train}
+
+
+def test_only_pack_hashes_the_crop_folder(repo_root):
+    # ~200k files at CelebA: every stage depending on the folder costs each `dvc status` a full walk.
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    assert {name for name, stage in stages.items() if "data/crops" in stage["deps"]} == {"pack"}
+
+
+def test_cmc_plot_follows_the_backbones_without_edits(repo_root, tmp_path):
+    # The top-level plot targets the metrics/cmc folder: whatever evaluate wrote is charted.
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["backbones"] = ["mobilenet_v2", "dlib_resnet"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((repo_root / "dvc.yaml").read_text())
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
+    (tmp_path / "metrics" / "cmc").mkdir(parents=True)
+    for b, r1 in (("mobilenet_v2", 0.5), ("dlib_resnet", 0.9)):
+        (tmp_path / "metrics" / "cmc" / f"{b}.csv").write_text(f"rank,before,after\n1,0.1,{r1}\n2,0.2,1.0\n")
+    out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    data = json.loads(out)["data"]
+    cmc = {k: v for k, v in data.items() if k.startswith("metrics/cmc")}
+    assert set(cmc) == {"metrics/cmc/mobilenet_v2.csv", "metrics/cmc/dlib_resnet.csv"}
+    values = cmc["metrics/cmc/dlib_resnet.csv"][0]["content"]["data"]["values"]
+    assert {(v["rank"], v["field"], v["dvc_inferred_y_value"]) for v in values} >= {("1", "after", "0.9")}

@@ -25,7 +25,8 @@ def test_tune_trains_every_recipe_and_seed_on_validation_only(prepared, tmp_path
     # A copy without query/gallery: tuning cannot read the test identities.
     work = tmp_path / "work"
     for rel in ("data/split/train.parquet", "data/split/val.parquet", "data/split/triplets.parquet",
-                "data/arrays/train.npy", "data/arrays/val.npy"):  # fmt: skip
+                "data/arrays/train.npy", "data/arrays/train.json", "data/arrays/val.npy",
+                "data/arrays/val.json"):  # fmt: skip
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(prepared / rel, work / rel)
     # keep: last, so each run's score is what its recipe and seed trained (the start would tie them all).

@@ -12,8 +12,8 @@ from PIL import Image
 
 from facesearch.cli import evaluate_folder, replace_section, results_table
 from facesearch.cli import main as cli_main
-from facesearch.data import load_array
 from facesearch.models import load_model
+from facesearch.packing import load_array
 from stages import embed, evaluate
 
 
@@ -28,7 +28,8 @@ def evaluated(prepared):
     try:
         embed.main(["--model", "ev/model.pt", "--split", "data/split", "--arrays", "data/arrays", "--out", "ev/emb",
                     "--params", str(params)])  # fmt: skip
-        evaluate.main(["--embeddings", "ev/emb", "--split", "data/split", "--metrics", "ev/metrics/m.json",
+        evaluate.main(["--embeddings", "ev/emb", "--split", "data/split", "--arrays", "data/arrays",
+                       "--metrics", "ev/metrics/m.json",
                        "--cmc", "ev/cmc.csv", "--figure", "ev/fig.png", "--timing", "ev/timing.json",
                        "--params", str(params)])  # fmt: skip
     finally:
@@ -76,6 +77,22 @@ def test_metrics_shape_cmc_and_figure(evaluated):
     assert "old" not in text and table in text
 
 
+def test_figure_draws_the_packed_faces(prepared):
+    # The faces come from the arrays the stage depends on (not data/crops): each row a flat colour here.
+    q_table = pd.read_parquet(prepared / "data/split/query.parquet").iloc[:2]
+    g_table = pd.read_parquet(prepared / "data/split/gallery.parquet").iloc[:9]
+    q_images = np.stack([np.full((40, 40, 3), 10 * (i + 1), np.uint8) for i in range(2)])
+    g_images = np.stack([np.full((40, 40, 3), 100 + 10 * i, np.uint8) for i in range(9)])
+    emb_q, emb_g = np.eye(2, 4, dtype=np.float32), np.eye(9, 4, dtype=np.float32)
+    top = np.tile(np.arange(9)[::-1], (2, 1))
+    fig = evaluate.retrieval_figure(q_table, g_table, q_images, g_images, emb_q, emb_g, top, 2, seed=0, size=112)
+    assert fig.shape == (2 * 112, 10 * 112, 3)
+    for row in range(2):
+        assert (fig[row * 112 + 50, 56] == 10 * (row + 1)).all()  # the query's centre
+        for col in range(1, 10):
+            assert (fig[row * 112 + 50, col * 112 + 56] == 100 + 10 * top[row, col - 1]).all()
+
+
 def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
     bad = tmp_path / "emb"
     bad.mkdir()
@@ -87,7 +104,8 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
     os.chdir(prepared)
     try:
         with pytest.raises(SystemExit, match="re-run embed"):
-            evaluate.main(["--embeddings", str(bad), "--split", "data/split", "--metrics", str(tmp_path / "m.json"),
+            evaluate.main(["--embeddings", str(bad), "--split", "data/split", "--arrays", "data/arrays",
+                           "--metrics", str(tmp_path / "m.json"),
                            "--cmc", str(tmp_path / "c.csv"), "--figure", str(tmp_path / "f.png"),
                            "--timing", str(tmp_path / "t.json"), "--params", str(prepared / "ev.yaml")])  # fmt: skip
     finally:

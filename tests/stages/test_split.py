@@ -105,6 +105,29 @@ def test_stage_writes_validated_byte_identical_tables(small_sample, tmp_path):
     assert len(tables["query"]) == 2 and len(tables["triplets"]) > 0
 
 
+def test_stage_reads_the_manifest_not_the_crops(small_sample, tmp_path):
+    # Why dvc.yaml's split does not depend on data/crops: other crop pixels, same tables.
+    run_crop(tmp_path, small_sample)
+    params = write_params(tmp_path / "params.yaml", {"split.test_fraction": 0.34})
+    args = ["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "metrics/split.json",
+            "--params", str(params)]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        split.main(args)
+        first = {n: Path(f"data/split/{n}.parquet").read_bytes() for n in split.SPLIT_FILES}
+        crops = sorted(Path("data/crops").iterdir())
+        for crop in crops:
+            crop.write_bytes(crops[0].read_bytes() if crop != crops[0] else crops[1].read_bytes())
+        split.main(args)
+        assert first == {n: Path(f"data/split/{n}.parquet").read_bytes() for n in split.SPLIT_FILES}
+        crops[0].unlink()  # but a missing crop is still refused
+        with pytest.raises(M.SchemaError, match="paths do not exist"):
+            split.main(args)
+    finally:
+        os.chdir(cwd)
+
+
 def test_val_identities_are_disjoint_from_train_and_test():
     counts = {i: 2 + i % 6 for i in range(1, 51)}
     manifest = fake_manifest(counts)

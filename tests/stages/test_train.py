@@ -110,7 +110,8 @@ def test_train_never_reads_the_test_identities(prepared):
     """Only train/val/triplets tables and train/val arrays exist here: query/gallery cannot be opened."""
     work = prepared / "no_test"
     for rel in ("data/split/train.parquet", "data/split/val.parquet", "data/split/triplets.parquet",
-                "data/arrays/train.npy", "data/arrays/val.npy"):  # fmt: skip
+                "data/arrays/train.npy", "data/arrays/train.json", "data/arrays/val.npy",
+                "data/arrays/val.json"):  # fmt: skip
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(prepared / rel, work / rel)
     _, payload = load_model(run_train(work, "m", {"epochs": 1}) / "model.pt")
