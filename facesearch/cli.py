@@ -40,8 +40,8 @@ from facesearch import manifest as M
 from facesearch.celeba import find_image_dir, list_images, read_annotations
 from facesearch.contract import model_preprocessing, seen_identities
 from facesearch.cropping import crop_names, process_image
-from facesearch.data import embed_array
 from facesearch.faces import FaceConfig
+from facesearch.inference import embed_array
 from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.models import load_model, resolve_device
 from facesearch.packing import load_array, pack_crops

@@ -25,8 +25,6 @@ from torch import nn
 from torchvision import models as tvm
 
 # ImageNet statistics the torchvision weights were trained with (RGB, 0..1 scale).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WeightsUnavailable(RuntimeError):

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from facesearch import manifest as M
-from facesearch.data import embed_array
+from facesearch.inference import embed_array
 from facesearch.io import atomic_dir, write_parquet_atomic
 from facesearch.models import ModelConfig, load_model, resolve_device, seeded_model
 from facesearch.packing import load_array

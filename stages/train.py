@@ -46,9 +46,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from facesearch import manifest as M
+from facesearch.augment import AugmentConfig, augment
 from facesearch.contract import crop_params, identities_record, preprocessing_record
-from facesearch.data import AugmentConfig, augment, embed_array, to_model_input
 from facesearch.faces import FaceConfig
+from facesearch.inference import embed_array
 from facesearch.losses import MINING, offline_triplet_loss, pairwise_distances
 from facesearch.models import ModelConfig, resolve_device, save_model, seeded_model, trainable_parameters
 from facesearch.packing import load_array
@@ -76,6 +77,7 @@ from facesearch.training import (
     set_deterministic,
     triplet_batches,
 )
+from facesearch.transforms import to_model_input
 
 log = logging.getLogger("facesearch.train")
 

@@ -13,8 +13,8 @@ from facesearch import cli
 from facesearch.celeba import read_annotations
 from facesearch.cli import embed_packed, evaluate_folder
 from facesearch.contract import identities_record, model_preprocessing, preprocessing_record
-from facesearch.data import embed_array
 from facesearch.faces import FaceConfig
+from facesearch.inference import embed_array
 from facesearch.models import get_model, save_model
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from facesearch import dlib_resnet as D
-from facesearch.data import to_model_input
 from facesearch.dlib_models import MODELS_ENV, RECOGNITION_MODEL, SHAPE_PREDICTORS, find_model_file
 from facesearch.models import WeightsUnavailable, freeze_all_but_last, get_model, parameter_layers
+from facesearch.transforms import to_model_input
 
 
 # --- a writer of dlib's serialization, the reader's mirror ------------------------------------

@@ -7,28 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
 import yaml
 
-
-def imported_modules(path, root) -> set[str]:
-    text = (root / path).read_text()
-    names = set(re.findall(r"from facesearch\.([a-z_]+) import", text))
-    for group in re.findall(r"from facesearch import ([a-z_, ]+)", text):  # e.g. "manifest as M"
-        names |= {part.split()[0] for part in group.split(",") if part.strip()}
-    return {f"facesearch/{n}.py" for n in names}
-
-
-def closure(script: str, root) -> set[str]:
-    seen, todo = set(), [script]
-    while todo:
-        for module in imported_modules(todo.pop(), root) - seen:
-            seen.add(module)
-            todo.append(module)
-    return seen
+from facesearch.provenance import module_closure
 
 
 def test_stage_deps_match_imports(repo_root):
@@ -37,7 +21,8 @@ def test_stage_deps_match_imports(repo_root):
         scripts = [d for d in stage["deps"] if d.startswith("stages/")]
         assert len(scripts) == 1, name
         listed = {d for d in stage["deps"] if d.startswith("facesearch/")}
-        assert listed == closure(scripts[0], repo_root), name
+        # The same walk the train stage's resume key uses (facesearch/provenance.py).
+        assert listed == set(module_closure(scripts[0], repo_root)) - {scripts[0]}, name
 
 
 def test_pack_lists_the_img_size_of_every_train_block(repo_root):

@@ -20,11 +20,11 @@ from facesearch import index as X
 from facesearch import photos
 from facesearch.cli import main as cli
 from facesearch.contract import preprocessing_record
-from facesearch.data import to_model_input
 from facesearch.faces import FaceConfig
 from facesearch.images import ImageRejected, decode_image
 from facesearch.manifest import SchemaError
 from facesearch.models import get_model, save_model
+from facesearch.transforms import to_model_input
 
 CROP = FaceConfig(size=40)  # the tiny models' preprocessing
 

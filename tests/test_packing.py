@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from facesearch import packing
-from facesearch.data import to_model_input
 from facesearch.packing import info_path, load_array, pack_crops, read_info
+from facesearch.transforms import to_model_input
 
 
 def face_like(rng: np.random.Generator, side: int) -> np.ndarray:
@@ -101,3 +101,21 @@ def test_reads_refuse_arrays_that_are_not_current(tmp_path):
     info_path(out).unlink()
     with pytest.raises(ValueError, match=r"no a\.json"):
         load_array(out, crop_side=40)
+
+
+def test_pack_roundtrip_and_stale_guard(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(3, 20, 20, 3), dtype=np.uint8)
+    paths = []
+    for i, img in enumerate(imgs):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    assert pack_crops(paths, tmp_path / "a.npy") == 3
+    arr = load_array(tmp_path / "a.npy", expected_rows=3)
+    assert np.array_equal(arr, imgs)
+    with pytest.raises(ValueError, match="re-run pack"):
+        load_array(tmp_path / "a.npy", expected_rows=4)
+    Image.fromarray(imgs[0][:10]).save(tmp_path / "odd.png")
+    with pytest.raises(ValueError, match="expected"):
+        pack_crops([paths[0], tmp_path / "odd.png"], tmp_path / "b.npy")
+    assert not (tmp_path / "b.npy").exists()  # nothing half-written

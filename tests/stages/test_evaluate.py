@@ -48,7 +48,7 @@ def test_embeddings_before_and_after(evaluated, prepared):
     _, payload = load_model(evaluated / "model.pt")
     twin = embed.untrained_twin(payload).eval()
     images = load_array(prepared / "data/arrays/query.npy")
-    from facesearch.data import embed_array
+    from facesearch.inference import embed_array
 
     expected = embed_array(twin, images, 32, torch.device("cpu"), channels_last=True)
     assert np.allclose(np.load(evaluated / "emb" / "before_query.npy"), expected, atol=1e-5)

@@ -1,11 +1,7 @@
-"""The training/serving data path: decoded crop arrays and tensor-side transforms.
+"""Train-time augmentation on whole batches, drawn per image from a seeded generator.
 
-Each crop is decoded once, by the ``pack`` stage (:mod:`facesearch.packing`),
-into a uint8 array (N x S x S x 3) per split at the largest input side S the
-pipeline's backbones read, stored as ``.npy`` and memory-mapped by readers, so
-no JPEG is decoded in the training loop. Resizing, normalisation and
-augmentation then run on whole batches as tensor operations, on the GPU when
-there is one, so the accelerator never waits for the CPU.
+Flip, RandomErasing and region dropout as tensor operations (on the GPU when the
+batch is there), configured by ``params.yaml: train.<backbone>.augment``.
 """
 
 from __future__ import annotations
@@ -14,26 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from facesearch.models import IMAGENET_MEAN, IMAGENET_STD
-
-
-def to_model_input(
-    batch: torch.Tensor, size: int, device: torch.device | str, channels_last: bool = False
-) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size) on ``device``.
-
-    The uint8 batch is moved first (4x fewer bytes than float), then converted.
-    """
-    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @dataclass(frozen=True)
@@ -97,24 +73,3 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
         mask = mask | (holes & drop.view(n, 1, 1))
     out = x.masked_fill(mask.unsqueeze(1), 0.0)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
-
-
-@torch.no_grad()
-def embed_array(
-    model: torch.nn.Module, images: np.ndarray, size: int, device: torch.device, batch: int = 128,
-    amp: bool = True, channels_last: bool = False, desc: str | None = None,
-) -> np.ndarray:  # fmt: skip
-    """Embeddings (N, d) float32 of a uint8 (N, H, W, 3) array, in eval mode, batched."""
-    was_training = model.training
-    model.eval()
-    out = []
-    use_amp = amp and device.type == "cuda"
-    for start in tqdm(range(0, len(images), batch), desc=desc, disable=desc is None, unit="batch"):
-        # np.array copies the read-only memory-mapped slice into a writable buffer torch accepts.
-        x = to_model_input(torch.from_numpy(np.array(images[start : start + batch])), size, device,
-                           channels_last)  # fmt: skip
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out.append(model(x).float().cpu().numpy())
-    model.train(was_training)
-    d = model.module.config.embedding_dim if hasattr(model, "module") else model.config.embedding_dim
-    return np.concatenate(out) if out else np.zeros((0, d), np.float32)
