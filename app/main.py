@@ -24,6 +24,7 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` puts app/ first on sys.path
 
 from facesearch import app_core as core
+from facesearch import manifest as M
 
 ROOT = Path(os.environ.get("FACESEARCH_ROOT", Path(__file__).resolve().parents[1]))
 log = logging.getLogger("facesearch.app")
@@ -57,7 +58,7 @@ def draw_boxes(rgb: np.ndarray, boxes) -> np.ndarray:
 
 def model_label(choice: tuple[str, str]) -> str:
     backbone, state = choice
-    return f"{core.BACKBONE_LABELS.get(backbone, backbone)}, {core.STATE_LABELS[state]}"
+    return f"{core.BACKBONE_LABELS.get(backbone, backbone)}, {M.STATE_LABELS[state]}"
 
 
 def show_results(face: np.ndarray, results: list[core.Result]) -> None:

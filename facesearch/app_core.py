@@ -55,8 +55,6 @@ WORK_SIDE = 2048
 # A face photo is never a strip: 100000 x 1 or 12000 x 32 images only break
 # the detector's downscaled copies (a zero-pixel side) and cost memory.
 MAX_ASPECT = 10
-STATES = ("after", "before")
-STATE_LABELS = {"after": "fine-tuned", "before": "before fine-tuning"}
 BACKBONE_LABELS = {"resnet50": "ResNet-50 (more accurate)", "mobilenet_v2": "MobileNet-V2 (faster)"}
 
 # The formats the app accepts: the decoder's own (facesearch.images.ALLOWED_FORMATS),
@@ -186,7 +184,7 @@ def available(root: Path) -> list[tuple[str, str]]:
     """(backbone, state) pairs whose model and gallery embeddings the pipeline has built."""
     out = []
     for backbone in load_params(root / "params.yaml")["backbones"]:
-        for state in STATES:
+        for state in reversed(M.STATES):  # the fine-tuned model first: the default choice
             if (root / "models" / f"{backbone}.pt").is_file() and (
                 root / "data" / "embeddings" / backbone / f"{state}_gallery.npy"
             ).is_file():

@@ -160,7 +160,7 @@ def results_table(metrics_dir: str, backbones: list[str]) -> str:
              "| --- | --- | " + " | ".join("---" for _ in RESULT_COLUMNS) + " | --- | --- |"]  # fmt: skip
     for backbone in backbones:
         m = json.loads((Path(metrics_dir) / f"{backbone}.json").read_text())
-        for state, label in (("before", "before fine-tuning"), ("after", "fine-tuned")):
+        for state, label in M.STATE_LABELS.items():
             row = m[state]
             cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float | int) else "—" for k, _ in RESULT_COLUMNS]
             lines.append(

@@ -100,6 +100,11 @@ MANIFEST_DTYPES: dict[str, str] = {
 MANIFEST_COLUMNS: tuple[str, ...] = tuple(MANIFEST_DTYPES)
 
 # --- triplet columns ----------------------------------------------------------
+# The two states the embed stage exports per backbone (data/embeddings/<b>/<state>_{query,gallery}.npy):
+# the untrained twin, then the trained model. Every table, file list and choice uses this order.
+STATES = ("before", "after")
+STATE_LABELS = {"before": "before fine-tuning", "after": "fine-tuned"}
+
 ANCHOR = "anchor"  # crop paths
 POSITIVE = "positive"
 NEGATIVE = "negative"

@@ -44,7 +44,6 @@ from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.evaluate")
 
-STATES = ("before", "after")
 
 
 def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tuple[float, float]:
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         if list(index[M.CROP_PATH]) != list(table[M.CROP_PATH]):
             raise SystemExit(f"evaluate: {emb_dir}/{name} embeddings are not of the current split; re-run embed")
     results, timings, curves, tops, embeddings = {}, {}, {}, {}, {}
-    for state in STATES:
+    for state in M.STATES:
         query = np.load(emb_dir / f"{state}_query.npy")
         gallery = np.load(emb_dir / f"{state}_gallery.npy")
         embeddings[state] = query, gallery
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("%s: %s", state, {k: results[state][k] for k in ("rank1", "rank5", "rank10", "mAP")})
     write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})
     write_json_atomic(args.timing, timings)
-    cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in STATES}})
+    cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in M.STATES}})
     with atomic_path(args.cmc) as tmp:
         cmc.to_csv(tmp, index=False, float_format="%.6f")
     arrays = Path(args.arrays)
