@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import repro, tiny_repo_copy, write_params
@@ -33,8 +34,18 @@ def test_dvc_reruns_exactly_what_changed(repo_root, tmp_path):
 
     assert repro(repo) == {"sample", "crop", "split", "pack"} | per_backbone
     assert repro(repo) == set()  # nothing changed, nothing runs
+    # Arrays at the largest listed img_size (32), not the crop size (48).
+    assert np.load(repo / "data/arrays/train.npy", mmap_mode="r").shape[1:] == (32, 32, 3)
+    # Other crop pixels, same manifest (its boxes are before the margin): split, which reads the
+    # manifest only, does not re-run; pack, which reads the pixels, does.
     set_param(repo, "crop.margin", 0.3)
-    assert repro(repo) == {"crop", "split", "pack"} | per_backbone
+    assert repro(repo) == {"crop", "pack"} | per_backbone
+    # The pack side follows the listed backbones' img_size; an unlisted block's changes nothing after pack.
+    set_param(repo, "train.dlib_resnet.img_size", 40)
+    assert repro(repo) == {"pack"}
+    set_param(repo, "train.mobilenet_v2.img_size", 40)
+    assert repro(repo) == {"pack"} | per_backbone
+    assert np.load(repo / "data/arrays/train.npy", mmap_mode="r").shape[1:] == (40, 40, 3)
     set_param(repo, "split.seed", 7)
     assert repro(repo) == {"split", "pack"} | per_backbone
     set_param(repo, "train.resnet50.lr", 0.01)
