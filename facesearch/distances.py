@@ -1,8 +1,9 @@
 """Squared Euclidean distances between two sets of rows: the one formula behind ranking, search and losses.
 
 ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b, a matrix product instead of |A| x |B| vector
-differences. Written with operators only, so the same function serves numpy arrays
-(evaluation, search) and torch tensors (the triplet losses, gradients included).
+differences. Written with operators only (but for the numpy-only ``out``), so the same
+function serves numpy arrays (evaluation, search) and torch tensors (the triplet losses,
+gradients included).
 """
 
 from __future__ import annotations
