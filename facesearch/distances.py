@@ -1,14 +1,17 @@
 """Squared Euclidean distances between two sets of rows: the one formula behind ranking, search and losses.
 
 ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b, a matrix product instead of |A| x |B| vector
-differences. Written with operators only, so the same function serves numpy arrays
-(evaluation, search) and torch tensors (the triplet losses, gradients included).
+differences. Written with operators only (but for the numpy-only ``out``), so the same
+function serves numpy arrays (evaluation, search) and torch tensors (the triplet losses,
+gradients included).
 """
 
 from __future__ import annotations
 
+import numpy as np
 
-def squared_distances(a, b, b_sq, a_sq=None):
+
+def squared_distances(a, b, b_sq, a_sq=None, out=None):
     """(len(a), len(b)) matrix of ||a_i - b_j||^2, from the squared row norms ``b_sq`` (and ``a_sq``).
 
     Without ``a_sq`` the term ||a_i||^2 is left out: it is constant along a row, so the
@@ -19,6 +22,13 @@ def squared_distances(a, b, b_sq, a_sq=None):
     The float operations are fixed, because committed models and metrics depend on their
     rounding: (``a_sq`` + ``b_sq``) - (2 a) @ b.T, or ``b_sq`` - (2 a) @ b.T; doubling is
     exact, so (2 a) @ b.T equals 2 (a @ b.T) bit for bit.
+
+    ``out`` (numpy only): a (len(a), len(b)) buffer to write into, the same operations in
+    place. A chunked caller reuses it, where a fresh matrix of hundreds of MB per chunk
+    would have the kernel map and zero new pages every time.
     """
     sq = b_sq[None, :] if a_sq is None else a_sq[:, None] + b_sq[None, :]
-    return sq - 2 * a @ b.T
+    if out is None:
+        return sq - 2 * a @ b.T
+    np.matmul(2 * a, b.T, out=out)
+    return np.subtract(sq, out, out=out)

@@ -56,3 +56,12 @@ def test_float_order_is_the_one_committed_results_were_made_with(rows):
     t = torch.from_numpy(a)
     t_sq = t.pow(2).sum(1)
     assert torch.equal(squared_distances(t, t, t_sq, t_sq), t_sq.unsqueeze(1) + t_sq.unsqueeze(0) - 2 * t @ t.t())
+
+
+def test_into_a_buffer_gives_the_same_floats(rows):
+    a, b = rows
+    a_sq, b_sq = (a**2).sum(1), (b**2).sum(1)
+    buf = np.full((len(a), len(b)), np.nan, np.float32)
+    assert squared_distances(a, b, b_sq, out=buf) is buf
+    assert np.array_equal(buf, squared_distances(a, b, b_sq))
+    assert np.array_equal(squared_distances(a, b, b_sq, a_sq, out=buf), squared_distances(a, b, b_sq, a_sq))
