@@ -46,19 +46,15 @@ from search import face_like  # bench/search.py
 
 from facesearch import manifest as M
 from facesearch.distances import squared_distances
-from facesearch.retrieval import _summary, leave_one_out_metrics
+from facesearch.retrieval import _summary, leave_one_out_metrics, loo_queries, padded_rank_scores
 
 
 def previous_leave_one_out(emb, labels, ks=(1, 5, 10), chunk=1024) -> dict[str, float]:
     """The method before this one (commit 5eeef60), the baseline: same distances, same sums."""
     labels = np.asarray(labels)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    order = np.argsort(labels, kind="stable")
-    uniq, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-    members = dict(zip(uniq.tolist(), np.split(order, starts[1:]), strict=True))
-    q_idx = np.array([i for i, lab in enumerate(labels.tolist()) if len(members[lab]) > 1], dtype=np.int64)
+    members, q_idx, r_max = loo_queries(labels)
     g_sq = (emb**2).sum(1)
-    r_max = int(counts.max()) - 1
     first = np.empty(len(q_idx), np.int64)
     ap = np.empty(len(q_idx), np.float64)
     for start in range(0, len(q_idx), chunk):
@@ -88,11 +84,9 @@ def previous_leave_one_out(emb, labels, ks=(1, 5, 10), chunk=1024) -> dict[str, 
             for p in range(r_max):
                 hit = (rel_d[tie_rows, p] == d_tie) & (tie_cols < rel[tie_rows, p]) & valid[tie_rows, p]
                 np.add.at(below[:, p], tie_rows[hit], 1)
-        ranks = np.where(valid, below + 1, np.iinfo(np.int64).max)
-        n_rel = valid.sum(1)
-        hits = np.arange(1, r_max + 1)[None, :]
-        first[start : start + c] = ranks[:, 0] - 1
-        ap[start : start + c] = np.where(valid, hits / np.where(valid, ranks, 1), 0.0).sum(1) / n_rel
+        first[start : start + c], ap[start : start + c] = padded_rank_scores(
+            np.where(valid, below + 1, np.iinfo(np.int64).max)
+        )
     return _summary(first, ap, ks)
 
 

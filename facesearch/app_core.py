@@ -32,10 +32,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from facesearch import contract, photos
 from facesearch import manifest as M
-from facesearch import photos
 from facesearch.celeba import ATTRIBUTE_NAMES
-from facesearch.contract import model_preprocessing
 from facesearch.detect import Box, Detection
 from facesearch.faces import FaceConfig
 from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, decode_image
@@ -148,14 +147,12 @@ def read_upload(data: bytes) -> DecodedImage:
 def crop_settings(root: Path, backbone: str) -> FaceConfig:
     """How ``backbone``'s gallery was cropped, so queries are cut the same way.
 
-    The model file's ``preprocessing.crop`` when it has one (settings travel with
-    the model), else ``params.yaml: crop`` (models saved before they carried it).
+    :func:`facesearch.contract.crop_settings`: the model file's record, and
+    ``params.yaml: crop`` only for models saved before they carried one.
     """
     # mmap: only the small preprocessing entry is read, not the weights.
     payload = torch.load(root / "models" / f"{backbone}.pt", map_location="cpu", weights_only=True, mmap=True)
-    if payload.get("preprocessing") is not None:
-        return model_preprocessing(payload)[0]
-    return model_preprocessing(payload, fallback=FaceConfig.from_params(load_params(root / "params.yaml")["crop"]))[0]
+    return contract.crop_settings(payload, root / "params.yaml")[1]
 
 
 def find_faces(image: DecodedImage, settings: FaceConfig) -> Detection:

@@ -38,9 +38,8 @@ from tqdm import tqdm
 from facesearch import index, tune
 from facesearch import manifest as M
 from facesearch.celeba import find_image_dir, list_images, read_annotations
-from facesearch.contract import model_preprocessing, seen_identities
+from facesearch.contract import crop_settings, seen_identities
 from facesearch.cropping import crop_names, process_image
-from facesearch.faces import FaceConfig
 from facesearch.inference import embed_array
 from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.models import load_model, resolve_device
@@ -51,29 +50,9 @@ from facesearch.search import build_index
 
 log = logging.getLogger("facesearch.cli")
 
-CROP_DEFAULTS = {"jpeg_quality": 95, "max_pixels": 40_000_000, "min_image_side": 32}
 # Packed images embedded per memory map: a map is dropped after its chunk, so the pages
 # read stay out of this process's memory (1024 images at 150 px: 69 MB).
 EMBED_CHUNK = 1024
-
-
-def crop_settings(payload: dict, crop_params: str | None) -> tuple[dict, FaceConfig, int]:
-    """(image guards, crop settings, model input side): the model's own, or ``crop_params``'s crop block.
-
-    The file's settings also replace the image guards (jpeg_quality, max_pixels,
-    min_image_side), which are not part of a model's preprocessing. The input
-    side is always the model's: the network was trained at it.
-    """
-    if not crop_params:
-        return dict(CROP_DEFAULTS), *model_preprocessing(payload)
-    from facesearch.params import load_params
-
-    if not Path(crop_params).is_file():
-        raise SystemExit(f"evaluate: --crop-params {crop_params} does not exist")
-    crop = load_params(crop_params)["crop"]
-    face = FaceConfig.from_params(crop)
-    _, size = model_preprocessing(payload, fallback=face)
-    return {k: crop.get(k, v) for k, v in CROP_DEFAULTS.items()}, face, size
 
 
 def embed_packed(model, path: Path, size: int, device, desc: str, chunk: int = EMBED_CHUNK) -> np.ndarray:
@@ -98,7 +77,9 @@ def evaluate_folder(
     """Run the protocol above; returns the metrics dict written to OUT.json."""
     dev = resolve_device(device)
     model, payload = load_model(model_path, map_location=dev)
-    crop, face, size = crop_settings(payload, crop_params)
+    if crop_params and not Path(crop_params).is_file():
+        raise SystemExit(f"evaluate: --crop-params {crop_params} does not exist")
+    crop, face, size = crop_settings(payload, crop_params, override=True)
     # Absolute: a reused joblib worker may sit in another working directory.
     image_dir = find_image_dir(data).absolute()
     ann = read_annotations(data)

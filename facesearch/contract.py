@@ -19,12 +19,19 @@ Models saved before these keys existed fall back to the library defaults
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import asdict
+from pathlib import Path
 
 from facesearch.faces import FaceConfig
 
 log = logging.getLogger("facesearch.contract")
+
+# The crop stage's image guards (params.yaml: crop.jpeg_quality / max_pixels /
+# min_image_side): how a photo is read and written, not how the face is cut, so a
+# model does not record them.
+IMAGE_GUARD_DEFAULTS = {"jpeg_quality": 95, "max_pixels": 40_000_000, "min_image_side": 32}
 
 
 def crop_params(face: FaceConfig) -> dict:
@@ -59,6 +66,38 @@ def model_preprocessing(payload: dict, fallback: FaceConfig | None = None) -> tu
                     "the given" if fallback is not None else "the default")  # fmt: skip
         return fallback or FaceConfig(), int(payload["config"]["img_size"])
     return FaceConfig.from_params(record["crop"]), int(record["img_size"])
+
+
+def crop_settings(
+    payload: dict, params_file: str | os.PathLike | None = None, *, override: bool = False,
+) -> tuple[dict, FaceConfig, int]:  # fmt: skip
+    """(image guards, crop settings, input side in px) for cutting photos for a saved model.
+
+    The one place that decides how a model's queries and galleries are cropped
+    (``python -m facesearch evaluate``, the app, ``facesearch index``):
+
+    - by default the model's own record (:func:`model_preprocessing`), and
+      ``params_file``'s ``crop`` block only for a model without one (saved
+      before models carried it);
+    - with ``override`` (``evaluate --crop-params FILE``) ``params_file``'s crop
+      block and image guards, whatever the model says.
+
+    The input side is always the model's: the network was trained at it.
+    """
+    crop = None
+    if params_file is not None and (override or payload.get("preprocessing") is None):
+        from facesearch.params import load_params  # yaml only when a file is read
+
+        if not Path(params_file).is_file():
+            raise FileNotFoundError(f"crop settings file {params_file} does not exist")
+        crop = load_params(params_file)["crop"]
+    if crop is None:
+        return dict(IMAGE_GUARD_DEFAULTS), *model_preprocessing(payload)
+    face = FaceConfig.from_params(crop)
+    guards = {k: crop.get(k, v) for k, v in IMAGE_GUARD_DEFAULTS.items()}
+    if override:
+        return guards, face, model_preprocessing(payload, fallback=face)[1]
+    return guards, *model_preprocessing(payload, fallback=face)
 
 
 def seen_identities(payload: dict) -> set[int]:

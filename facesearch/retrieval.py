@@ -77,14 +77,10 @@ def leave_one_out_metrics(
     """
     labels = np.asarray(labels)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    order = np.argsort(labels, kind="stable")
-    uniq, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-    members = dict(zip(uniq.tolist(), np.split(order, starts[1:]), strict=True))  # indices ascending
-    q_idx = np.array([i for i, lab in enumerate(labels.tolist()) if len(members[lab]) > 1], dtype=np.int64)
+    members, q_idx, r_max = loo_queries(labels)
     if len(q_idx) == 0:
         return {**{f"rank{k}": float("nan") for k in ks}, "mAP": float("nan")}
     g_sq = (emb**2).sum(1)
-    r_max = int(counts.max()) - 1  # relevant images per query, at most
     first = np.empty(len(q_idx), np.int64)
     ap = np.empty(len(q_idx), np.float64)
     d2_buf = np.empty((min(chunk, len(q_idx)), len(emb)), np.float32)  # reused: no fresh pages per chunk
@@ -110,14 +106,32 @@ def leave_one_out_metrics(
                 p = tied[t[tied] == value]
                 below[p] += np.searchsorted(at_value, own[p])  # those with a lower index come first
             ranks[row, : len(own)] = np.sort(below) + 1
-        # Per-query sums over the padded (c, r_max) layout: numpy's summation order depends on the
-        # row length, so this layout keeps the floats of every earlier version.
-        valid = ranks < np.iinfo(np.int64).max
-        n_rel = valid.sum(1)
-        hits = np.arange(1, r_max + 1)[None, :]
-        first[start : start + c] = ranks[:, 0] - 1
-        ap[start : start + c] = np.where(valid, hits / np.where(valid, ranks, 1), 0.0).sum(1) / n_rel
+        first[start : start + c], ap[start : start + c] = padded_rank_scores(ranks)
     return _summary(first, ap, ks)
+
+
+def loo_queries(labels: np.ndarray) -> tuple[dict, np.ndarray, int]:
+    """(identity -> its image indices ascending, indices of the images that query, most relevant per query).
+
+    An image queries when its identity has another image.
+    """
+    order = np.argsort(labels, kind="stable")
+    uniq, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    members = dict(zip(uniq.tolist(), np.split(order, starts[1:]), strict=True))
+    q_idx = np.array([i for i, lab in enumerate(labels.tolist()) if len(members[lab]) > 1], dtype=np.int64)
+    return members, q_idx, int(counts.max()) - 1 if len(counts) else 0
+
+
+def padded_rank_scores(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(0-based rank of the first relevant image, average precision) per row of ``ranks``.
+
+    ``ranks``: 1-based ranks of each query's relevant images, ascending, padded with the
+    int64 maximum. The sums run over the padded layout: numpy's summation order depends on
+    the row length, so this layout keeps the floats of every earlier version.
+    """
+    valid = ranks < np.iinfo(np.int64).max
+    hits = np.arange(1, ranks.shape[1] + 1)[None, :]
+    return ranks[:, 0] - 1, np.where(valid, hits / np.where(valid, ranks, 1), 0.0).sum(1) / valid.sum(1)
 
 
 def loo_metrics(query: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray) -> dict:

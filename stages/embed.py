@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from facesearch import manifest as M
+from facesearch.contract import model_preprocessing
 from facesearch.inference import embed_array
 from facesearch.io import atomic_dir, write_parquet_atomic
 from facesearch.models import ModelConfig, load_model, resolve_device, seeded_model
@@ -61,11 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         "after": after.to(device, memory_format=cl),
         "before": untrained_twin(payload).to(device, memory_format=cl),
     }
-    size = after.config.img_size
+    face, size = model_preprocessing(payload)
     with atomic_dir(args.out) as tmp:
         for name in SETS:
             table = pd.read_parquet(Path(args.split) / f"{name}.parquet")
-            images = load_array(Path(args.arrays) / f"{name}.npy", len(table))
+            # Packed from the crops this model was trained on, at least at its input side.
+            images = load_array(Path(args.arrays) / f"{name}.npy", len(table), crop_side=face.size, min_side=size)
             write_parquet_atomic(tmp / f"{name}.parquet", table.loc[:, list(INDEX_COLUMNS)])
             for state, model in models.items():
                 emb = embed_array(model, images, size, device, params["batch"], amp=True,

@@ -93,6 +93,22 @@ def test_figure_draws_the_packed_faces(prepared):
             assert (fig[row * 112 + 50, col * 112 + 56] == 100 + 10 * top[row, col - 1]).all()
 
 
+def test_embed_refuses_arrays_of_other_crops(evaluated, prepared, tmp_path):
+    # The model records the crops it was trained on; arrays packed from others would embed silently wrong.
+    payload = torch.load(evaluated / "model.pt", map_location="cpu", weights_only=True)
+    payload["preprocessing"]["crop"]["size"] += 8
+    torch.save(payload, tmp_path / "other.pt")
+    cwd = os.getcwd()
+    os.chdir(prepared)
+    try:
+        with pytest.raises(ValueError, match=r"crop\.size"):
+            embed.main(["--model", str(tmp_path / "other.pt"), "--split", "data/split", "--arrays", "data/arrays",
+                        "--out", str(tmp_path / "emb"), "--params", str(prepared / "ev.yaml")])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "emb").exists()  # nothing half-written
+
+
 def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
     bad = tmp_path / "emb"
     bad.mkdir()

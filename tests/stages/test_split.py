@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -85,47 +84,42 @@ def test_triplet_negatives_cover_other_identities():
     assert np.all(trip[M.ANCHOR] != trip[M.POSITIVE])
 
 
-def test_stage_writes_validated_byte_identical_tables(small_sample, tmp_path):
+@pytest.fixture
+def cropped_project(small_sample, tmp_path, monkeypatch):
+    """A project folder (the working directory) with the sample cropped; yields split's arguments."""
     run_crop(tmp_path, small_sample)
     params = write_params(tmp_path / "params.yaml", {"split.test_fraction": 0.34})
-    args = ["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "metrics/split.json",
+    monkeypatch.chdir(tmp_path)  # the manifest's crop paths are relative to the project folder
+    return ["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "metrics/split.json",
             "--params", str(params)]  # fmt: skip
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        split.main(args)
-        first = {n: Path(f"data/split/{n}.parquet").read_bytes() for n in split.SPLIT_FILES}
-        split.main(args)
-        second = {n: Path(f"data/split/{n}.parquet").read_bytes() for n in split.SPLIT_FILES}
-        tables = {n: pd.read_parquet(f"data/split/{n}.parquet") for n in split.SPLIT_FILES}
-        M.validate_split(tables["train"], tables["query"], tables["gallery"], tables["triplets"], base_dir=".")
-    finally:
-        os.chdir(cwd)
-    assert first == second
+
+
+def read_tables() -> dict[str, bytes]:
+    return {n: Path(f"data/split/{n}.parquet").read_bytes() for n in split.SPLIT_FILES}
+
+
+def test_stage_writes_validated_byte_identical_tables(cropped_project):
+    split.main(cropped_project)
+    first = read_tables()
+    split.main(cropped_project)
+    assert first == read_tables()
+    tables = {n: pd.read_parquet(f"data/split/{n}.parquet") for n in split.SPLIT_FILES}
+    M.validate_split(tables["train"], tables["query"], tables["gallery"], tables["triplets"], base_dir=".")
     assert len(tables["query"]) == 2 and len(tables["triplets"]) > 0
 
 
-def test_stage_reads_the_manifest_not_the_crops(small_sample, tmp_path):
+def test_stage_reads_the_manifest_not_the_crops(cropped_project):
     # Why dvc.yaml's split does not depend on data/crops: other crop pixels, same tables.
-    run_crop(tmp_path, small_sample)
-    params = write_params(tmp_path / "params.yaml", {"split.test_fraction": 0.34})
-    args = ["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "metrics/split.json",
-            "--params", str(params)]  # fmt: skip
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        split.main(args)
-        first = {n: Path(f"data/split/{n}.parquet").read_bytes() for n in split.SPLIT_FILES}
-        crops = sorted(Path("data/crops").iterdir())
-        for crop in crops:
-            crop.write_bytes(crops[0].read_bytes() if crop != crops[0] else crops[1].read_bytes())
-        split.main(args)
-        assert first == {n: Path(f"data/split/{n}.parquet").read_bytes() for n in split.SPLIT_FILES}
-        crops[0].unlink()  # but a missing crop is still refused
-        with pytest.raises(M.SchemaError, match="paths do not exist"):
-            split.main(args)
-    finally:
-        os.chdir(cwd)
+    split.main(cropped_project)
+    first = read_tables()
+    crops = sorted(Path("data/crops").iterdir())
+    for crop in crops:
+        crop.write_bytes(crops[0].read_bytes() if crop != crops[0] else crops[1].read_bytes())
+    split.main(cropped_project)
+    assert first == read_tables()
+    crops[0].unlink()  # but a missing crop is still refused
+    with pytest.raises(M.SchemaError, match="paths do not exist"):
+        split.main(cropped_project)
 
 
 def test_val_identities_are_disjoint_from_train_and_test():
