@@ -39,55 +39,69 @@ def _hinge(d_ap: torch.Tensor, d_an: torch.Tensor, margin: float, soft: bool) ->
     return F.softplus(d_ap - d_an) if soft else F.relu(d_ap - d_an + margin)
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask``; 0 (with a zero gradient) where nothing is.
+
+    Masks instead of boolean indexing or an ``if mask.any()``: both would wait for the
+    GPU (a data-dependent shape, a Python bool), and a step needs no host sync.
+    """
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
 def batch_hard_loss(
     emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2, soft: bool = False
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """For each anchor: its farthest positive and nearest negative in the batch."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """For each anchor: its farthest positive and nearest negative in the batch.
+
+    Anchors without a positive or a negative do not count. Returns the loss and
+    ``active``, the share of counted anchors whose triplet violates the margin
+    (device tensors: no host sync).
+    """
     dist = pairwise_distances(emb)
     pos, neg = _masks(labels)
     valid = pos.any(1) & neg.any(1)
-    if not valid.any():
-        return emb.sum() * 0.0, {"active": 0.0}
     d_ap = (dist * pos).max(1).values
     d_an = dist.masked_fill(~neg, float("inf")).min(1).values
-    losses = _hinge(d_ap, d_an, margin, soft)[valid]
-    return losses.mean(), {"active": float((d_ap[valid] - d_an[valid] + margin > 0).float().mean())}
+    losses = _hinge(d_ap, d_an, margin, soft)
+    return _masked_mean(losses, valid), {"active": _masked_mean((d_ap - d_an + margin > 0).float(), valid)}
 
 
 def semi_hard_loss(
     emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2, soft: bool = False
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """For each anchor-positive pair: the nearest negative farther than the positive.
 
     When no negative is farther than the positive, the farthest negative is
     used (as TensorFlow Addons' ``triplet_semihard_loss`` does), so easy
     batches still give a gradient without chasing the hardest, often noisy,
     negatives early in training.
+
+    Each anchor's negative distances are sorted once (non-negatives last, at
+    +inf); a binary search of every positive distance in its anchor's row gives
+    the first farther negative. All N x N pairs are computed and masked, so the
+    shapes never depend on the labels and nothing waits for the GPU.
     """
     dist = pairwise_distances(emb)
     pos, neg = _masks(labels)
-    a_idx, p_idx = pos.nonzero(as_tuple=True)
-    if len(a_idx) == 0 or not neg.any():
-        return emb.sum() * 0.0, {"active": 0.0}
-    d_ap = dist[a_idx, p_idx]  # (T,)
-    d_an = dist[a_idx]  # (T, N)
-    neg_rows = neg[a_idx]
-    farther = neg_rows & (d_an > d_ap.unsqueeze(1))
-    semi = d_an.masked_fill(~farther, float("inf")).min(1).values
-    hardest_fallback = d_an.masked_fill(~neg_rows, float("-inf")).max(1).values
-    chosen = torch.where(farther.any(1), semi, hardest_fallback)
-    has_neg = neg_rows.any(1)
-    losses = _hinge(d_ap, chosen, margin, soft)[has_neg]
-    return losses.mean(), {"active": float((d_ap[has_neg] - chosen[has_neg] + margin > 0).float().mean())}
+    n_neg = neg.sum(1, keepdim=True)  # (N, 1)
+    neg_sorted = dist.masked_fill(~neg, float("inf")).sort(1).values  # (N, N): negatives first, ascending
+    first_farther = torch.searchsorted(neg_sorted.detach(), dist.detach().contiguous(), right=True)  # (N, N)
+    has_farther = first_farther < n_neg
+    semi = neg_sorted.gather(1, first_farther.clamp_max(len(emb) - 1))
+    hardest = neg_sorted.gather(1, (n_neg - 1).clamp_min(0)).expand_as(dist)  # the farthest negative
+    chosen = torch.where(has_farther, semi, hardest)
+    counted = pos & (n_neg > 0)  # anchor-positive pairs with a negative to compare against
+    losses = _hinge(dist, chosen, margin, soft)
+    return _masked_mean(losses, counted), {"active": _masked_mean((dist - chosen + margin > 0).float(), counted)}
 
 
 def offline_triplet_loss(
     anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2, soft: bool = False
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The report's loss: fixed (anchor, positive, negative) triplets, L2 distance."""
     d_ap = F.pairwise_distance(anchor, positive, eps=1e-12)
     d_an = F.pairwise_distance(anchor, negative, eps=1e-12)
-    return _hinge(d_ap, d_an, margin, soft).mean(), {"active": float((d_ap - d_an + margin > 0).float().mean())}
+    return _hinge(d_ap, d_an, margin, soft).mean(), {"active": (d_ap - d_an + margin > 0).float().mean()}
 
 
 MINING = {"batch_hard": batch_hard_loss, "semi_hard": semi_hard_loss}

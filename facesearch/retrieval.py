@@ -56,6 +56,11 @@ def identity_metrics(
     return _summary(*_first_and_ap(ranking, query_labels, gallery_labels), ks)
 
 
+# Tied distances in a row up to which one equality pass per distance is cheaper than sorting
+# the tied images of the row once (a near-collapsed model ties a few values over ~all images).
+FEW_TIED_VALUES = 8
+
+
 def leave_one_out_metrics(
     emb: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024
 ) -> dict[str, float]:
@@ -67,10 +72,11 @@ def leave_one_out_metrics(
     relevant distance in its sorted row gives the images strictly closer. Equal distances rank
     by index, as a stable sort of the whole row would order them: where a relevant distance
     occurs more than once in its row, the equal images with a lower index are counted on the
-    unsorted row, one pass per such distance (real embeddings tie only on duplicates or a
-    collapsed model, which has one distance). So the metrics are those of ranking every row in
-    full (tested), 5-7x faster than the previous method at CelebA's 40k test photos (~14 s on
-    2 cores, ``bench/loo.py``), in two reused ``chunk`` x N float32 buffers (~0.3 GB at
+    unsorted row, one pass per tied distance or, past :data:`FEW_TIED_VALUES`, one sort (real embeddings
+    tie only on duplicates; a collapsed or near-collapsed model ties everywhere). So the
+    metrics are those of ranking every row in full (tested), 5-7x faster than the previous
+    method at CelebA's 40k test photos (~14 s on 2 cores, ``bench/loo.py``), in two reused
+    ``chunk`` x N float32 buffers (~0.3 GB at
     1024 x 40k). The distance rows come from the same row blocks as before (the BLAS product's
     rounding depends on them) and the per-query sums run over the same layout, so the results
     are bit-identical to the previous method's.
@@ -81,6 +87,7 @@ def leave_one_out_metrics(
     if len(q_idx) == 0:
         return {**{f"rank{k}": float("nan") for k in ks}, "mAP": float("nan")}
     g_sq = (emb**2).sum(1)
+    n = len(emb)
     first = np.empty(len(q_idx), np.int64)
     ap = np.empty(len(q_idx), np.float64)
     d2_buf = np.empty((min(chunk, len(q_idx)), len(emb)), np.float32)  # reused: no fresh pages per chunk
@@ -101,10 +108,18 @@ def leave_one_out_metrics(
             t = d2[row, own]
             below = np.searchsorted(srt[row], t, side="left")  # images strictly closer
             tied = np.flatnonzero(np.searchsorted(srt[row], t, side="right") - below > 1)
-            for value in np.unique(t[tied]):  # one pass per tied distance, however many share it
-                at_value = np.flatnonzero(d2[row] == value)  # ascending indices
-                p = tied[t[tied] == value]
-                below[p] += np.searchsorted(at_value, own[p])  # those with a lower index come first
+            if not len(tied):
+                pass
+            elif len(values := np.unique(t[tied])) <= FEW_TIED_VALUES:
+                for value in values:  # one pass over the row per tied distance
+                    at_value = np.flatnonzero(d2[row] == value)  # ascending indices
+                    p = tied[t[tied] == value]
+                    below[p] += np.searchsorted(at_value, own[p])  # those with a lower index come first
+            else:  # many: one pass, then keys (rank of the value, index) sort the tied images
+                at = np.flatnonzero(np.isin(d2[row], values))
+                keys = np.sort(np.searchsorted(values, d2[row, at]) * n + at)
+                base = np.searchsorted(values, t[tied]) * n
+                below[tied] += np.searchsorted(keys, base + own[tied]) - np.searchsorted(keys, base)
             ranks[row, : len(own)] = np.sort(below) + 1
         first[start : start + c], ap[start : start + c] = padded_rank_scores(ranks)
     return _summary(first, ap, ks)
@@ -218,24 +233,40 @@ def readable(metrics: dict) -> dict:
 
 
 def attribute_agreement(
-    top_idx: np.ndarray, query_attrs: np.ndarray, gallery_attrs: np.ndarray, ks: tuple[int, ...]
-) -> dict[str, float | int]:
+    top_idx: np.ndarray, query_attrs: np.ndarray, gallery_attrs: np.ndarray, ks: tuple[int, ...],
+    chunk: int = 512,
+) -> dict[str, float | int]:  # fmt: skip
     """The report's metric: share of the 40 attributes a query and each top-k result share.
 
     ``*_attrs`` are (N, 40) float arrays of 0/1 with NaN rows where an image has
     no attribute line. Only queries with attributes count, and among their top
     k results only those with attributes; the counts say how many did.
+
+    The agreeing attributes of every (query, result) pair up to the largest k are
+    counted once, as small integers over ``chunk`` queries at a time, and each k
+    reads prefix sums of them: exact integer totals, one division per k (CelebA's
+    2k queries x 1000 results no longer gather ~0.65 GB of float64 per k).
     """
     q_has = ~np.isnan(query_attrs).any(1)
     g_has = ~np.isnan(gallery_attrs).any(1)
+    n_attr = query_attrs.shape[1]
     out: dict[str, float | int] = {"attr_queries": int(q_has.sum())}
+    idx = top_idx[q_has, : max(ks, default=0)]
+    q = np.nan_to_num(query_attrs[q_has]).astype(np.int8)
+    g = np.where(g_has[:, None], np.nan_to_num(gallery_attrs), -1).astype(np.int8)  # -1: never counted
+    usable = g_has[idx]
+    agree = np.zeros(idx.shape, np.int64)
+    for start in range(0, len(idx), chunk):
+        rows = slice(start, start + chunk)
+        agree[rows] = (g[idx[rows]] == q[rows, None, :]).sum(-1)
+    agree_cum = np.cumsum(np.where(usable, agree, 0), axis=1).sum(0)  # per column: total over queries
+    usable_cum = np.cumsum(usable, axis=1).sum(0)
     for k in ks:
-        idx = top_idx[q_has, :k]
-        usable = g_has[idx]
-        same = (gallery_attrs[idx] == query_attrs[q_has][:, None, :]).mean(-1)  # (Q', k) share agreeing
-        n = int(usable.sum())
-        out[f"attr_match@{k}"] = float(same[usable].mean()) if n else float("nan")
-        out[f"attr_distance@{k}"] = float((1 - same[usable]).mean() * query_attrs.shape[1]) if n else float("nan")
+        kk = min(k, idx.shape[1])
+        n = int(usable_cum[kk - 1]) if kk else 0
+        total = int(agree_cum[kk - 1]) if kk else 0
+        out[f"attr_match@{k}"] = total / (n * n_attr) if n else float("nan")
+        out[f"attr_distance@{k}"] = (n * n_attr - total) / n if n else float("nan")
         out[f"attr_results@{k}"] = n
     return out
 

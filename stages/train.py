@@ -26,8 +26,9 @@ The loop is written for an accelerator: the next batches are read from the
 memory-mapped arrays in a background thread (:class:`facesearch.training.Prefetcher`,
 pinned for an asynchronous copy on CUDA) while the current step runs, and the
 step's loss and statistics stay on the device until the epoch ends
-(:class:`facesearch.training.StepStats`), so the host waits for the GPU only
-where it must. The sampling, schedule, checkpoint and logging pieces live in
+(:class:`facesearch.training.StepStats`): no step waits for the GPU (the
+losses of :mod:`facesearch.losses` mine with fixed-shape masks, and the
+anti-collapse guard chooses its loss on the device). The sampling, schedule, checkpoint and logging pieces live in
 :mod:`facesearch.training`.
 """
 
@@ -174,7 +175,7 @@ def check_crops(table: pd.DataFrame, face: FaceConfig) -> None:
 def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: bool):
     """Loss and stats for one batch: ``active`` triplets, embedding ``spread``, ``fallback`` step.
 
-    ``spread`` stays a device tensor; ``active`` is what :mod:`facesearch.losses` returns.
+    All stay device tensors (or Python constants): a step has no host sync.
     """
     emb = model(x)
     spread = pairwise_distances(emb.detach().float()).mean()
@@ -182,17 +183,21 @@ def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: b
         a, p, n = emb.chunk(3)
         loss, stats = offline_triplet_loss(a, p, n, cfg.margin, cfg.soft_margin)
         return loss, {**stats, "spread": spread, "fallback": 0.0}
-    mining, fallback = cfg.loss, 0.0
+    mining = cfg.loss
     if mining == "batch_hard" and epoch < cfg.semi_hard_epochs:
         mining = "semi_hard"  # anti-collapse: easier negatives first
-    elif mining == "batch_hard" and cfg.collapse_spread > 0 and spread < cfg.collapse_spread:
-        # Anti-collapse guard: the batch's embeddings are closing in on one point,
-        # which batch-hard mining drives to a total collapse; semi-hard negatives
-        # push them apart again. Which loss to run is the host's choice, so this
-        # comparison is a host sync: the one a step needs, and only with the guard on.
-        mining, fallback = "semi_hard", 1.0
+    elif mining == "batch_hard" and cfg.collapse_spread > 0:
+        # Anti-collapse guard: the batch's embeddings are closing in on one point, which
+        # batch-hard mining drives to a total collapse; semi-hard negatives push them apart
+        # again. Both losses are computed (a batch-sized matrix each, nothing next to the
+        # network) and the device picks one, so the step never waits for the GPU.
+        collapsed = spread < cfg.collapse_spread
+        hard, hard_stats = MINING["batch_hard"](emb, labels, cfg.margin, cfg.soft_margin)
+        semi, semi_stats = MINING["semi_hard"](emb, labels, cfg.margin, cfg.soft_margin)
+        active = torch.where(collapsed, semi_stats["active"], hard_stats["active"])
+        return torch.where(collapsed, semi, hard), {"active": active, "spread": spread, "fallback": collapsed.float()}
     loss, stats = MINING[mining](emb, labels, cfg.margin, cfg.soft_margin)
-    return loss, {**stats, "spread": spread, "fallback": fallback}
+    return loss, {**stats, "spread": spread, "fallback": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -161,3 +161,17 @@ def test_linear_growth_passes_within_the_slack():
     large = size(100, 1000, m("a", 11.9), m("b", 10))
     assert all(ok for ok, _ in targets([small, large], 8 * GIB, 1.2))
     assert not all(ok for ok, _ in targets([small, large], 8 * GIB, 1.1))  # a: 11.9 > 11
+
+
+def test_evaluate_time_is_held_to_its_quadratic_work_and_its_memory_to_linear():
+    # evaluate ranks every test photo against every other: 10x the photos is 100x the pairs.
+    small = size(10, 100, m("a", 1), m("evaluate@x", 1))
+    large = size(100, 1000, m("a", 9), m("evaluate@x", 50))
+    checks = {line.split(" (")[0]: ok for ok, line in targets([small, large], 8 * GIB, 1.2)}
+    assert checks["wall_s grows at most linearly"] is True  # a: 9; evaluate not held to linear time
+    assert checks["wall_s of evaluate@x grows at most as its work"] is True  # 50 <= 120
+    assert checks["written_bytes grows at most linearly"] is False  # its writes still are (50 > 12)
+    over = size(100, 1000, m("a", 9), m("evaluate@x", 130))
+    assert not dict((line.split(" (")[0], ok) for ok, line in targets([small, over], 8 * GIB, 1.2))[
+        "wall_s of evaluate@x grows at most as its work"
+    ]

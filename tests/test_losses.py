@@ -74,3 +74,37 @@ def test_single_identity_batch_has_no_triplets():
     for fn in (batch_hard_loss, semi_hard_loss):
         loss, stats = fn(emb, labels)
         assert float(loss) == 0.0 and stats["active"] == 0.0
+
+
+def brute_semi_hard(d, labels, margin):
+    expected = []
+    for a, p in itertools.permutations(range(len(labels)), 2):
+        negs = [d[a, n] for n in range(len(labels)) if labels[n] != labels[a]]
+        if labels[a] != labels[p] or not negs:
+            continue
+        farther = [x for x in negs if x > d[a, p]]
+        expected.append(F.relu(d[a, p] - (min(farther) if farther else max(negs)) + margin))
+    return torch.stack(expected).mean()
+
+
+def test_masked_losses_skip_anchors_without_partners_and_handle_ties():
+    # A singleton identity (no positive) and duplicated embeddings (tied distances): the masked,
+    # sync-free forms must still count exactly the triplets the definitions name.
+    g = torch.Generator().manual_seed(1)
+    base = F.normalize(torch.randn(7, 4, generator=g), dim=1)
+    emb = torch.cat([base, base[:3]]).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 9, 3, 3, 4])
+    d = pairwise_distances(emb.detach())
+    loss, stats = semi_hard_loss(emb, labels, margin=0.3)
+    assert torch.isclose(loss, brute_semi_hard(d, labels, 0.3), atol=1e-5)
+    hard = []
+    for a in range(len(labels)):
+        pos = [d[a, p] for p in range(len(labels)) if p != a and labels[p] == labels[a]]
+        if pos:
+            hard.append(F.relu(max(pos) - min(d[a, n] for n in range(len(labels)) if labels[n] != labels[a]) + 0.3))
+    hard_loss, hard_stats = batch_hard_loss(emb, labels, margin=0.3)
+    assert torch.isclose(hard_loss, torch.stack(hard).mean(), atol=1e-5)
+    (loss + hard_loss).backward()
+    assert torch.isfinite(emb.grad).all()
+    for value in (stats["active"], hard_stats["active"]):
+        assert isinstance(value, torch.Tensor) and 0 <= float(value) <= 1  # a tensor: read once per epoch

@@ -5,6 +5,7 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 
+from facesearch import retrieval
 from facesearch.retrieval import (
     attribute_agreement,
     evaluate,
@@ -92,6 +93,23 @@ def test_attribute_agreement_by_hand():
     assert m["attr_distance@3"] == pytest.approx((0 + 3) / 2)
 
 
+def test_attribute_agreement_matches_brute_force():
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 2, (30, 40)).astype(float)
+    g = rng.integers(0, 2, (200, 40)).astype(float)
+    q[[2, 7]], g[rng.choice(200, 25, replace=False)] = np.nan, np.nan  # images without attribute lines
+    top = np.stack([rng.permutation(200)[:60] for _ in range(30)])
+    m = attribute_agreement(top, q, g, ks=(1, 10, 60), chunk=7)  # chunks that do not divide the queries
+    for k in (1, 10, 60):
+        pairs = [(qi, gi) for qi in range(30) if not np.isnan(q[qi]).any()
+                 for gi in top[qi, :k] if not np.isnan(g[gi]).any()]  # fmt: skip
+        shares = [np.mean(q[qi] == g[gi]) for qi, gi in pairs]
+        assert m[f"attr_results@{k}"] == len(pairs)
+        assert m[f"attr_match@{k}"] == pytest.approx(np.mean(shares), abs=1e-12)
+        assert m[f"attr_distance@{k}"] == pytest.approx(40 * (1 - np.mean(shares)), abs=1e-9)
+    assert m["attr_queries"] == 28
+
+
 def test_ties_rank_the_same_whatever_k():
     # A collapsed model: every embedding identical, every distance tied.
     emb = np.ones((12, 4), np.float32)
@@ -124,8 +142,10 @@ def test_leave_one_out_in_chunks_matches_the_full_ranking():
     assert leave_one_out_metrics(emb, labels, chunk=5) == full_ranking_loo(emb, labels, 5)
 
 
-def test_leave_one_out_with_many_ties_matches_the_full_ranking():
+@pytest.mark.parametrize("few", [0, 10**9])  # both ways of counting ties: one sort, one pass per value
+def test_leave_one_out_with_many_ties_matches_the_full_ranking(few, monkeypatch):
     # Coarsely quantised embeddings: many images at exactly equal distances, tie-broken by index.
+    monkeypatch.setattr(retrieval, "FEW_TIED_VALUES", few)
     rng = np.random.default_rng(5)
     emb = np.round(rng.normal(size=(90, 3)), 0).astype(np.float32)
     labels = rng.integers(0, 7, size=90)
@@ -149,7 +169,9 @@ def test_leave_one_out_on_unit_clusters_matches_the_full_ranking(chunk, scatter)
     assert leave_one_out_metrics(emb, labels, chunk=chunk) == full_ranking_loo(emb, labels, chunk)
 
 
-def test_leave_one_out_with_duplicates_matches_the_full_ranking():
+@pytest.mark.parametrize("few", [0, 10**9])
+def test_leave_one_out_with_duplicates_matches_the_full_ranking(few, monkeypatch):
+    monkeypatch.setattr(retrieval, "FEW_TIED_VALUES", few)
     # The same photo several times, in its own identity and in others: equal distances, ranked by
     # index, some of them between a query and its own relevant images.
     emb, labels = unit_clusters(seed=7)
@@ -160,7 +182,9 @@ def test_leave_one_out_with_duplicates_matches_the_full_ranking():
     assert m == full_ranking_loo(emb, labels, 64)
 
 
-def test_leave_one_out_of_a_collapsed_model_matches_the_full_ranking():
+@pytest.mark.parametrize("few", [0, 10**9])
+def test_leave_one_out_of_a_collapsed_model_matches_the_full_ranking(few, monkeypatch):
+    monkeypatch.setattr(retrieval, "FEW_TIED_VALUES", few)
     # Every embedding equal: every distance ties, so ranks follow the index alone.
     emb = np.full((50, 4), 0.5, np.float32)
     labels = np.repeat(np.arange(10), 5)
