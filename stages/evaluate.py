@@ -45,7 +45,6 @@ from facesearch.viz import grid, tile
 log = logging.getLogger("facesearch.evaluate")
 
 
-
 def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tuple[float, float]:
     """p50 and p99 of one-query searches (the app's case), in milliseconds."""
     times = []
