@@ -113,7 +113,7 @@ def test_calibration_against_brute_force():
 def test_too_few_impostor_pairs_reject_every_one():
     emb, labels = clustered(4, 3, 0.5, seed=1)  # 66 pairs, 54 impostors: cannot measure a FAR of 1e-3
     record = V.calibrate(emb, labels, far=1e-3, fars=(1e-2,), n_impostors=1000, seed=0)
-    gen, imp = V.verification_scores(emb, labels, 1000, 0)
+    _, imp = V.verification_scores(emb, labels, 1000, 0)
     assert record["n_impostor"] == len(imp) == 54 and not record["resolved"]
     assert record["far_measured"] == 0.0 and (imp < record["similarity"]).all()
     assert record["similarity"] == np.nextafter(imp.max(), np.inf)  # the least threshold rejecting them all
