@@ -1,19 +1,28 @@
 """What a model file promises its users: how its input was cut, and whom it has seen.
 
-The train stage records it in the model file (``payload["preprocessing"]`` and
-``payload["identities"]``); ``python -m facesearch evaluate`` and the app read it
-back through :func:`model_preprocessing` and :func:`seen_identities`, so a photo
-is cropped exactly as the model's training crops were, and a score never
-counts people the model trained or was selected on.
+The train stage records it in the model file (``payload["preprocessing"]``,
+``payload["identities"]`` and ``payload["threshold"]``); ``python -m facesearch
+evaluate`` and the app read it back through :func:`model_preprocessing` and
+:func:`seen_identities`, so a photo is cropped exactly as the model's training
+crops were, and a score never counts people the model trained or was selected
+on; the embed stage passes :func:`model_threshold` on to evaluate.
 
 - ``payload["preprocessing"] = {"crop": {...}, "img_size": int}``: ``crop`` is
   shaped like ``params.yaml: crop`` (the keys :meth:`FaceConfig.from_params`
   reads, ``haar`` as a nested block), ``img_size`` the input side the network
   was trained at.
 - ``payload["identities"] = {"train": [...], "val": [...]}``: sorted ints.
+- ``payload["threshold"]``: the verdict threshold, chosen on the validation
+  identities at a false-accept rate (:func:`facesearch.verification.threshold_record`
+  gives its keys): ``{"similarity": float, "far": float, "source": str, "tar": ...,
+  "n_genuine": int, "n_impostor": int, "at_far": {"0.001": float, ...}, ...}``. Two
+  faces are the same person when their cosine similarity is ``>= similarity``.
+  ``facesearch.index.verdict_threshold`` gives the verdicts of ``facesearch search``
+  from it.
 
 Models saved before these keys existed fall back to the library defaults
-(:class:`FaceConfig`) and to ``payload["config"]["img_size"]``.
+(:class:`FaceConfig`) and to ``payload["config"]["img_size"]``; one without a
+threshold has None from :func:`model_threshold`.
 """
 
 from __future__ import annotations
@@ -104,3 +113,9 @@ def seen_identities(payload: dict) -> set[int]:
     """Identities a saved model was trained on or selected on (train + val); empty for older models."""
     record = payload.get("identities") or {}
     return {int(i) for key in ("train", "val") for i in record.get(key, [])}
+
+
+def model_threshold(payload: dict) -> dict | None:
+    """The model's verdict-threshold record (``payload["threshold"]``), or None for a model without one."""
+    record = payload.get("threshold")
+    return dict(record) if record else None

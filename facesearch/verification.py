@@ -77,79 +77,192 @@ def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
     return float(u / (len(genuine) * len(impostor)))
 
 
-def threshold_at_far(impostor: np.ndarray, far: float) -> float:
-    """The lowest similarity threshold at which at most ``far`` of the impostor pairs are accepted."""
+def thresholds_at_fars(impostor: np.ndarray, fars) -> np.ndarray:
+    """For each FAR target, the lowest similarity threshold accepting at most that share of ``impostor``.
+
+    One sort for all targets. The threshold sits just above the first impostor that
+    must be rejected (and so above all its ties); a target that allows every impostor
+    gives -inf.
+    """
     impostor = np.sort(np.asarray(impostor, np.float64))[::-1]
     if not len(impostor):
         raise ValueError("a threshold at a FAR needs impostor pairs")
-    allowed = int(np.floor(far * len(impostor) + 1e-9))  # impostors that may clear the threshold
-    if allowed >= len(impostor):
-        return float(-np.inf)
-    # Strictly above the first impostor that must be rejected (and above all its ties).
-    return float(np.nextafter(impostor[allowed], np.inf))
+    fars = np.atleast_1d(np.asarray(fars, np.float64))
+    allowed = np.floor(fars * len(impostor) + 1e-9).astype(np.int64)  # impostors that may clear it
+    out = np.full(len(fars), -np.inf)
+    inside = allowed < len(impostor)
+    out[inside] = np.nextafter(impostor[allowed[inside]], np.inf)
+    return out
+
+
+def threshold_at_far(impostor: np.ndarray, far: float) -> float:
+    """The lowest similarity threshold at which at most ``far`` of the impostor pairs are accepted."""
+    return float(thresholds_at_fars(impostor, [far])[0])
 
 
 def accept_rate(scores: np.ndarray, threshold: float) -> float:
     return float((np.asarray(scores) >= threshold).mean()) if len(scores) else float("nan")
 
 
-def roc_curve(genuine: np.ndarray, impostor: np.ndarray, points: int = 200) -> dict[str, np.ndarray]:
-    """TAR against FAR at ``points`` thresholds spread over the FARs the impostors can resolve (log scale)."""
-    impostor = np.asarray(impostor, np.float64)
-    lo = max(1.0 / len(impostor), 1e-6)
-    fars = np.unique(np.concatenate([np.geomspace(lo, 1.0, points), [1e-3, 1e-2]]))
-    fars = fars[fars >= lo]
-    thresholds = np.array([threshold_at_far(impostor, f) for f in fars])
+def accept_rates(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """:func:`accept_rate` at each threshold, by one sort and a binary search (NaN for no scores)."""
+    scores = np.sort(np.asarray(scores, np.float64))
+    thresholds = np.asarray(thresholds, np.float64)
+    if not len(scores):
+        return np.full(len(thresholds), np.nan)
+    return (len(scores) - np.searchsorted(scores, thresholds, side="left")) / len(scores)
+
+
+def resolvable(far: float, n_impostor: int) -> bool:
+    """Whether ``n_impostor`` pairs can measure ``far``: at least one of them may be accepted.
+
+    Below that the threshold still exists (above every impostor seen) but is stricter
+    than the target by an unknown amount.
+    """
+    return far * n_impostor >= 1 - 1e-9
+
+
+def far_key(far: float) -> str:
+    """The metric-name form of a FAR: 0.01 -> ``1e-2``, 0.001 -> ``1e-3``."""
+    mantissa, exponent = f"{far:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def verification_scores(
+    emb: np.ndarray, labels: np.ndarray, n_impostors: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Similarities of all genuine pairs and of ``n_impostors`` impostor pairs drawn with ``seed``.
+
+    The pairs depend on the labels and the seed only, so two models' embeddings of
+    the same images are scored on the same pairs.
+    """
+    rng = np.random.default_rng(seed)
+    return pair_similarity(emb, genuine_pairs(labels)), pair_similarity(emb, impostor_pairs(labels, n_impostors, rng))
+
+
+def roc_curve(genuine: np.ndarray, impostor: np.ndarray, points: int = 200, fars=(1e-2, 1e-3)) -> dict[str, np.ndarray]:
+    """TAR at ``points`` FAR targets spread (log scale) over those the impostors resolve, plus ``fars``.
+
+    ``far`` is the target (the measured FAR at its threshold is at most it): it depends
+    on the number of impostor pairs only, so curves of models scored on the same pairs
+    share their FAR axis.
+    """
+    n = len(impostor)
+    if not n:
+        raise ValueError("a ROC curve needs impostor pairs")
+    lo = 1.0 / n
+    grid = np.unique(np.concatenate([np.geomspace(lo, 1.0, points), np.asarray(fars, np.float64)]))
+    grid = grid[grid >= lo * (1 - 1e-9)]
+    thresholds = thresholds_at_fars(impostor, grid)
+    return {"far": grid, "tar": accept_rates(genuine, thresholds), "threshold": thresholds}
+
+
+def verification_metrics(genuine: np.ndarray, impostor: np.ndarray, fars=(1e-2, 1e-3)) -> dict:
+    """ROC AUC, and TAR and threshold at each FAR (keys ``tar@far1e-3``, ``threshold@far1e-3``).
+
+    A FAR the impostor pairs cannot resolve (:func:`resolvable`) has TAR and threshold None.
+    """
+    out: dict = {"roc_auc": roc_auc(genuine, impostor), "genuine_pairs": len(genuine), "impostor_pairs": len(impostor)}
+    thresholds = thresholds_at_fars(impostor, fars)
+    tars = accept_rates(genuine, thresholds)
+    for far, t, tar in zip(fars, thresholds, tars, strict=True):
+        ok = resolvable(far, len(impostor))
+        out[f"tar@far{far_key(far)}"] = float(tar) if ok else None
+        out[f"threshold@far{far_key(far)}"] = float(t) if ok else None
+    return out
+
+
+CALIBRATION_SOURCE = "validation identities"
+
+
+def threshold_record(genuine: np.ndarray, impostor: np.ndarray, far: float, fars=(1e-2, 1e-3)) -> dict:
+    """The verdict threshold at ``far`` and what it rests on, JSON-simple (``payload["threshold"]``).
+
+    ``similarity`` is the threshold (a pair is the same person at ``similarity >=`` it),
+    ``tar`` the share of genuine pairs it accepts, ``far_measured`` the share of impostor
+    pairs; ``resolved`` is False when too few impostor pairs were drawn to measure ``far``
+    (the threshold then rejects every impostor seen, stricter than asked). ``at_far`` maps
+    each of ``fars`` (and ``far``), as a decimal string, to its threshold.
+    """
+    targets = sorted({float(f) for f in fars} | {float(far)}, reverse=True)
+    thresholds = thresholds_at_fars(impostor, targets)
+    t = float(thresholds[targets.index(float(far))])
+    tar = accept_rate(genuine, t)
     return {
-        "far": np.array([accept_rate(impostor, t) for t in thresholds]),
-        "tar": np.array([accept_rate(genuine, t) for t in thresholds]),
-        "threshold": thresholds,
+        "similarity": t,
+        "far": float(far),
+        "source": CALIBRATION_SOURCE,
+        "tar": None if np.isnan(tar) else tar,
+        "far_measured": accept_rate(impostor, t),
+        "resolved": resolvable(far, len(impostor)),
+        "n_genuine": len(genuine),
+        "n_impostor": len(impostor),
+        "at_far": {str(f): float(x) for f, x in zip(targets, thresholds, strict=True)},
     }
 
 
-def verification_metrics(
-    emb: np.ndarray, labels: np.ndarray, n_impostors: int, seed: int, fars: tuple[float, ...] = (1e-2, 1e-3)
-) -> tuple[dict, dict[str, np.ndarray]]:
-    """ROC AUC, TAR and threshold at each FAR over all genuine and ``n_impostors`` seeded impostor pairs.
+def calibrate(emb: np.ndarray, labels: np.ndarray, far: float, fars, n_impostors: int, seed: int) -> dict | None:
+    """:func:`threshold_record` of ``emb`` (images of identities the model never trained on).
 
-    Returns the metrics and the ROC curve. A FAR below 1 / (impostor pairs) cannot be
-    measured: its TAR and threshold are then None and ``far_resolvable`` says so.
+    None when the identities give no impostor pair (fewer than two of them): there is
+    nothing to choose a threshold against.
     """
-    rng = np.random.default_rng(seed)
-    gen = pair_similarity(emb, genuine_pairs(labels))
-    imp = pair_similarity(emb, impostor_pairs(labels, n_impostors, rng))
-    out: dict = {"roc_auc": roc_auc(gen, imp), "genuine_pairs": len(gen), "impostor_pairs": len(imp)}
-    for far in fars:
-        key = f"{far:.0e}".replace("e-0", "e-")  # 1e-2, 1e-3
-        if far * len(imp) < 1:
-            out[f"tar@far{key}"] = out[f"threshold@far{key}"] = None
-            continue
-        t = threshold_at_far(imp, far)
-        out[f"tar@far{key}"] = accept_rate(gen, t)
-        out[f"threshold@far{key}"] = t
-    return out, roc_curve(gen, imp)
+    genuine, impostor = verification_scores(emb, labels, n_impostors, seed)
+    if not len(impostor):
+        return None
+    return threshold_record(genuine, impostor, far, fars)
 
 
 def open_set_identification(
-    q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray, threshold: float
-) -> dict:
+    q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray, threshold: float,
+    chunk: int = 1 << 24,
+) -> dict:  # fmt: skip
     """Open-set identification at ``threshold`` against a gallery of *enrolled* identities.
 
     A query of an enrolled identity is found when its top-1 result is of its identity and
     clears the threshold (TPIR, true-positive identification rate); a query of a stranger
     (identity not in the gallery) is answered correctly when nothing clears it (1 - FPIR).
+    The similarities are computed ``chunk`` entries (queries x gallery) at a time.
     """
     q_emb, g_emb = np.asarray(q_emb, np.float64), np.asarray(g_emb, np.float64)
-    sims = q_emb @ g_emb.T
-    # Ties at the top go to the lowest gallery index, the rule of every search backend here.
-    top = np.argmax(sims, axis=1)
-    top_sim = sims[np.arange(len(q_emb)), top]
+    q_labels, g_labels = np.asarray(q_labels), np.asarray(g_labels)
+    if not len(g_emb):
+        raise ValueError("open-set identification needs an enrolled gallery")
+    top = np.empty(len(q_emb), np.int64)
+    top_sim = np.empty(len(q_emb))
+    step = max(1, chunk // len(g_emb))
+    for start in range(0, len(q_emb), step):
+        sims = q_emb[start : start + step] @ g_emb.T
+        # Ties at the top go to the lowest gallery index, the rule of every search backend here.
+        best = np.argmax(sims, axis=1)
+        top[start : start + step] = best
+        top_sim[start : start + step] = sims[np.arange(len(sims)), best]
     enrolled = np.isin(q_labels, np.unique(g_labels))
-    found = (np.asarray(g_labels)[top] == np.asarray(q_labels)) & (top_sim >= threshold)
+    found = (g_labels[top] == q_labels) & (top_sim >= threshold)
     false_alarm = top_sim >= threshold
     return {
         "tpir": float(found[enrolled].mean()) if enrolled.any() else None,
         "fpir": float(false_alarm[~enrolled].mean()) if (~enrolled).any() else None,
         "enrolled_queries": int(enrolled.sum()),
         "stranger_queries": int((~enrolled).sum()),
+        "gallery": len(g_emb),
     }
+
+
+def enrolled_half(labels: np.ndarray, seed: int) -> np.ndarray:
+    """The identities enrolled for open-set identification: half of those in ``labels`` (rounded down), seeded."""
+    ids = np.unique(np.asarray(labels))
+    return np.sort(np.random.default_rng(seed).choice(ids, size=len(ids) // 2, replace=False))
+
+
+def open_set_half(
+    q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray, threshold: float, seed: int
+) -> dict:
+    """:func:`open_set_identification` with half the identities (:func:`enrolled_half`) enrolled.
+
+    The gallery keeps only the enrolled identities' images; every query is asked, so the
+    other half's queries are strangers, whose right answer is "no match".
+    """
+    enrolled = enrolled_half(np.concatenate([np.asarray(q_labels), np.asarray(g_labels)]), seed)
+    keep = np.isin(g_labels, enrolled)
+    return open_set_identification(q_emb, q_labels, np.asarray(g_emb)[keep], np.asarray(g_labels)[keep], threshold)

@@ -1,11 +1,14 @@
-"""Stage ``embed@<backbone>``: query and gallery embeddings, before and after fine-tuning.
+"""Stage ``embed@<backbone>``: query, gallery and validation embeddings, before and after fine-tuning.
 
     python -m stages.embed --model models/resnet50.pt --split data/split --arrays data/arrays \
         --out data/embeddings/resnet50
 
-Writes ``{before,after}_{query,gallery}.npy`` (float32, one row per row of the
-split's ``query.parquet`` / ``gallery.parquet``) and ``{query,gallery}.parquet``
-(crop path, file name, identity: the index of those rows). "after" is the
+Writes ``{before,after}_{query,gallery,val}.npy`` (float32, one row per row of
+the split's ``query.parquet`` / ``gallery.parquet`` / ``val.parquet``),
+``{query,gallery,val}.parquet`` (crop path, file name, identity: the index of
+those rows) and ``threshold.json``, the model's verdict threshold record
+(:func:`facesearch.contract.model_threshold`; null for a model without one), so
+that evaluate needs the embeddings only, not the model file. "after" is the
 trained model; "before" is the same backbone as training started it (ImageNet
 weights, or the seeded random network under ``weights: none``), rebuilt from
 the config and seed saved in the model file. Batched, without gradients, bf16
@@ -23,16 +26,18 @@ import pandas as pd
 import torch
 
 from facesearch import manifest as M
-from facesearch.contract import model_preprocessing
+from facesearch.contract import model_preprocessing, model_threshold
 from facesearch.inference import embed_array
-from facesearch.io import atomic_dir, write_parquet_atomic
+from facesearch.io import atomic_dir, write_json_atomic, write_parquet_atomic
 from facesearch.models import ModelConfig, load_model, resolve_device, seeded_model
 from facesearch.packing import load_array
 from facesearch.params import load_params
 
 log = logging.getLogger("facesearch.embed")
 
-SETS = ("query", "gallery")
+# The validation identities' images are embedded too: evaluate calibrates the verdict
+# threshold of each state on them (never on the test identities of query/gallery).
+SETS = ("query", "gallery", "val")
 INDEX_COLUMNS = (M.CROP_PATH, M.FILE_NAME, M.IDENTITY)
 
 
@@ -44,8 +49,8 @@ def untrained_twin(payload: dict) -> torch.nn.Module:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="trained model, models/<backbone>.pt")
-    parser.add_argument("--split", required=True, help="folder with query/gallery .parquet")
-    parser.add_argument("--arrays", required=True, help="folder with the packed query/gallery .npy")
+    parser.add_argument("--split", required=True, help="folder with query/gallery/val .parquet")
+    parser.add_argument("--arrays", required=True, help="folder with the packed query/gallery/val .npy")
     parser.add_argument("--out", required=True, help="folder to write (replaced whole)")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     face, size = model_preprocessing(payload)
     with atomic_dir(args.out) as tmp:
+        write_json_atomic(tmp / "threshold.json", model_threshold(payload))
         for name in SETS:
             table = pd.read_parquet(Path(args.split) / f"{name}.parquet")
             # Packed from the crops this model was trained on, at least at its input side.

@@ -1,20 +1,31 @@
-"""Stage ``evaluate@<backbone>``: retrieval metrics before and after fine-tuning.
+"""Stage ``evaluate@<backbone>``: retrieval and verification metrics before and after fine-tuning.
 
     python -m stages.evaluate --embeddings data/embeddings/resnet50 --split data/split --arrays data/arrays \
-        --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv --figure reports/retrieval_resnet50.png \
-        --timing reports/timing/resnet50.json
+        --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv --roc metrics/roc/resnet50.csv \
+        --figure reports/retrieval_resnet50.png --timing reports/timing/resnet50.json
 
-Reads ``params.yaml: evaluate``. Every query (one photo of each held-out
+Reads ``params.yaml: evaluate`` and ``verification``. Every query (one photo of each held-out
 identity) searches the gallery (all their other photos) with the
 ``evaluate.backend`` search index. ``--metrics`` gets
 ``{"before": {...}, "after": {...}}`` with identity Rank-1/5/10 and mAP,
 Recall@k, the report's attribute agreement at each k, and
 ``loo_*``: Rank-k and mAP with every held-out image in turn as the query
 against all the others (more queries than identities, so finer-grained);
-metrics only, so ``dvc metrics diff`` shows quality changes and nothing else.
+``ver_*``: verification ("same person?") on the *validation* identities' pairs
+(all genuine pairs, ``verification.impostor_pairs`` seeded impostor pairs):
+ROC AUC, and TAR and the similarity threshold at each of ``verification.fars``;
+``openset_*``: open-set identification on the test identities, half of them
+enrolled (seeded; their gallery images), every query asked: ``openset_tpir@rank1``
+is the share of enrolled people whose top-1 is right and clears the threshold,
+``openset_1-fpir`` the share of strangers answered "no match". "after" uses the
+model's own threshold (``threshold.json`` from embed, chosen by train on the
+validation identities), "before" the one this run calibrates on them at
+``verification.far``: nothing is chosen on the test identities. Metrics only,
+so ``dvc metrics diff`` shows quality changes and nothing else.
 ``--timing`` gets the search timings (index build, batch search, one-query
 p50/p99), which differ on every run and machine;
-``--cmc`` the CMC curves (a DVC plot); ``--figure`` a few seeded queries with
+``--cmc`` the CMC curves and ``--roc`` the ROC curves (TAR at each FAR target,
+validation identities; DVC plots); ``--figure`` a few seeded queries with
 their 9 nearest gallery faces, correct identities framed green. The faces are
 drawn from the packed query/gallery arrays (``--arrays``, the pixels the model
 embedded), not from ``data/crops``: the figure is then a function of this
@@ -26,6 +37,7 @@ photo's, and crop settings or code change the crop without changing it).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -35,6 +47,7 @@ import pandas as pd
 from PIL import Image
 
 from facesearch import manifest as M
+from facesearch import verification as V
 from facesearch.io import atomic_path, write_json_atomic
 from facesearch.packing import load_array
 from facesearch.params import load_params
@@ -43,6 +56,9 @@ from facesearch.search import build_index, cosine_similarity
 from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.evaluate")
+
+# Logged per state: the headline retrieval, verification and open-set figures.
+SUMMARY = ("rank1", "mAP", "ver_auc", "openset_tpir@rank1", "openset_1-fpir")
 
 
 def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tuple[float, float]:
@@ -75,6 +91,26 @@ def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, dict
     return metrics, timing, cmc, top
 
 
+def verification_state(val, val_labels, params: dict) -> tuple[dict, dict, dict]:
+    """``ver_*`` metrics, the ROC curve and the threshold record at ``params["far"]`` of one state's val embeddings."""
+    genuine, impostor = V.verification_scores(val, val_labels, params["impostor_pairs"], params["seed"])
+    fars = tuple(params["fars"])
+    metrics = V.verification_metrics(genuine, impostor, fars)
+    metrics["auc"] = metrics.pop("roc_auc")
+    roc = V.roc_curve(genuine, impostor, params["roc_points"], fars)
+    return {f"ver_{k}": v for k, v in metrics.items()}, roc, V.threshold_record(genuine, impostor, params["far"], fars)
+
+
+def open_set_metrics(query, q_table, gallery, g_table, threshold: float, seed: int) -> dict:
+    """``openset_*``: half the test identities enrolled, every query asked, at ``threshold``."""
+    m = V.open_set_half(query, q_table[M.IDENTITY].to_numpy(), gallery, g_table[M.IDENTITY].to_numpy(), threshold, seed)
+    return {
+        "openset_tpir@rank1": m["tpir"], "openset_1-fpir": None if m["fpir"] is None else 1 - m["fpir"],
+        "openset_threshold": float(threshold), "openset_enrolled_queries": m["enrolled_queries"],
+        "openset_stranger_queries": m["stranger_queries"], "openset_gallery": m["gallery"],
+    }  # fmt: skip
+
+
 def retrieval_figure(
     q_table: pd.DataFrame, g_table: pd.DataFrame, q_images: np.ndarray, g_images: np.ndarray, query: np.ndarray,
     gallery: np.ndarray, top: np.ndarray, n_queries: int, seed: int, size: int = 112,
@@ -105,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arrays", required=True, help="folder with the packed query/gallery .npy (the faces drawn)")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--cmc", required=True, help="CSV of the CMC curves (rank, before, after)")
+    parser.add_argument("--roc", required=True, help="CSV of the ROC curves (far, before, after: TAR)")
     parser.add_argument("--figure", required=True, help="PNG of seeded queries and their top 9")
     parser.add_argument("--timing", required=True, help="JSON of the search timings (not a metrics file)")
     parser.add_argument("--params", default="params.yaml")
@@ -114,14 +151,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
-    params = load_params(args.params)["evaluate"]
+    all_params = load_params(args.params)
+    params, ver_params = all_params["evaluate"], all_params["verification"]
     emb_dir, split = Path(args.embeddings), Path(args.split)
-    q_table, g_table = pd.read_parquet(split / "query.parquet"), pd.read_parquet(split / "gallery.parquet")
-    for name, table in (("query", q_table), ("gallery", g_table)):
+    tables = {name: pd.read_parquet(split / f"{name}.parquet") for name in ("query", "gallery", "val")}
+    q_table, g_table = tables["query"], tables["gallery"]
+    for name, table in tables.items():
         index = pd.read_parquet(emb_dir / f"{name}.parquet")
         if list(index[M.CROP_PATH]) != list(table[M.CROP_PATH]):
             raise SystemExit(f"evaluate: {emb_dir}/{name} embeddings are not of the current split; re-run embed")
-    results, timings, curves, tops, embeddings = {}, {}, {}, {}, {}
+    model_threshold = json.loads((emb_dir / "threshold.json").read_text())
+    val_labels = tables["val"][M.IDENTITY].to_numpy()
+    results, timings, curves, rocs, tops, embeddings = {}, {}, {}, {}, {}, {}
     for state in M.STATES:
         query = np.load(emb_dir / f"{state}_query.npy")
         gallery = np.load(emb_dir / f"{state}_gallery.npy")
@@ -129,12 +170,24 @@ def main(argv: list[str] | None = None) -> None:
         results[state], timings[state], curves[state], tops[state] = evaluate_state(
             query, q_table, gallery, g_table, params
         )
-        log.info("%s: %s", state, {k: results[state][k] for k in ("rank1", "rank5", "rank10", "mAP")})
+        ver, rocs[state], calibrated = verification_state(np.load(emb_dir / f"{state}_val.npy"), val_labels, ver_params)
+        threshold = calibrated["similarity"]
+        if state == "after" and model_threshold is not None:
+            threshold = model_threshold["similarity"]  # the one `facesearch search` gives verdicts at
+        elif state == "after":
+            log.warning("the model carries no verdict threshold: open-set uses the one calibrated here")
+        results[state] |= ver | open_set_metrics(query, q_table, gallery, g_table, threshold, ver_params["seed"])
+        log.info("%s: %s", state, {k: results[state][k] for k in SUMMARY})
     write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})
     write_json_atomic(args.timing, timings)
     cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in M.STATES}})
     with atomic_path(args.cmc) as tmp:
         cmc.to_csv(tmp, index=False, float_format="%.6f")
+    # Both states are scored on the same pairs (labels and seed), so they share the FAR axis.
+    assert all(np.array_equal(rocs["after"]["far"], r["far"]) for r in rocs.values())
+    roc = pd.DataFrame({"far": rocs["after"]["far"], **{s: rocs[s]["tar"] for s in M.STATES}})
+    with atomic_path(args.roc) as tmp:
+        roc.to_csv(tmp, index=False, float_format="%.6g")
     arrays = Path(args.arrays)
     images = [load_array(arrays / f"{name}.npy", len(t)) for name, t in (("query", q_table), ("gallery", g_table))]
     figure = retrieval_figure(q_table, g_table, *images, *embeddings["after"], tops["after"], params["figure_queries"],

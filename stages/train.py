@@ -19,7 +19,10 @@ Validation is retrieval among the split's validation identities (people in
 neither train nor test), every image querying the others; the model saved is
 the one of the epoch with the best validation mAP, and the file records which
 epoch that was, the preprocessing its crops had (``params.yaml: crop``, see
-:mod:`facesearch.contract`) and the train and val identities. The test
+:mod:`facesearch.contract`), the train and val identities, and its verdict
+threshold: the cosine similarity at which ``params.yaml: verification.far`` of
+the validation identities' impostor pairs (different people) pass
+(:func:`facesearch.verification.calibrate`, with the saved weights). The test
 identities (query/gallery) are never read here.
 
 The loop is written for an accelerator: the next batches are read from the
@@ -79,6 +82,7 @@ from facesearch.training import (
     triplet_batches,
 )
 from facesearch.transforms import to_model_input
+from facesearch.verification import calibrate
 
 log = logging.getLogger("facesearch.train")
 
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     cfg = TrainConfig.from_params(params["train"][args.backbone])
     face = FaceConfig.from_params(params["crop"])
+    verification = params["verification"]
     set_deterministic(cfg.cpu_threads)
     ctx = Dist.from_env()
     try:
@@ -228,13 +233,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(device)  # NCCL and any bare .cuda() use this process's GPU
     join_process_group(ctx, device)
     try:
-        train(args, cfg, face, ctx, device)
+        train(args, cfg, face, verification, ctx, device)
     finally:
         if ctx.world > 1:
             dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dist, device: torch.device) -> None:
+def train(
+    args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, verification: dict, ctx: Dist, device: torch.device
+) -> None:
     # ---- data: tables in memory, images memory-mapped ----
     split, arrays = Path(args.split), Path(args.arrays)
     train_df = pd.read_parquet(split / "train.parquet")
@@ -305,10 +312,14 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
     if cfg.compile:
         net = torch.compile(net)
 
+    val_labels = val_df[M.IDENTITY].to_numpy()
+
+    def val_embeddings() -> np.ndarray:
+        return embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp, channels_last)
+
     def validate() -> dict[str, float]:
         """Rank-k and mAP among the validation identities' images (each queries the rest)."""
-        emb = embed_array(model, val_img, cfg.img_size, device, cfg.eval_batch, cfg.amp, channels_last)
-        return leave_one_out_metrics(emb, val_df[M.IDENTITY].to_numpy())
+        return leave_one_out_metrics(val_embeddings(), val_labels)
 
     live = None
     if ctx.main:
@@ -376,10 +387,19 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
         best = best_epoch(history, cfg.keep)
         model.load_state_dict(best_state)
         best_val = {k: v for r in history if r["epoch"] == best for k, v in r.items() if k.startswith("val_")}
+        # The verdict threshold of these weights, chosen on people the loss never saw.
+        threshold = calibrate(val_embeddings(), val_labels, verification["far"], verification["fars"],
+                              verification["impostor_pairs"], verification["seed"])  # fmt: skip
+        if threshold is None:
+            log.warning("fewer than two validation identities: the model gets no verdict threshold")
+        elif not threshold["resolved"]:
+            log.warning("%d validation impostor pairs cannot measure a FAR of %g: the threshold %.4f rejects every "
+                        "one", threshold["n_impostor"], threshold["far"], threshold["similarity"])  # fmt: skip
         save_model(args.out, model, extra={
             "train_config": asdict(cfg), "history": history, "trainable_parameters": n_trainable,
             "best_epoch": best, "preprocessing": preprocessing_record(face, cfg.img_size),
             "identities": identities_record(train_df[M.IDENTITY], val_df[M.IDENTITY]),
+            **({"threshold": threshold} if threshold is not None else {}),
         })  # fmt: skip
         live.summary["best"] = {"epoch": best, "val": {k[4:]: v for k, v in best_val.items()}}
         live.end()
@@ -387,6 +407,10 @@ def train(args: argparse.Namespace, cfg: TrainConfig, face: FaceConfig, ctx: Dis
         ckpt_path.unlink(missing_ok=True)
         chosen = f"epoch {best + 1} of {cfg.epochs}" if best >= 0 else "the starting network: no epoch improved it"
         log.info("wrote %s (%s, best validation mAP %.4f)", args.out, chosen, best_val.get("val_mAP", math.nan))
+        if threshold is not None:
+            log.info("verdict threshold %.4f at FAR %g on the validation identities (TAR %.4f)",
+                     threshold["similarity"], threshold["far"],
+                     math.nan if threshold["tar"] is None else threshold["tar"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -195,10 +195,12 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
     return work
 
 
-def run_train(work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2") -> Path:
-    params = write_params(
-        work / f"{name}.yaml", TINY_CROP | {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
-    )
+def run_train(
+    work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2", params: dict | None = None
+) -> Path:
+    """Train ``backbone`` on ``work``'s arrays: ``overrides`` of its train block, ``params`` dotted ones elsewhere."""
+    train_block = {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
+    params = write_params(work / f"{name}.yaml", TINY_CROP | train_block | (params or {}))
     from stages import train
 
     out = work / name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -54,14 +55,69 @@ def test_threshold_is_the_lowest_with_far_at_most_the_target(far):
 
 def test_verification_separates_clustered_identities():
     emb, labels = clustered(30, 6, 0.3)
-    m, roc = V.verification_metrics(emb, labels, n_impostors=5000, seed=0)
+    gen, imp = V.verification_scores(emb, labels, n_impostors=5000, seed=0)
+    m = V.verification_metrics(gen, imp)
+    roc = V.roc_curve(gen, imp)
     assert m["genuine_pairs"] == 30 * 15 and m["impostor_pairs"] == 5000
     assert 0.95 < m["roc_auc"] <= 1.0
     assert 0 < m["tar@far1e-3"] <= m["tar@far1e-2"] <= 1
     assert m["threshold@far1e-3"] >= m["threshold@far1e-2"]
-    assert (np.diff(roc["far"]) >= 0).all() and (np.diff(roc["tar"]) >= 0).all()
-    few, _ = V.verification_metrics(emb[:12], labels[:12], n_impostors=500, seed=0)
+    assert (np.diff(roc["far"]) > 0).all() and (np.diff(roc["tar"]) >= 0).all()
+    assert roc["far"][0] == pytest.approx(1 / 5000) and roc["far"][-1] == 1.0 and {1e-2, 1e-3} <= set(roc["far"])
+    # Each ROC point is the TAR at the threshold of its FAR target, whose measured FAR is within it.
+    for far, tar, t in zip(roc["far"], roc["tar"], roc["threshold"], strict=True):
+        assert V.accept_rate(imp, t) <= far + 1e-12 and tar == V.accept_rate(gen, t)
+    few_gen, few_imp = V.verification_scores(emb[:12], labels[:12], n_impostors=500, seed=0)
+    few = V.verification_metrics(few_gen, few_imp)
     assert few["tar@far1e-3"] is None  # 1e-3 cannot be measured on fewer than 1,000 impostor pairs
+    assert few["tar@far1e-2"] is None and len(few_imp) < 100
+
+
+def test_vectorised_thresholds_and_rates_match_the_scalar_definitions():
+    rng = np.random.default_rng(5)
+    imp, gen = np.round(rng.normal(size=300), 2), np.round(rng.normal(1, 1, 120), 2)
+    fars = [0.0, 1 / 300, 0.001, 0.01, 0.1, 0.5, 1.0]
+    ts = V.thresholds_at_fars(imp, fars)
+    for far, t in zip(fars, ts, strict=True):
+        # Brute force over every observed score (and -inf): the lowest one keeping FAR within the target.
+        ok = [c for c in [-np.inf, *np.unique(imp), np.nextafter(imp.max(), np.inf)] if (imp >= c).mean() <= far]
+        assert (imp >= t).mean() == (imp >= min(ok)).mean() and (imp >= t).mean() <= far
+    assert ts[-1] == -np.inf
+    assert np.allclose(V.accept_rates(gen, ts), [V.accept_rate(gen, t) for t in ts])
+    assert np.isnan(V.accept_rates(np.array([]), ts)).all()
+    assert V.far_key(0.01) == "1e-2" and V.far_key(0.001) == "1e-3" and V.far_key(5e-4) == "5e-4"
+
+
+def test_calibration_against_brute_force():
+    emb, labels = clustered(25, 5, 0.5, seed=7)
+    record = V.calibrate(emb, labels, far=1e-2, fars=(1e-2, 1e-1), n_impostors=2000, seed=3)
+    # Brute force: every pair's cosine by loops, the same seeded impostor draw.
+    imp_pairs = V.impostor_pairs(labels, 2000, np.random.default_rng(3))
+    gen = [emb[i] @ emb[j] for i, j in itertools.combinations(range(len(labels)), 2) if labels[i] == labels[j]]
+    imp = np.array([emb[i] @ emb[j] for i, j in imp_pairs])
+    t = record["similarity"]
+    # 2000 x 1e-2 = 20 impostors may pass: the threshold sits just above the 21st highest (the loops'
+    # dot products may differ from the vectorised ones in the last bit, hence the tolerance).
+    ranked = np.sort(imp)[::-1]
+    assert t == pytest.approx(ranked[20], abs=1e-12) and ranked[19] > t
+    assert record["tar"] == pytest.approx(np.mean(np.array(gen) >= t))
+    assert record["far_measured"] == (imp > ranked[20]).mean() == 1e-2  # the 20 above the 21st
+    assert record["n_genuine"] == len(gen) == 25 * 10 and record["n_impostor"] == 2000
+    assert record["resolved"] and record["far"] == 0.01 and record["source"] == "validation identities"
+    assert record["at_far"]["0.01"] == t and set(record["at_far"]) == {"0.1", "0.01"}
+    assert record["at_far"]["0.1"] == pytest.approx(ranked[200], abs=1e-12)  # 200 of 2000 may pass
+    assert record == V.calibrate(emb, labels, 1e-2, (1e-2, 1e-1), 2000, 3)  # seeded
+    assert json.loads(json.dumps(record)) == record  # JSON-simple: the model file and threshold.json hold it
+
+
+def test_too_few_impostor_pairs_reject_every_one():
+    emb, labels = clustered(4, 3, 0.5, seed=1)  # 66 pairs, 54 impostors: cannot measure a FAR of 1e-3
+    record = V.calibrate(emb, labels, far=1e-3, fars=(1e-2,), n_impostors=1000, seed=0)
+    _, imp = V.verification_scores(emb, labels, 1000, 0)
+    assert record["n_impostor"] == len(imp) == 54 and not record["resolved"]
+    assert record["far_measured"] == 0.0 and (imp < record["similarity"]).all()
+    assert record["similarity"] == np.nextafter(imp.max(), np.inf)  # the least threshold rejecting them all
+    assert V.calibrate(emb[labels == 0], labels[labels == 0], 1e-3, (1e-2,), 1000, 0) is None  # one person
 
 
 def test_open_set_identification_brute_force():
@@ -81,3 +137,39 @@ def test_open_set_identification_brute_force():
             alarms += sims[best] >= t
     assert m["tpir"] == found / 5 and m["fpir"] == alarms / 5
     assert m["enrolled_queries"] == m["stranger_queries"] == 5
+
+
+def test_open_set_by_hand():
+    # 2-d unit vectors: gallery of enrolled people 1 and 2; queries of 1, 2 (enrolled) and 3 (a stranger).
+    def unit(deg):
+        return np.array([np.cos(np.radians(deg)), np.sin(np.radians(deg))])
+
+    gallery, g_labels = np.eye(2), np.array([1, 2])
+    tie = np.full(2, np.sqrt(0.5))  # exactly as similar to both gallery faces: the tie goes to row 0
+    queries = np.stack([unit(10), unit(50), [-1.0, 0.0], tie])
+    q_labels = np.array([1, 2, 3, 2])
+    # cos 10 = 0.985 (right, above 0.7), cos 40 = 0.766 to person 2 (right), 0 at best (stranger, no match),
+    # 0.707 to both: the tie goes to person 1, wrong for a query of person 2.
+    m = V.open_set_identification(queries, q_labels, gallery, g_labels, threshold=0.7)
+    assert m == {"tpir": 2 / 3, "fpir": 0.0, "enrolled_queries": 3, "stranger_queries": 1, "gallery": 2}
+    m = V.open_set_identification(queries, q_labels, gallery, g_labels, threshold=0.8)
+    assert m["tpir"] == 1 / 3 and m["fpir"] == 0.0  # only the 10-degree query clears 0.8
+    m = V.open_set_identification(queries, q_labels, gallery, g_labels, threshold=-1.0)
+    assert m["fpir"] == 1.0  # everything clears: the stranger gets a (false) match
+    # Chunking the similarities changes nothing.
+    assert V.open_set_identification(queries, q_labels, gallery, g_labels, 0.7, chunk=1) == V.open_set_identification(
+        queries, q_labels, gallery, g_labels, 0.7
+    )
+
+
+def test_open_set_half_enrols_half_the_identities_seeded():
+    emb, labels = clustered(10, 4, 0.2, seed=3)
+    is_query = np.arange(40) % 4 == 0
+    enrolled = V.enrolled_half(labels, seed=2)
+    assert len(enrolled) == 5 and np.array_equal(enrolled, V.enrolled_half(labels, seed=2))
+    m = V.open_set_half(emb[is_query], labels[is_query], emb[~is_query], labels[~is_query], 0.5, seed=2)
+    keep = np.isin(labels[~is_query], enrolled)
+    assert m == V.open_set_identification(emb[is_query], labels[is_query], emb[~is_query][keep],
+                                          labels[~is_query][keep], 0.5)  # fmt: skip
+    assert m["enrolled_queries"] == m["stranger_queries"] == 5 and m["gallery"] == 15
+    assert len(V.enrolled_half(np.arange(7), seed=0)) == 3

@@ -10,10 +10,13 @@ import torch
 from conftest import run_train, write_params
 from PIL import Image
 
+from facesearch import manifest as M
+from facesearch import verification as V
 from facesearch.cli import evaluate_folder, replace_section, results_table
 from facesearch.cli import main as cli_main
 from facesearch.models import load_model
 from facesearch.packing import load_array
+from facesearch.params import load_params
 from stages import embed, evaluate
 
 
@@ -30,8 +33,8 @@ def evaluated(prepared):
                     "--params", str(params)])  # fmt: skip
         evaluate.main(["--embeddings", "ev/emb", "--split", "data/split", "--arrays", "data/arrays",
                        "--metrics", "ev/metrics/m.json",
-                       "--cmc", "ev/cmc.csv", "--figure", "ev/fig.png", "--timing", "ev/timing.json",
-                       "--params", str(params)])  # fmt: skip
+                       "--cmc", "ev/cmc.csv", "--roc", "ev/roc.csv", "--figure", "ev/fig.png",
+                       "--timing", "ev/timing.json", "--params", str(params)])  # fmt: skip
     finally:
         os.chdir(cwd)
     return prepared / "ev"
@@ -44,6 +47,10 @@ def test_embeddings_before_and_after(evaluated, prepared):
         assert emb.shape == (len(query), 16) and emb.dtype == np.float32
         assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     assert list(pd.read_parquet(evaluated / "emb" / "query.parquet")["crop_path"]) == list(query["crop_path"])
+    # The validation identities too (evaluate calibrates on them), and the model's threshold record.
+    val = pd.read_parquet(prepared / "data/split/val.parquet")
+    assert list(pd.read_parquet(evaluated / "emb" / "val.parquet")["crop_path"]) == list(val["crop_path"])
+    assert np.load(evaluated / "emb" / "after_val.npy").shape == (len(val), 16)
     # "before" is the untrained twin: what the seeded network gives, not the trained one.
     _, payload = load_model(evaluated / "model.pt")
     twin = embed.untrained_twin(payload).eval()
@@ -75,6 +82,50 @@ def test_metrics_shape_cmc_and_figure(evaluated):
     assert table.count("\n") == 4 and "fine-tuned" in table
     text = replace_section("a\n<!-- r:start -->\nold\n<!-- r:end -->\nb", "r", table)
     assert "old" not in text and table in text
+
+
+def test_verification_and_open_set_metrics_and_roc(evaluated, prepared):
+    metrics = json.loads((evaluated / "metrics" / "m.json").read_text())
+    _, payload = load_model(evaluated / "model.pt")
+    assert json.loads((evaluated / "emb" / "threshold.json").read_text()) == payload["threshold"]
+    val = pd.read_parquet(prepared / "data/split/val.parquet")[M.IDENTITY].to_numpy()
+    test_ids = pd.read_parquet(prepared / "data/split/query.parquet")[M.IDENTITY].nunique()
+    params = load_params(prepared / "ev.yaml")["verification"]
+    for state, m in metrics.items():
+        # On the validation identities, as brute force over their pairs gives.
+        genuine, impostor = V.verification_scores(np.load(evaluated / "emb" / f"{state}_val.npy"), val,
+                                                  params["impostor_pairs"], params["seed"])  # fmt: skip
+        assert m["ver_genuine_pairs"] == len(genuine) > 0 and m["ver_impostor_pairs"] == len(impostor) > 0
+        wins = (genuine[:, None] > impostor[None, :]) + 0.5 * (genuine[:, None] == impostor[None, :])
+        assert m["ver_auc"] == pytest.approx(wins.mean(), abs=1e-4)
+        for key in ("tar@far1e-2", "tar@far1e-3", "threshold@far1e-2", "threshold@far1e-3"):
+            assert m[f"ver_{key}"] is None  # a few dozen impostor pairs cannot measure 1e-2
+        assert m["openset_enrolled_queries"] == test_ids // 2
+        assert m["openset_enrolled_queries"] + m["openset_stranger_queries"] == m["n_queries"]
+        assert 0 <= m["openset_tpir@rank1"] <= m["rank1"] and 0 <= m["openset_1-fpir"] <= 1
+    # "after" at the model's own threshold, "before" at the one calibrated on val for the untrained twin.
+    assert metrics["after"]["openset_threshold"] == round(payload["threshold"]["similarity"], 4)
+    genuine, impostor = V.verification_scores(np.load(evaluated / "emb" / "before_val.npy"), val,
+                                              params["impostor_pairs"], params["seed"])  # fmt: skip
+    before = V.threshold_record(genuine, impostor, params["far"])["similarity"]
+    assert metrics["before"]["openset_threshold"] == round(before, 4)
+    roc = pd.read_csv(evaluated / "roc.csv")
+    assert list(roc.columns) == ["far", "before", "after"] and len(roc) > 10
+    assert (np.diff(roc["far"]) > 0).all() and roc["far"].iloc[-1] == 1.0
+    assert roc["far"].iloc[0] == pytest.approx(1 / metrics["after"]["ver_impostor_pairs"], rel=1e-4)
+    assert (np.diff(roc["after"]) >= 0).all() and roc["after"].iloc[-1] == 1.0
+
+
+def test_open_set_metrics_follow_the_threshold(prepared):
+    q = pd.read_parquet(prepared / "data/split/query.parquet")
+    g = pd.read_parquet(prepared / "data/split/gallery.parquet")
+    rng = np.random.default_rng(0)
+    query, gallery = rng.normal(size=(len(q), 8)), rng.normal(size=(len(g), 8))
+    query, gallery = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (query, gallery))
+    lax = evaluate.open_set_metrics(query, q, gallery, g, -1.0, seed=0)
+    strict = evaluate.open_set_metrics(query, q, gallery, g, 1.01, seed=0)
+    assert lax["openset_1-fpir"] == 0.0 and strict["openset_1-fpir"] == 1.0  # every stranger matched / none
+    assert strict["openset_tpir@rank1"] == 0.0 and lax["openset_threshold"] == -1.0
 
 
 def test_figure_draws_the_packed_faces(prepared):
@@ -122,7 +173,8 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
         with pytest.raises(SystemExit, match="re-run embed"):
             evaluate.main(["--embeddings", str(bad), "--split", "data/split", "--arrays", "data/arrays",
                            "--metrics", str(tmp_path / "m.json"),
-                           "--cmc", str(tmp_path / "c.csv"), "--figure", str(tmp_path / "f.png"),
+                           "--cmc", str(tmp_path / "c.csv"), "--roc", str(tmp_path / "r.csv"),
+                           "--figure", str(tmp_path / "f.png"),
                            "--timing", str(tmp_path / "t.json"), "--params", str(prepared / "ev.yaml")])  # fmt: skip
     finally:
         os.chdir(cwd)

@@ -16,9 +16,13 @@ from conftest import REPO, TINY, TINY_CROP, run_train, write_params
 
 from facesearch import manifest as M
 from facesearch import training
-from facesearch.contract import model_preprocessing, seen_identities
+from facesearch import verification as V
+from facesearch.contract import model_preprocessing, model_threshold, seen_identities
 from facesearch.faces import FaceConfig
+from facesearch.index import verdict_threshold
+from facesearch.inference import embed_array
 from facesearch.models import load_model
+from facesearch.packing import load_array
 from facesearch.params import load_params
 from facesearch.provenance import module_closure
 from stages import embed, train
@@ -46,6 +50,30 @@ def test_outputs_curves_contract_and_no_leftover_checkpoint(prepared):
     assert payload["identities"] == {"train": train_ids, "val": val_ids} and val_ids
     assert seen_identities(payload) == set(train_ids) | set(val_ids)
     assert not seen_identities(payload) & set(pd.read_parquet(split / "query.parquet")[M.IDENTITY])
+    # Its verdict threshold: too few validation impostor pairs to measure 1e-3, so every one is rejected.
+    record = model_threshold(payload)
+    assert record["far"] == params["verification"]["far"] == 1e-3 and record["n_impostor"] < 1000
+    assert not record["resolved"] and record["far_measured"] == 0.0
+    assert verdict_threshold(payload)[0] == record["similarity"]  # what `facesearch search` gives verdicts at
+
+
+def test_the_verdict_threshold_is_chosen_on_the_validation_identities(prepared):
+    ver = {"verification.far": 0.2, "verification.fars": [0.5, 0.2], "verification.seed": 4}
+    model, payload = load_model(run_train(prepared, "thr", {"epochs": 1}, params=ver) / "model.pt")
+    record = payload["threshold"]
+    val = pd.read_parquet(prepared / "data" / "split" / "val.parquet")
+    emb = embed_array(model, load_array(prepared / "data" / "arrays" / "val.npy"), 32, torch.device("cpu"))
+    params = load_params(prepared / "thr.yaml")["verification"]
+    genuine, impostor = V.verification_scores(emb, val[M.IDENTITY].to_numpy(), params["impostor_pairs"], 4)
+    assert record["n_impostor"] == len(impostor) >= 5 and record["n_genuine"] == len(genuine) > 0
+    assert record["far"] == 0.2 and record["resolved"] and record["source"] == "validation identities"
+    # At the stored threshold, at most the target share of the validation impostor pairs pass.
+    assert V.accept_rate(impostor, record["similarity"]) <= 0.2
+    assert record["similarity"] == pytest.approx(V.threshold_at_far(impostor, 0.2), abs=1e-5)
+    assert record["tar"] == pytest.approx(V.accept_rate(genuine, record["similarity"]))
+    assert set(record["at_far"]) == {"0.5", "0.2"} and record["at_far"]["0.2"] == record["similarity"]
+    assert record["at_far"]["0.5"] <= record["similarity"]
+    assert verdict_threshold(payload) == (record["similarity"], "model (validation identities, FAR 0.2)")
 
 
 def test_best_validation_epoch_is_the_model_saved(prepared, monkeypatch):
