@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from facesearch.provenance import module_closure
@@ -39,21 +40,22 @@ def test_only_pack_hashes_the_crop_folder(repo_root):
     assert {name for name, stage in stages.items() if "data/crops" in stage["deps"]} == {"pack"}
 
 
-def test_cmc_plot_follows_the_backbones_without_edits(repo_root, tmp_path):
-    # The top-level plot targets the metrics/cmc folder: whatever evaluate wrote is charted.
+@pytest.mark.parametrize("folder, x", [("metrics/cmc", "rank"), ("metrics/roc", "far")])
+def test_plots_follow_the_backbones_without_edits(repo_root, tmp_path, folder, x):
+    # The top-level plots target folders: whatever evaluate wrote is charted.
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["backbones"] = ["mobilenet_v2", "dlib_resnet"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "dvc.yaml").write_text((repo_root / "dvc.yaml").read_text())
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
-    (tmp_path / "metrics" / "cmc").mkdir(parents=True)
-    for b, r1 in (("mobilenet_v2", 0.5), ("dlib_resnet", 0.9)):
-        (tmp_path / "metrics" / "cmc" / f"{b}.csv").write_text(f"rank,before,after\n1,0.1,{r1}\n2,0.2,1.0\n")
+    (tmp_path / folder).mkdir(parents=True)
+    for b, y in (("mobilenet_v2", 0.5), ("dlib_resnet", 0.9)):
+        (tmp_path / folder / f"{b}.csv").write_text(f"{x},before,after\n1,0.1,{y}\n2,0.2,1.0\n")
     out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     data = json.loads(out)["data"]
-    cmc = {k: v for k, v in data.items() if k.startswith("metrics/cmc")}
-    assert set(cmc) == {"metrics/cmc/mobilenet_v2.csv", "metrics/cmc/dlib_resnet.csv"}
-    values = cmc["metrics/cmc/dlib_resnet.csv"][0]["content"]["data"]["values"]
-    assert {(v["rank"], v["field"], v["dvc_inferred_y_value"]) for v in values} >= {("1", "after", "0.9")}
+    plots = {k: v for k, v in data.items() if k.startswith(folder)}
+    assert set(plots) == {f"{folder}/mobilenet_v2.csv", f"{folder}/dlib_resnet.csv"}
+    values = plots[f"{folder}/dlib_resnet.csv"][0]["content"]["data"]["values"]
+    assert {(v[x], v["field"], v["dvc_inferred_y_value"]) for v in values} >= {("1", "after", "0.9")}
