@@ -1,17 +1,26 @@
-"""facesearch demo: upload or take a photo, see the 9 most similar faces of the gallery.
+"""facesearch demo: upload or take a photo, see the 9 most similar faces of a gallery.
 
     streamlit run app/main.py
 
-Reads what the pipeline built (models/, data/embeddings/, data/split/, data/crops/)
-from the repository root, or from $FACESEARCH_ROOT. Models, galleries and search
-indexes load once per process (st.cache_resource), never per query. Uploads stay
-in memory; the only files read are the pipeline's own. Every failure reaches the
-visitor as a message: core.UploadError's own text, anything else a generic one
-(its traceback goes to the log, and .streamlit/config.toml hides error details).
+Galleries (the sidebar): the pipeline's test gallery of each built model state
+(models/, data/embeddings/, data/split/, data/crops/ from the repository root,
+or from $FACESEARCH_ROOT), and photo indexes built with
+``python -m facesearch index build``: every index folder directly under
+``indexes/`` of that root (or $FACESEARCH_INDEXES), or any index folder typed in.
+Each result shows its cosine similarity and whether it clears the model's own
+threshold; $FACESEARCH_THRESHOLD sets one threshold for every gallery instead
+(for demos and tests).
+
+Models, galleries and search indexes load once per process (st.cache_resource),
+never per query. Uploads stay in memory; the only files read are the pipeline's
+and the indexes' own. Every failure reaches the visitor as a message:
+core.UploadError's own text, anything else a generic one (its traceback goes to
+the log, and .streamlit/config.toml hides error details).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -24,64 +33,154 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` puts app/ first on sys.path
 
 from facesearch import app_core as core
-from facesearch import manifest as M
 
 ROOT = Path(os.environ.get("FACESEARCH_ROOT", Path(__file__).resolve().parents[1]))
+INDEXES = Path(os.environ.get("FACESEARCH_INDEXES", ROOT / "indexes"))
+THRESHOLD = float(os.environ["FACESEARCH_THRESHOLD"]) if os.environ.get("FACESEARCH_THRESHOLD") else None
 log = logging.getLogger("facesearch.app")
 UNEXPECTED = "Something went wrong while searching with this photo. Please try another photo, or try again later."
+NO_MATCH = "No match in this gallery"
+OTHER_INDEX = "another index folder…"
+SIMILARITY_TEXT = (
+    "Similarity is the cosine of the angle between two faces' embeddings (1: the same embedding). "
+    "Each model, and each state of a model, spreads faces on its own scale, so the same two photos score "
+    'differently under each, and each has its own threshold for "same person".'
+)
+GOOD, MARKED = (255, 200, 0), (160, 160, 160)
 
 
-@st.cache_resource(show_spinner="Loading the model…")
-def embedder(backbone: str, state: str):
-    return core.load_embedder(ROOT, backbone, state)
+@st.cache_resource(show_spinner="Loading the model and its gallery…")
+def pipeline_gallery(backbone: str, state: str, threshold: float | None) -> core.Gallery:
+    return core.load_gallery(ROOT, backbone, state, threshold)
 
 
-@st.cache_resource(show_spinner="Loading the gallery…")
-def gallery(backbone: str, state: str) -> core.Gallery:
-    return core.load_gallery(ROOT, backbone, state)
+@st.cache_resource(show_spinner="Loading the index and its model…")
+def index_gallery(folder: str, version: str, threshold: float | None) -> core.Gallery:
+    return core.load_index_gallery(Path(folder), threshold)  # `version`: a new one is a new cache entry
 
 
-@st.cache_resource
-def settings(backbone: str) -> core.FaceConfig:
-    return core.crop_settings(ROOT, backbone)
-
-
-def draw_boxes(rgb: np.ndarray, boxes) -> np.ndarray:
+def draw_boxes(rgb: np.ndarray, boxes, colours=None, labels=None) -> np.ndarray:
     out = rgb.copy()
     thick = max(2, round(max(rgb.shape[:2]) / 300))
-    for i, (x, y, w, h) in enumerate(boxes, start=1):
-        cv2.rectangle(out, (x, y), (x + w, y + h), (255, 200, 0), thick)
-        cv2.putText(out, str(i), (x + 4, y + max(20, h // 6)), cv2.FONT_HERSHEY_SIMPLEX, max(0.8, h / 120),
-                    (255, 200, 0), thick, cv2.LINE_AA)  # fmt: skip
+    for i, (x, y, w, h) in enumerate(boxes):
+        colour = colours[i] if colours else GOOD
+        cv2.rectangle(out, (x, y), (x + w, y + h), colour, thick)
+        label = labels[i] if labels else str(i + 1)
+        cv2.putText(out, label, (x + 4, y + max(20, h // 6)), cv2.FONT_HERSHEY_SIMPLEX, max(0.8, h / 120),
+                    colour, thick, cv2.LINE_AA)  # fmt: skip
     return out
 
 
-def model_label(choice: tuple[str, str]) -> str:
-    backbone, state = choice
-    return f"{core.BACKBONE_LABELS.get(backbone, backbone)}, {M.STATE_LABELS[state]}"
+def pair(a: float, b: float) -> tuple[str, str]:
+    """Two similarities printed with the digits that tell them apart (3, or 6 when those read equal)."""
+    return (f"{a:.3f}", f"{b:.3f}") if f"{a:.3f}" != f"{b:.3f}" else (f"{a:.6f}", f"{b:.6f}")
 
 
-def show_results(face: np.ndarray, results: list[core.Result]) -> None:
+def choose_gallery() -> core.Gallery | None:
+    """The sidebar: which gallery to search, and what it holds."""
+    # Options are labels (strings), each naming one gallery: (kind, backbone or folder, state).
+    options = {f"Test gallery · {core.model_label(b, s)}": ("pipeline", b, s) for b, s in core.available(ROOT)}
+    options |= {f"Index · {p.name}": ("index", str(p), None) for p in core.find_indexes(INDEXES)}
+    options[OTHER_INDEX] = ("path", "", None)
+    kind, where, state = options[st.sidebar.selectbox("Gallery", list(options), key="gallery")]
+    if kind == "path":
+        where = st.sidebar.text_input("Index folder", key="index_path",
+                                      help=f"A folder made by `python -m facesearch index build`; those under "
+                                           f"{INDEXES} are listed above.")  # fmt: skip
+        if not where:
+            st.sidebar.info("Type the path of an index folder.")
+            return None
+    if kind == "pipeline":
+        gallery = pipeline_gallery(where, state, THRESHOLD)
+    else:
+        folder = Path(where).expanduser()
+        pointer = folder / "CURRENT"
+        version = pointer.read_text().strip() if pointer.is_file() else ""
+        gallery = index_gallery(str(folder.resolve()), version, THRESHOLD)
+    st.sidebar.markdown(f"Searching {gallery.title}: **{gallery.counts_text}**.")
+    source = "set by $FACESEARCH_THRESHOLD" if THRESHOLD is not None else gallery.threshold_source
+    st.sidebar.markdown(f"Model: **{gallery.model_label}**. Same person at similarity ≥ "
+                        f"**{gallery.threshold:.3f}** ({source}).")  # fmt: skip
+    st.sidebar.caption(SIMILARITY_TEXT)
+    return gallery
+
+
+def pick_face(image, detection) -> tuple[bool, tuple | None]:
+    """(search?, box): the face to search with, chosen by the visitor among those found."""
+    faces = core.face_choices(image, detection)
+    if not faces:
+        st.warning("No face was found in this photo.")
+        st.image(image.rgb, width=320)
+        whole = st.checkbox("Search with the whole image instead", key="whole_image")
+        if whole:
+            st.caption("The whole image is searched as if it were a face: the similarity of a non-face says "
+                       "little, and the verdict below applies to it as to any face.")  # fmt: skip
+        return whole, None
+    small = [f for f in faces if not f.searchable]
+    st.image(draw_boxes(image.rgb, [f.box for f in faces], [GOOD if f.searchable else MARKED for f in faces]),
+             caption=f"{len(faces)} face{'s' * (len(faces) > 1)} found", width=480)  # fmt: skip
+    if small:
+        st.caption(f"Faces under {core.MIN_FACE_SIDE} px (boxed in grey) are too small to search.")
+    default = core.default_face(faces)
+    if len(faces) == 1 and default is not None:
+        return True, faces[0].box
+
+    def face_label(i: int) -> str:
+        f = faces[i]
+        return f"face {f.number}" + ("" if f.searchable else " (too small to search)")
+
+    pick = st.radio("Which face?", list(range(len(faces))), horizontal=True, format_func=face_label, key="face",
+                    index=None if default is None else faces.index(default))  # fmt: skip
+    if pick is None:
+        st.warning(f"No face in this photo is large enough to search (at least {core.MIN_FACE_SIDE} px).")
+        return False, None
+    if not faces[pick].searchable:
+        w, h = faces[pick].box[2:]
+        st.warning(f"Face {faces[pick].number} is too small to search ({w} x {h} px; at least "
+                   f"{core.MIN_FACE_SIDE} px).")  # fmt: skip
+        return False, None
+    return True, faces[pick].box
+
+
+def show_results(face: np.ndarray, answer: core.Answer, labels: dict[str, bool] | None, token: str) -> None:
+    best, cut = pair(answer.results[0].similarity if answer.results else float("nan"), answer.threshold)
+    if answer.match:
+        st.success(f"Same person found: the best similarity {best} clears the threshold {cut}.")
+    else:
+        st.warning(f"{NO_MATCH}: the best similarity {best} is below the threshold {cut}. "
+                   "The faces below are the most similar ones, not the same person.")  # fmt: skip
     left, right = st.columns([1, 3])
     left.image(face, caption="Query face", width=200)
-    left.caption("Attributes marked ✓ are shared with the query (estimated from its 9 results).")
+    if labels is not None and any(r.attributes for r in answer.results):
+        left.caption("This photo is in the pipeline's data: attributes marked ✓ are the ones a result shares "
+                     "with its labels.")  # fmt: skip
     with right:
-        for row in range(0, len(results), 3):
-            for col, res in zip(st.columns(3), results[row : row + 3], strict=False):
-                col.image(str(ROOT / res.crop_path), width=180)
-                col.markdown(f"**#{res.rank}** · similarity **{res.similarity:.3f}** · identity `{res.identity}`")
+        for row in range(0, len(answer.results), 3):
+            for col, res in zip(st.columns(3), answer.results[row : row + 3], strict=False):
+                col.image(core.result_face(res), width=180)
+                verdict = "same person" if res.same_person else "below threshold"
+                col.markdown(f"**#{res.rank}** · similarity **{res.similarity:.3f}** · {verdict}"
+                             + (f" · {res.name}" if res.name else ""))  # fmt: skip
                 if res.attributes:
-                    shown = [f"✓ **{a}**" if a in res.shared else a for a, v in res.attributes.items() if v]
-                    col.caption(" · ".join(shown) or "no positive attributes")
+                    shown = [f"✓ **{a}**" if labels is not None and labels.get(a) else a
+                             for a, v in res.attributes.items() if v]  # fmt: skip
+                    col.caption("labels: " + (" · ".join(shown) or "no positive attributes"))
+                if res.source_file is not None and col.button("Open photo", key=f"open{res.rank}"):
+                    st.session_state["opened"] = (token, res.rank)
+                elif res.source_file is None:
+                    col.caption("source photo not known: the crop is shown")
+    opened = st.session_state.get("opened")
+    if opened and opened[0] == token:
+        res = answer.results[opened[1] - 1]
+        rgb, box = core.source_photo(res)
+        st.image(draw_boxes(rgb, [box], labels=[f"#{res.rank}"]), width=640)
+        st.caption(f"#{res.rank} in its photo: {res.source_file}" + (f" ({res.name})" if res.name else ""))
 
 
 def page() -> None:
-    choices = core.available(ROOT)
-    if not choices:
-        st.error("No search index has been built yet: run `dvc repro` (or `dvc pull`) in the repository first.")
+    gallery = choose_gallery()
+    if gallery is None:
         return
-    choice = st.sidebar.selectbox("Model", choices, format_func=model_label)
-    st.sidebar.caption("ResNet-50 is the more accurate, MobileNet-V2 the faster backbone.")
     upload_tab, camera_tab = st.tabs(["Upload a photo", "Take a photo"])
     with upload_tab:
         upload = st.file_uploader("Photo", type=core.UPLOAD_EXTENSIONS, key="upload")
@@ -93,31 +192,24 @@ def page() -> None:
     if source is None:
         st.info("Upload a photo or take one to find the most similar faces in the gallery.")
         return
-    image = core.read_upload(source.getvalue())
-    crop = settings(choice[0])
-    detection = core.find_faces(image, crop)
-    box = None
-    if not detection.boxes:
-        st.warning("No face was found in this photo.")
-        st.image(image.rgb, width=320)
-        if not st.checkbox("Search with the whole image instead", key="whole_image"):
-            return
-    elif len(detection.boxes) > 1:
-        st.image(draw_boxes(image.rgb, detection.boxes), caption=f"{len(detection.boxes)} faces found", width=480)
-        default = detection.boxes.index(detection.chosen) if detection.chosen in detection.boxes else 0
-        pick = st.radio("Which face?", list(range(len(detection.boxes))), index=default, horizontal=True,
-                        format_func=lambda i: f"face {i + 1}", key="face")  # fmt: skip
-        box = detection.boxes[pick]
-    else:
-        box = detection.boxes[0]
-    face = core.crop_face(image, box, crop)
-    results, _ = core.search(embedder(*choice), gallery(*choice), face)
-    show_results(face, results)
+    data = source.getvalue()
+    image = core.read_upload(data)
+    detection = core.find_faces(image, gallery.settings)
+    go, box = pick_face(image, detection)
+    if not go:
+        return
+    face = core.crop_face(image, box, gallery.settings)
+    answer = core.search(gallery, face)
+    token = hashlib.sha256(data).hexdigest()[:16] + str(box)
+    show_results(face, answer, core.query_labels(ROOT, data), token)
 
 
 def main() -> None:
     st.set_page_config(page_title="facesearch", layout="wide")
     st.title("facesearch")
+    if not core.available(ROOT) and not core.find_indexes(INDEXES):
+        st.info("No test gallery has been built yet (run `dvc repro` or `dvc pull` in the repository); "
+                "you can still search a photo index by its folder.")  # fmt: skip
     try:
         page()
     except core.UploadError as exc:

@@ -4,21 +4,29 @@ A photo arrives as bytes (upload or camera), is checked and decoded in memory
 (never written to disk), its faces found by the pipeline's own detector, the
 chosen face cropped as the crop stage cropped the chosen model's gallery
 (the model's own ``preprocessing.crop``), embedded by that model and searched
-in the gallery the pipeline built (``data/embeddings/<backbone>/<state>_gallery.npy``).
+in a :class:`Gallery`: the test gallery the pipeline built
+(``data/embeddings/<backbone>/<state>_gallery.npy``, :func:`load_gallery`) or a
+photo index (``python -m facesearch index build``, :func:`load_index_gallery`).
+Each result carries its cosine similarity and a verdict against the gallery's
+model's own threshold (:func:`facesearch.index.verdict_threshold`), and the
+answer says whether anything is the same person (:attr:`Answer.match`).
 Finding, cutting and embedding are :mod:`facesearch.photos`' (shared with the
-photo index, :mod:`facesearch.index`); this module adds the upload checks and
-the visitor-facing errors.
+photo index, :mod:`facesearch.index`); this module adds the upload checks, the
+choice of face (:func:`face_choices`, :func:`default_face`) and the
+visitor-facing errors.
 
 Uploads are hostile until proven otherwise: every function a query passes
-through (:func:`read_upload`, :func:`find_faces`, :func:`crop_face`,
-:func:`search`) raises only :class:`UploadError`, whose text is meant for the
-visitor, and an accepted upload costs a bounded amount of memory: its header is
+through (:func:`read_upload`, :func:`find_faces`, :func:`face_choices`,
+:func:`crop_face`, :func:`search`, and :func:`load_index_gallery`,
+:func:`source_photo` for what a visitor names or opens) raises only
+:class:`UploadError`, whose text is meant for the visitor, and an accepted upload costs a bounded amount of memory: its header is
 checked before any pixel is decoded, JPEGs are decoded at reduced scale, and the
 image is brought down to :data:`WORK_SIDE` right after decoding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import warnings
@@ -27,21 +35,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
 from facesearch import contract, photos
+from facesearch import index as X
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_NAMES
-from facesearch.detect import Box, Detection
+from facesearch.cropping import read_photo
+from facesearch.detect import Box, Detection, crop_square, has_eye
 from facesearch.faces import FaceConfig
 from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, decode_image
+from facesearch.manifest import SchemaError
 from facesearch.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
 from facesearch.retrieval import attribute_matrix
-from facesearch.search import ExactIndex, cosine_similarity
+from facesearch.search import ExactIndex, SearchIndex, cosine_similarity
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +66,11 @@ WORK_SIDE = 2048
 # A face photo is never a strip: 100000 x 1 or 12000 x 32 images only break
 # the detector's downscaled copies (a zero-pixel side) and cost memory.
 MAX_ASPECT = 10
+# Smallest face side (px, in the photo) the app searches with. The models read 64 px crops
+# (train.*.img_size) cut with a 20% margin each side, so the face itself spans ~45 px of
+# their input: a box under 40 px is upscaled blur to them, and CelebA, which they learnt
+# from, has no faces that small. Such faces are listed, marked, never pre-selected.
+MIN_FACE_SIDE = 40
 BACKBONE_LABELS = {"resnet50": "ResNet-50 (more accurate)", "mobilenet_v2": "MobileNet-V2 (faster)"}
 
 # The formats the app accepts: the decoder's own (facesearch.images.ALLOWED_FORMATS),
@@ -167,18 +184,80 @@ def crop_face(image: DecodedImage, box: Box | None, settings: FaceConfig) -> np.
         return photos.crop(image.rgb, box, settings)
 
 
+# --- which face of the photo -------------------------------------------------------------
+@dataclass(frozen=True)
+class Face:
+    """One detected face of the query photo, as the face picker lists it."""
+
+    number: int  # 1-based, in photo order (facesearch.photos.detect): "face 2" everywhere
+    box: Box
+    searchable: bool  # at least MIN_FACE_SIDE px: see there
+    eyes: bool  # the eye cascade fires in its upper part (facesearch.detect.has_eye)
+    at_edge: bool  # the box touches the photo's border: cut off, or a logo or frame at the edge
+
+
+def face_choices(image: DecodedImage, detection: Detection) -> list[Face]:
+    """The photo's faces with what the picker needs to choose and mark them."""
+    with failures_as("Looking for faces in this photo failed; please try another photo."):
+        gray = cv2.cvtColor(image.rgb, cv2.COLOR_RGB2GRAY)
+        h, w = gray.shape
+        return [Face(i, box, min(box[2], box[3]) >= MIN_FACE_SIDE, has_eye(gray, box),
+                     box[0] <= 1 or box[1] <= 1 or box[0] + box[2] >= w - 1 or box[1] + box[3] >= h - 1)
+                for i, box in enumerate(detection.boxes, start=1)]  # fmt: skip
+
+
+def default_face(faces: list[Face]) -> Face | None:
+    """The face to pre-select: the most face-like large one; ``None`` when none is large enough.
+
+    Neither detector reports a confidence, so "face-like" is what can be checked:
+    eyes inside the box first, then a box clear of the photo's border (a logo or a
+    frame at the edge is what the Haar cascade mistakes for a face), then size.
+    """
+    searchable = [f for f in faces if f.searchable]
+    if not searchable:
+        return None
+    return max(searchable, key=lambda f: (f.eyes, not f.at_edge, f.box[2] * f.box[3], -f.number))
+
+
+# --- what is searched ------------------------------------------------------------------------
+# Columns of Gallery.table every kind of gallery fills (row i <-> embeddings[i]).
+NAME = "name"  # who this face is, when known: "identity 123" (CelebA) or the index's person; else null
+CROP_FILE = "crop_file"  # absolute path of the face crop the pipeline wrote; null for an index
+SOURCE_FILE = "source_file"  # absolute path of the photo the face was found in; null when unknown
+SOURCE_WIDTH = "source_width"  # that photo's decoded width, px: the box is in its pixels
+BOX = (M.BBOX_X, M.BBOX_Y, M.BBOX_W, M.BBOX_H)  # the face's box in the source photo; null when unknown
+
+
 @dataclass
 class Gallery:
-    """One model state's searchable gallery."""
+    """A searchable gallery: the pipeline's test gallery of one model state, or a photo index."""
 
-    embeddings: np.ndarray
-    index: ExactIndex
-    table: pd.DataFrame  # crop_path, identity, attributes; row i <-> embeddings[i]
-    attributes: np.ndarray  # (N, 40) float, NaN where unknown
+    title: str  # what is searched, for the visitor
+    model_label: str  # which model embeds the queries: backbone and state
+    model: torch.nn.Module
+    settings: FaceConfig  # how a query face is cut for this model
+    size: int  # the model's input side, px
+    embeddings: np.ndarray  # (N, d), L2-normalised
+    index: SearchIndex
+    table: pd.DataFrame  # NAME, CROP_FILE, SOURCE_FILE, SOURCE_WIDTH, BOX, attributes; row i <-> embeddings[i]
+    attributes: np.ndarray | None  # (N, 40) float, NaN where unknown; None: the gallery has no labels
+    threshold: float  # cosine similarity at which a result is the same person (this model and state's own)
+    threshold_source: str  # where it came from (facesearch.index.verdict_threshold)
+    people: int
+    faces: int
+    photos: int
+
+    @property
+    def counts_text(self) -> str:
+        return f"{self.people} people, {self.faces} faces, {self.photos} photos"
 
 
 def available(root: Path) -> list[tuple[str, str]]:
-    """(backbone, state) pairs whose model and gallery embeddings the pipeline has built."""
+    """(backbone, state) pairs whose model and gallery embeddings the pipeline has built.
+
+    Only backbones ``params.yaml: backbones`` lists: a stale model of a backbone
+    no longer listed is not offered.
+    """
     out = []
     for backbone in load_params(root / "params.yaml")["backbones"]:
         for state in reversed(M.STATES):  # the fine-tuned model first: the default choice
@@ -189,58 +268,201 @@ def available(root: Path) -> list[tuple[str, str]]:
     return out
 
 
-def load_gallery(root: Path, backbone: str, state: str) -> Gallery:
+def model_label(backbone: str, state: str | None = None) -> str:
+    """E.g. "MobileNet-V2 (faster), fine-tuned"; an index's model has no state (it is the file's)."""
+    name = BACKBONE_LABELS.get(backbone, backbone)
+    return name if state is None else f"{name}, {M.STATE_LABELS[state]}"
+
+
+def find_indexes(folder: Path) -> list[Path]:
+    """Photo index folders (a ``CURRENT`` file, :mod:`facesearch.index`) directly under ``folder``."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / X.POINTER).is_file())
+
+
+def state_threshold(payload: dict, state: str, override: float | None) -> tuple[float, str]:
+    """The verdict threshold of one model state (:func:`facesearch.index.verdict_threshold`).
+
+    A model file's threshold was calibrated on its own (fine-tuned) embeddings;
+    the untrained twin ("before") embeds on another scale, so it gets the
+    fallback, labelled as such, rather than a threshold measured for another model.
+    """
+    return X.verdict_threshold(payload if state == "after" else {}, override)
+
+
+def load_gallery(root: Path, backbone: str, state: str, threshold: float | None = None) -> Gallery:
+    """The pipeline's test gallery of ``backbone`` at ``state``, with the model that embeds its queries."""
     emb_dir = root / "data" / "embeddings" / backbone
-    embeddings = np.load(emb_dir / f"{state}_gallery.npy")
+    # Unit rows, as the queries: the similarity is then a cosine whatever the model's normalize setting.
+    embeddings = X.unit(np.load(emb_dir / f"{state}_gallery.npy"))
     index = pd.read_parquet(emb_dir / "gallery.parquet")
     split = pd.read_parquet(root / "data" / "split" / "gallery.parquet")
     table = index.merge(split.loc[:, [M.CROP_PATH, *ATTRIBUTE_NAMES]], on=M.CROP_PATH, how="left")
-    return Gallery(embeddings, ExactIndex(embeddings), table, attribute_matrix(table))
+    table[NAME] = "identity " + table[M.IDENTITY].astype("string")
+    table[CROP_FILE] = [str(root / p) for p in table[M.CROP_PATH]]
+    table = table.merge(_sources(root), on=M.CROP_PATH, how="left")
+    model, payload = _load_state(root, backbone, state)
+    cut, source = state_threshold(payload, state, threshold)
+    photos_known = table[SOURCE_FILE].notna()
+    n_photos = int(table.loc[photos_known, SOURCE_FILE].nunique() + (~photos_known).sum())
+    return Gallery(
+        title="the pipeline's test gallery", model_label=model_label(backbone, state), model=model,
+        settings=crop_settings(root, backbone), size=int(model.config.img_size), embeddings=embeddings,
+        index=ExactIndex(embeddings), table=table, attributes=attribute_matrix(table), threshold=cut,
+        threshold_source=source, people=int(table[M.IDENTITY].nunique()), faces=len(table), photos=n_photos,
+    )  # fmt: skip
+
+
+def _sources(root: Path) -> pd.DataFrame:
+    """crop_path -> SOURCE_FILE, SOURCE_WIDTH, BOX from the crop stage's manifest (empty when it is not there)."""
+    columns = [M.CROP_PATH, SOURCE_FILE, SOURCE_WIDTH, *BOX]
+    manifest_file = root / "data" / "manifest.parquet"
+    if not manifest_file.is_file():
+        return pd.DataFrame(columns=columns)
+    manifest = pd.read_parquet(manifest_file, columns=[M.CROP_PATH, M.IMAGE_PATH, M.WIDTH, *BOX])
+    manifest = manifest[manifest[M.CROP_PATH].notna()]
+    data_root = root / load_params(root / "params.yaml")["data"]["root"]
+    manifest[SOURCE_FILE] = [str(data_root / p) for p in manifest[M.IMAGE_PATH]]
+    return manifest.rename(columns={M.WIDTH: SOURCE_WIDTH}).loc[:, columns]
+
+
+def _load_state(root: Path, backbone: str, state: str) -> tuple[torch.nn.Module, dict]:
+    model, payload = load_model(root / "models" / f"{backbone}.pt")
+    if state == "before":
+        model = seeded_model(ModelConfig(**payload["config"]), payload["train_config"]["seed"])
+    return model.eval(), payload
 
 
 def load_embedder(root: Path, backbone: str, state: str) -> torch.nn.Module:
     """The trained model ("after") or its untrained twin ("before"), in eval mode on the CPU."""
-    model, payload = load_model(root / "models" / f"{backbone}.pt")
-    if state == "before":
-        model = seeded_model(ModelConfig(**payload["config"]), payload["train_config"]["seed"])
-    return model.eval()
+    return _load_state(root, backbone, state)[0]
 
 
+def load_index_gallery(folder: Path, threshold: float | None = None) -> Gallery:
+    """A photo index built by ``python -m facesearch index build`` (:func:`facesearch.index.load_index`).
+
+    Searched with the model it was built with (refused if that file is now another
+    model), at that model's threshold; a broken or missing index is an :class:`UploadError`.
+    """
+    try:
+        index = X.load_index(folder)
+        embedder = index.embedder()
+    except (X.PhotoIndexError, SchemaError, OSError, ValueError) as exc:
+        raise UploadError(f"The index {folder} cannot be searched: {exc}") from None
+    structure = index.structure()
+    if structure is None:
+        raise UploadError(f"The index {folder} holds no faces yet: add photos with `python -m facesearch index add`.")
+    f, p = index.faces, index.photos
+    sources = [str(Path(r) / ph) for r, ph in zip(f[X.ROOT], f[X.PHOTO], strict=True)]
+    widths = p.set_index(X.SHA256)[X.WIDTH]
+    table = pd.DataFrame({NAME: f[X.PERSON], CROP_FILE: pd.Series([None] * len(f), dtype="string"),
+                          SOURCE_FILE: sources, SOURCE_WIDTH: widths.reindex(f[X.SHA256]).to_numpy()})  # fmt: skip
+    for col in BOX:
+        table[col] = f[col].to_numpy()
+    cut, source = X.verdict_threshold(embedder.payload, threshold)
+    return Gallery(
+        title=f"the photo index {folder.name}", model_label=model_label(embedder.model.config.backbone),
+        model=embedder.model.eval(), settings=embedder.settings, size=embedder.size, embeddings=index.embeddings,
+        index=structure, table=table, attributes=None, threshold=cut, threshold_source=source,
+        people=int(f[X.PERSON].nunique()), faces=len(f), photos=int((p[X.N_FACES] > 0).sum()),
+    )  # fmt: skip
+
+
+def query_labels(root: Path, data: bytes) -> dict[str, bool] | None:
+    """The query photo's own attribute labels, when it is a photo of the pipeline's data (same bytes).
+
+    Only then can the app say which attributes a result shares with the query: a
+    visitor's own photo has no labels, and guessing them from its results would
+    claim for the query what only the results show.
+    """
+    manifest_file = root / "data" / "manifest.parquet"
+    if not manifest_file.is_file():
+        return None
+    manifest = pd.read_parquet(manifest_file, columns=[M.SHA256, *ATTRIBUTE_NAMES])
+    rows = manifest[manifest[M.SHA256] == hashlib.sha256(data).hexdigest()]
+    if rows.empty or rows.iloc[0][list(ATTRIBUTE_NAMES)].isna().any():
+        return None
+    return {a: bool(rows.iloc[0][a]) for a in ATTRIBUTE_NAMES}
+
+
+# --- the search ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Result:
     rank: int
     similarity: float  # cosine similarity of the L2-normalised embeddings
-    identity: int
-    crop_path: str
+    same_person: bool  # similarity >= the gallery's threshold
+    name: str | None  # who it is, when known
+    crop_file: str | None  # the pipeline's crop of this face; None for an index
+    source_file: str | None  # the photo it was found in; None when unknown
+    box: Box | None  # the face's box in that photo's pixels
+    source_width: int | None  # that photo's width, px (the box's scale)
     attributes: dict[str, bool]  # known attributes of this gallery face
-    shared: frozenset[str]  # attributes on which it agrees with the query's estimated ones
 
 
-def search(model: torch.nn.Module, gallery: Gallery, face: np.ndarray, k: int = 9) -> tuple[list[Result], dict]:
-    """The ``k`` nearest gallery faces to a cropped face (RGB uint8, any square size).
+@dataclass(frozen=True)
+class Answer:
+    results: list[Result]
+    threshold: float
+    threshold_source: str
 
-    A user's photo has no attribute labels, so the query's attributes are
-    estimated as the majority of its results' (the report's attribute view
-    compares them); returns the results and that estimate.
+    @property
+    def match(self) -> bool:
+        """Whether the best result is the same person: else "no match in this gallery"."""
+        return bool(self.results) and self.results[0].same_person
+
+
+def search(gallery: Gallery, face: np.ndarray, k: int = 9) -> Answer:
+    """The ``k`` nearest gallery faces to a cropped face (RGB uint8, any square size), each with its verdict.
+
+    A result is the same person when its similarity reaches the gallery's threshold
+    (``>=``, :mod:`facesearch.verification`'s acceptance rule); whole-image queries
+    get the same verdict, so a landscape that scores high but below it is no match.
     """
     with failures_as("The search failed; please try again."):
-        return _search(model, gallery, face, k)
+        return _search(gallery, face, k)
 
 
-def _search(model: torch.nn.Module, gallery: Gallery, face: np.ndarray, k: int) -> tuple[list[Result], dict]:
-    emb = photos.embed(model, face[None], model.config.img_size, batch=1)
-    dist, idx = gallery.index.search(emb, k)
-    attrs = gallery.attributes[idx[0]]
-    known = ~np.isnan(attrs).any(1)
-    estimate = {}
-    if known.any():
-        votes = np.nanmean(attrs[known], axis=0)
-        estimate = {a: bool(v >= 0.5) for a, v in zip(ATTRIBUTE_NAMES, votes, strict=True)}
+def _search(gallery: Gallery, face: np.ndarray, k: int) -> Answer:
+    emb = X.unit(photos.embed(gallery.model, face[None], gallery.size, batch=1))
+    dist, idx = gallery.index.search(emb, min(k, len(gallery.table)))
     results = []
     for rank, (d, g) in enumerate(zip(dist[0], idx[0], strict=True), start=1):
         row = gallery.table.iloc[int(g)]
-        own = {a: bool(row[a]) for a in ATTRIBUTE_NAMES if not pd.isna(row[a])}
-        shared = frozenset(a for a, v in own.items() if estimate.get(a) == v and v)
-        results.append(Result(rank, float(cosine_similarity(d)), int(row[M.IDENTITY]), str(row[M.CROP_PATH]),
-                              own, shared))  # fmt: skip
-    return results, estimate
+        sim = float(cosine_similarity(d))
+        own = {}
+        if gallery.attributes is not None:
+            own = {
+                a: bool(v) for a, v in zip(ATTRIBUTE_NAMES, gallery.attributes[int(g)], strict=True) if not np.isnan(v)
+            }
+        known = not pd.isna(row[SOURCE_FILE]) and not any(pd.isna(row[c]) for c in BOX)
+        results.append(Result(
+            rank, sim, sim >= gallery.threshold, None if pd.isna(row[NAME]) else str(row[NAME]),
+            None if pd.isna(row[CROP_FILE]) else str(row[CROP_FILE]), str(row[SOURCE_FILE]) if known else None,
+            tuple(int(row[c]) for c in BOX) if known else None,
+            int(row[SOURCE_WIDTH]) if known and not pd.isna(row[SOURCE_WIDTH]) else None, own,
+        ))  # fmt: skip
+    return Answer(results, gallery.threshold, gallery.threshold_source)
+
+
+def source_photo(result: Result) -> tuple[np.ndarray, Box]:
+    """The photo a result was found in (at most :data:`WORK_SIDE` px) and its face box in those pixels."""
+    if result.source_file is None or result.box is None:
+        raise UploadError("The photo this face was found in is not known.")
+    try:
+        data = read_photo(result.source_file, X.LIMITS.max_file_bytes)
+    except ImageRejected:
+        raise UploadError(f"The photo {result.source_file} is no longer there or cannot be read.") from None
+    with failures_as(f"The photo {result.source_file} cannot be read."):
+        image = decode_image(data, X.LIMITS.max_pixels, max_side=WORK_SIDE)
+        scale = image.width / (result.source_width or image.width)
+        return image.rgb, tuple(round(v * scale) for v in result.box)
+
+
+def result_face(result: Result, side: int = 180) -> np.ndarray:
+    """The face of a result to show: the pipeline's crop, or cut from its source photo (an index)."""
+    if result.crop_file is not None:
+        with failures_as("A result's face image cannot be read."):
+            return np.asarray(Image.open(result.crop_file).convert("RGB"))
+    rgb, box = source_photo(result)
+    return crop_square(rgb, box, 0.2, side)

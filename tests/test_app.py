@@ -14,6 +14,7 @@ import time
 import tomllib
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from conftest import bomb_png, jpeg_bytes, png_bytes, write_params
 from PIL import Image
 
 from facesearch import app_core as core
+from facesearch import index as X
 from facesearch import photos
 from facesearch.detect import crop_square
 from facesearch.images import ALLOWED_FORMATS
@@ -155,7 +157,7 @@ def test_core_raises_only_upload_errors(monkeypatch, caplog):
         core.crop_face(photo, (0, 0, 10, 10), core.FaceConfig())
     monkeypatch.setattr(photos, "embed_array", boom)
     with pytest.raises(core.UploadError, match="search failed"):
-        core.search(None, None, np.zeros((8, 8, 3), np.uint8))
+        core.search(SimpleNamespace(model=None, size=8), np.zeros((8, 8, 3), np.uint8))
 
 
 def test_upload_formats_agree_with_the_decoder():
@@ -291,21 +293,226 @@ def test_available_models_and_search(root):
     crop = core.crop_face(image, detection.chosen, settings)
     assert crop.shape == (settings.size, settings.size, 3)
     gallery = core.load_gallery(root, "mobilenet_v2", "after")
-    results, _ = core.search(core.load_embedder(root, "mobilenet_v2", "after"), gallery, crop)
-    assert [r.rank for r in results] == list(range(1, 10))
-    sims = [r.similarity for r in results]
+    assert gallery.settings == settings and gallery.size == 32
+    answer = core.search(gallery, crop)
+    assert [r.rank for r in answer.results] == list(range(1, 10))
+    sims = [r.similarity for r in answer.results]
     assert sims == sorted(sims, reverse=True) and all(-1.001 <= s <= 1.001 for s in sims)
-    assert all((root / r.crop_path).is_file() for r in results)
+    assert all(Path(r.crop_file).is_file() for r in answer.results)
     whole = core.crop_face(image, None, settings)
     assert whole.shape == crop.shape
 
 
+def brute_force(gallery: core.Gallery, crop: np.ndarray) -> np.ndarray:
+    """Cosine similarity of a crop to every gallery face, by hand."""
+    q = photos.embed(gallery.model, crop[None], gallery.size, batch=1)[0].astype(np.float64)
+    g = gallery.embeddings.astype(np.float64)
+    return g @ q / np.linalg.norm(g, axis=1) / np.linalg.norm(q)
+
+
+def test_verdicts_against_the_threshold(root):
+    """Each result is "same person" exactly when its similarity reaches the threshold; the answer is a
+    match exactly when the best one does; whole-image queries get the same verdicts."""
+    image = core.read_upload(sample_faces(root)[0].read_bytes())
+    gallery = core.load_gallery(root, "mobilenet_v2", "after")
+    for box in (core.find_faces(image, gallery.settings).chosen, None):  # a face, and the whole image
+        crop = core.crop_face(image, box, gallery.settings)
+        sims = np.sort(brute_force(gallery, crop))[::-1][:9]
+        middle = float((sims[0] + sims[-1]) / 2)  # some results above, some below
+        for cut in (middle, float(sims[0]) + 1e-4, -1.0):
+            answer = core.search(core.load_gallery(root, "mobilenet_v2", "after", threshold=cut), crop)
+            got = np.array([r.similarity for r in answer.results])
+            np.testing.assert_allclose(got, sims, atol=1e-4)
+            assert [r.same_person for r in answer.results] == [s >= cut for s in got]
+            assert answer.match == (got[0] >= cut) and answer.threshold == cut
+        assert not core.search(core.load_gallery(root, "mobilenet_v2", "after", 1.01), crop).match
+
+
+def test_thresholds_are_each_states_own(root, caplog):
+    """The model's calibrated threshold is the fine-tuned model's; the untrained twin gets the fallback."""
+    calibrated = {"threshold": {"similarity": 0.61, "far": 1e-3, "source": "validation"}}
+    assert core.state_threshold(calibrated, "after", None)[0] == 0.61
+    with caplog.at_level(logging.WARNING):
+        cut, source = core.state_threshold(calibrated, "before", None)
+    assert cut == X.FALLBACK_THRESHOLD and "fallback" in source
+    assert core.state_threshold(calibrated, "before", 0.3)[0] == 0.3
+    gallery = core.load_gallery(root, "mobilenet_v2", "after")  # the sample's model carries none (yet)
+    assert (gallery.threshold, gallery.threshold_source) == X.verdict_threshold({})
+
+
+def test_pipeline_gallery_counts_and_sources(root):
+    import pandas as pd
+
+    gallery = core.load_gallery(root, "mobilenet_v2", "before")
+    split = pd.read_parquet(root / "data" / "split" / "gallery.parquet")
+    manifest = pd.read_parquet(root / "data" / "manifest.parquet").set_index("crop_path")
+    assert gallery.faces == len(split) == len(gallery.embeddings)
+    assert gallery.people == split["identity"].nunique()
+    assert gallery.photos == manifest.loc[split["crop_path"], "image_path"].nunique()
+    assert gallery.counts_text == f"{gallery.people} people, {gallery.faces} faces, {gallery.photos} photos"
+    assert gallery.model_label == "MobileNet-V2 (faster), before fine-tuning"
+    # Each result knows its source photo and box, from the crop stage's manifest.
+    crop = core.crop_face(core.read_upload(sample_faces(root)[0].read_bytes()), None, gallery.settings)
+    res = core.search(gallery, crop).results[0]
+    row = manifest.loc[str(Path(res.crop_file).relative_to(root))]
+    assert res.name == f"identity {row['identity']}"
+    assert res.box == tuple(int(row[c]) for c in core.BOX) and res.source_width == row["width"]
+    assert res.source_file.endswith(row["image_path"])
+
+
+def test_source_photo_boxes_the_face(root, tmp_path):
+    """A result opens its photo, at working size, with its box scaled to it; a missing photo is a message."""
+    rgb = np.zeros((3000, 4000, 3), np.uint8)
+    rgb[1000:1400, 2000:2400] = 255
+    (tmp_path / "big.png").write_bytes(png_bytes(Image.fromarray(rgb)))
+    res = core.Result(1, 0.9, True, "x", None, str(tmp_path / "big.png"), (2000, 1000, 400, 400), 4000, {})
+    photo, box = core.source_photo(res)
+    assert photo.shape == (1536, 2048, 3) and box == (1024, 512, 205, 205)
+    x, y, w, h = box
+    assert photo[y + 5 : y + h - 5, x + 5 : x + w - 5].min() > 200  # the box is on the white square
+    assert core.result_face(res).shape == (180, 180, 3)
+    with pytest.raises(core.UploadError, match="no longer there"):
+        core.source_photo(core.Result(1, 0.9, True, None, None, str(tmp_path / "gone.jpg"), (0, 0, 9, 9), 9, {}))
+    with pytest.raises(core.UploadError, match="not known"):
+        core.source_photo(core.Result(1, 0.9, True, None, "crop.jpg", None, None, None, {}))
+
+
+def face(number: int, box, eyes=True, searchable=None) -> core.Face:
+    searchable = min(box[2:]) >= core.MIN_FACE_SIDE if searchable is None else searchable
+    return core.Face(number, box, searchable, eyes, box[0] <= 1 or box[1] <= 1)
+
+
+def test_default_face_is_the_most_face_like_large_one():
+    person, logo = face(1, (100, 100, 80, 80)), face(2, (0, 0, 120, 120), eyes=False)  # logo: larger, at the edge
+    assert core.default_face([person, logo]) == person
+    assert core.default_face([face(1, (300, 0, 120, 120)), person]) == person  # at the edge, eyes or not
+    bigger = face(2, (300, 100, 100, 100))
+    assert core.default_face([person, bigger]) == bigger  # else the larger
+    bystander = face(1, (10, 10, 30, 30))
+    assert not bystander.searchable and core.default_face([bystander, person]) == person
+    assert core.default_face([bystander]) is None  # never a face too small to search
+
+
+def test_face_choices_mark_small_faces_and_edges(root):
+    """On a real photo: the sample face found, a 30 px copy of it pasted in the corner marked too small."""
+    settings = core.crop_settings(root, "mobilenet_v2")
+    image = core.read_upload(sample_faces(root)[0].read_bytes())
+    box = core.find_faces(image, settings).chosen
+    detection = core.Detection((box, (0, 0, 30, 30)), "haar_frontal", box, None)
+    faces = core.face_choices(image, detection)
+    assert [f.number for f in faces] == [1, 2] and [f.box for f in faces] == [box, (0, 0, 30, 30)]
+    assert faces[0].searchable == (min(box[2:]) >= core.MIN_FACE_SIDE) and not faces[1].searchable
+    assert faces[1].at_edge and not faces[0].at_edge
+    expected = faces[0] if faces[0].searchable else None
+    assert core.default_face(faces) == expected
+
+
+def test_query_labels_only_for_the_pipelines_photos(root):
+    import pandas as pd
+
+    photo = sample_faces(root)[0]
+    manifest = pd.read_parquet(root / "data" / "manifest.parquet")
+    row = manifest[manifest["image_path"] == str(photo.relative_to(root / "sample_link"))].iloc[0]
+    labels = core.query_labels(root, photo.read_bytes())
+    assert labels == {a: bool(row[a]) for a in core.ATTRIBUTE_NAMES}
+    # A visitor's photo (other bytes, even of the same face) has no labels: nothing is claimed for it.
+    assert core.query_labels(root, jpeg_bytes(Image.open(photo), quality=80)) is None
+
+
+# --- a photo index ------------------------------------------------------------------------
+def people_folder(root: Path, out: Path, leave_out: int) -> tuple[Path, list[Path]]:
+    """One folder per sample identity but ``leave_out`` (a stranger to the index); returns it and her photos."""
+    import pandas as pd
+
+    manifest = pd.read_parquet(root / "data" / "manifest.parquet")
+    kept = manifest[(manifest["status"] == "kept") & (manifest["n_faces"] == 1)]
+    stranger = []
+    for ident, path in zip(kept["identity"], kept["image_path"], strict=True):
+        src = root / "sample_link" / path
+        if ident == leave_out:
+            stranger.append(src)
+            continue
+        (out / f"person{ident}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, out / f"person{ident}" / src.name)
+    return out, stranger
+
+
+@pytest.fixture(scope="module")
+def people_index(root, tmp_path_factory):
+    """An index (facesearch.index) of the sample's people but one, under an indexes/ folder; and the stranger."""
+    import pandas as pd
+
+    base = tmp_path_factory.mktemp("indexes")
+    identities = pd.read_parquet(root / "data" / "manifest.parquet")["identity"].dropna()
+    folder, stranger = people_folder(root, base / "photos", int(identities.max()))
+    X.build(str(root / "models" / "mobilenet_v2.pt"), str(folder), base / "indexes" / "people")
+    return base / "indexes" / "people", folder, stranger
+
+
+def test_index_gallery(root, people_index):
+    index_dir, folder, stranger = people_index
+    assert core.find_indexes(index_dir.parent) == [index_dir] and core.find_indexes(folder) == []
+    gallery = core.load_index_gallery(index_dir)
+    info = X.info(index_dir)
+    assert (gallery.people, gallery.faces, gallery.photos) == (info["people"], info["faces"], info["photos"])
+    assert gallery.model_label == "MobileNet-V2 (faster)" and gallery.attributes is None
+    assert (gallery.threshold, gallery.threshold_source) == X.verdict_threshold({})
+    # A photo of the index finds itself first, with its name, photo and box; as `index search` does.
+    photo = sorted(folder.glob("person*/*.jpg"))[0]
+    image = core.read_upload(photo.read_bytes())
+    box = core.default_face(core.face_choices(image, core.find_faces(image, gallery.settings))).box
+    answer = core.search(gallery, core.crop_face(image, box, gallery.settings))
+    top = answer.results[0]
+    assert top.similarity > 0.9999 and top.name == photo.parent.name and top.source_file == str(photo)
+    assert top.crop_file is None and top.attributes == {}
+    line = next(X.search(index_dir, [str(photo)]))
+    assert [r["photo"] for r in line["results"]] == [r.source_file for r in answer.results]
+    np.testing.assert_allclose([r["similarity"] for r in line["results"]], [r.similarity for r in answer.results],
+                               atol=1e-4)  # fmt: skip
+    assert top.box == tuple(line["results"][0]["box"])
+    rgb, shown = core.source_photo(top)
+    assert shown == top.box and rgb.shape[:2] == (image.height, image.width)
+    # The stranger is in no folder of the index: her results are all somebody else.
+    image = core.read_upload(stranger[0].read_bytes())
+    crop = core.crop_face(image, core.find_faces(image, gallery.settings).chosen, gallery.settings)
+    people = {p.name for p in folder.iterdir()}
+    assert {r.name for r in core.search(gallery, crop).results} <= people
+
+
+def test_index_gallery_failures_are_messages(tmp_path):
+    with pytest.raises(core.UploadError, match="cannot be searched"):
+        core.load_index_gallery(tmp_path / "nowhere")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "CURRENT").write_text("v000001-gone\n")
+    with pytest.raises(core.UploadError, match="cannot be searched"):
+        core.load_index_gallery(tmp_path / "bad")
+
+
+def stranger_threshold(root: Path, people_index) -> float:
+    """A threshold just above the stranger's best similarity in the index.
+
+    A calibrated model's own threshold (FAR 1e-3 on validation identities) is what
+    puts a stranger below it; the sample's one-step model embeds every cartoon face
+    alike (similarity 1 - 4e-8 between any two here), so no threshold separates
+    people on it. The stranger checks therefore set this one, measured here, and
+    check what the app does with a best result below the threshold, whatever the
+    tiny model learnt.
+    """
+    index_dir, _, stranger = people_index
+    gallery = core.load_index_gallery(index_dir)
+    image = core.read_upload(stranger[0].read_bytes())
+    crop = core.crop_face(image, core.find_faces(image, gallery.settings).chosen, gallery.settings)
+    return core.search(gallery, crop).results[0].similarity + 1e-6
+
+
 # --- Streamlit flows ------------------------------------------------------------------------
 @pytest.fixture
-def app(root, monkeypatch):
+def app(root, monkeypatch, tmp_path):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("FACESEARCH_ROOT", str(root))
+    monkeypatch.setenv("FACESEARCH_INDEXES", str(tmp_path / "no_indexes"))
+    monkeypatch.delenv("FACESEARCH_THRESHOLD", raising=False)
     return AppTest.from_file(str(APP), default_timeout=120).run()
 
 
@@ -313,16 +520,52 @@ def result_captions(at) -> list[str]:
     return [m.value for m in at.markdown if m.value.startswith("**#")]
 
 
+def sidebar_text(at) -> str:
+    return " ".join(m.value for m in [*at.sidebar.markdown, *at.sidebar.caption])
+
+
 def test_app_upload_to_nine_results(app, root):
     assert not app.exception
     assert "Upload a photo" in app.info[0].value
     options = app.sidebar.selectbox[0].options
-    assert options == ["MobileNet-V2 (faster), fine-tuned", "MobileNet-V2 (faster), before fine-tuning"]
+    assert options == ["Test gallery · MobileNet-V2 (faster), fine-tuned",
+                       "Test gallery · MobileNet-V2 (faster), before fine-tuning", "another index folder…"]  # fmt: skip
+    gallery = core.load_gallery(root, "mobilenet_v2", "after")
+    text = sidebar_text(app)
+    assert gallery.counts_text in text and "MobileNet-V2 (faster), fine-tuned" in text
+    assert f"{gallery.threshold:.3f}" in text and "own threshold" in text
+    assert "ResNet" not in text  # no backbone the gallery list does not offer
     app.file_uploader[0].upload("me.jpg", sample_faces(root)[0].read_bytes(), "image/jpeg").run()
     assert not app.exception and not app.error
-    assert len(result_captions(app)) == 9
+    captions = result_captions(app)
+    assert len(captions) == 9 and all("similarity **" in c and "identity " in c for c in captions)
     app.sidebar.selectbox[0].select_index(1).run()  # before fine-tuning: another model, same flow
     assert not app.exception and len(result_captions(app)) == 9
+    assert "before fine-tuning" in sidebar_text(app) and "fallback" in sidebar_text(app)
+
+
+def test_app_says_no_match(app, root, monkeypatch):
+    """Above every similarity: "No match in this gallery", and the nine results all marked below it."""
+    monkeypatch.setenv("FACESEARCH_THRESHOLD", "1.01")
+    app.file_uploader[0].upload("me.jpg", sample_faces(root)[0].read_bytes(), "image/jpeg").run()
+    assert not app.exception and not app.error
+    assert any(w.value.startswith("No match in this gallery") for w in app.warning)
+    captions = result_captions(app)
+    assert len(captions) == 9 and all("below threshold" in c for c in captions)
+    monkeypatch.setenv("FACESEARCH_THRESHOLD", "-1")  # below every similarity: all the same person
+    app.run()
+    assert not any(w.value.startswith("No match") for w in app.warning) and app.success
+    assert all("same person" in c for c in result_captions(app))
+
+
+def test_app_attributes_only_for_labelled_queries(app, root):
+    """A photo of the pipeline's data has labels: ✓ marks; the same face re-encoded has none: no ✓ at all."""
+    photo = sample_faces(root)[0]
+    app.file_uploader[0].upload("me.jpg", photo.read_bytes(), "image/jpeg").run()
+    assert any("attributes marked ✓" in c.value for c in app.caption)
+    app.file_uploader[0].upload("mine.jpg", jpeg_bytes(Image.open(photo), quality=80), "image/jpeg").run()
+    assert len(result_captions(app)) == 9
+    assert not any("✓" in c.value for c in app.caption)
 
 
 def test_app_camera_photo(app, root):
@@ -375,6 +618,8 @@ def test_app_states_its_limits_and_formats(app):
     assert config["client"]["showErrorDetails"] == "none"  # an uncaught error would show no traceback either
     # Over 10 MB, the app's own refusal is the one visitors see (Streamlit's is a tooltip).
     assert config["server"]["maxUploadSize"] * 2**20 > 2 * core.MAX_UPLOAD_BYTES
+    app.file_uploader[0].upload("big.jpg", b"\xff\xd8" + b"\0" * (11 * 2**20), "image/jpeg").run()
+    assert [e.value for e in app.error] == ["The file is larger than 10 MB."]
 
 
 def test_app_no_face_offers_whole_image(app):
@@ -383,21 +628,81 @@ def test_app_no_face_offers_whole_image(app):
     assert "No face" in app.warning[0].value and not result_captions(app)
     app.checkbox[0].check().run()
     assert len(result_captions(app)) == 9
+    assert any("verdict" in c.value for c in app.caption)  # a non-face gets the verdict, said so
+
+
+def two_faces_photo(root: Path, second: int = 160) -> bytes:
+    """The sample's first face at 160 px, and its mirror image at ``second`` px, side by side."""
+    settings = core.crop_settings(root, "mobilenet_v2")
+    image = core.read_upload(sample_faces(root)[0].read_bytes())
+    box = core.find_faces(image, settings).chosen
+    canvas = np.full((200, 360, 3), 128, np.uint8)
+    canvas[20:180, 10:170] = crop_square(image.rgb, box, margin=0.3, size=160)
+    canvas[20 : 20 + second, 190 : 190 + second] = crop_square(image.rgb, box, margin=0.3, size=second)[:, ::-1]
+    return jpeg_bytes(Image.fromarray(canvas), quality=95)
 
 
 def test_app_several_faces_let_the_user_pick(app, root):
     settings = core.crop_settings(root, "mobilenet_v2")
-    image = core.read_upload(sample_faces(root)[0].read_bytes())
-    box = core.find_faces(image, settings).chosen
-    face = crop_square(image.rgb, box, margin=0.3, size=160)
-    canvas = np.full((200, 360, 3), 128, np.uint8)
-    canvas[20:180, 10:170], canvas[20:180, 190:350] = face, face[:, ::-1]
-    photo = jpeg_bytes(Image.fromarray(canvas), quality=95)
+    photo = two_faces_photo(root)
     assert len(core.find_faces(core.read_upload(photo), settings).boxes) == 2
     app.file_uploader[0].upload("two.jpg", photo, "image/jpeg").run()
     assert app.radio[0].options == ["face 1", "face 2"]
     app.radio[0].set_value(1).run()
     assert len(result_captions(app)) == 9 and not app.exception
+
+
+def test_app_small_faces_are_marked_not_chosen(app, root, monkeypatch):
+    """A face under MIN_FACE_SIDE is listed as too small, never pre-selected; picked, it is refused in words."""
+    photo = two_faces_photo(root)
+    boxes = core.find_faces(core.read_upload(photo), core.crop_settings(root, "mobilenet_v2")).boxes
+    small = (boxes[1][0], boxes[1][1], 30, 30)
+
+    def with_bystander(image, settings):  # the detector also "finds" a 30 px face
+        return core.Detection((boxes[0], small), "haar_frontal", boxes[0], None)
+
+    monkeypatch.setattr(core, "find_faces", with_bystander)
+    app.file_uploader[0].upload("two.jpg", photo, "image/jpeg").run()
+    assert app.radio[0].options == ["face 1", "face 2 (too small to search)"] and app.radio[0].index == 0
+    assert len(result_captions(app)) == 9
+    app.radio[0].set_value(1).run()
+    assert not result_captions(app) and "too small to search" in app.warning[0].value and not app.exception
+
+
+def test_app_searches_an_index_and_opens_the_photo(app, root, people_index, monkeypatch):
+    index_dir, folder, _ = people_index
+    monkeypatch.setenv("FACESEARCH_INDEXES", str(index_dir.parent))
+    app.run()
+    labels = app.sidebar.selectbox[0].options
+    assert "Index · people" in labels
+    app.sidebar.selectbox[0].select_index(labels.index("Index · people")).run()
+    gallery = core.load_index_gallery(index_dir)
+    assert gallery.counts_text in sidebar_text(app) and "the photo index people" in sidebar_text(app)
+    photo = sorted(folder.glob("person*/*.jpg"))[0]
+    app.file_uploader[0].upload("me.jpg", photo.read_bytes(), "image/jpeg").run()
+    captions = result_captions(app)
+    assert not app.exception and not app.error and len(captions) == min(9, gallery.faces)
+    assert captions[0].endswith(f"· {photo.parent.name}")
+    app.button(key="open1").click().run()
+    assert f"#1 in its photo: {photo} ({photo.parent.name})" in [c.value for c in app.caption]
+    # A folder typed in: the same index; a folder that is none, a message.
+    app.sidebar.selectbox[0].select_index(len(labels) - 1).run()
+    app.sidebar.text_input(key="index_path").input(str(index_dir)).run()
+    assert gallery.counts_text in sidebar_text(app) and not app.error
+    app.sidebar.text_input(key="index_path").input(str(folder)).run()
+    assert app.error and "cannot be searched" in app.error[0].value and not app.exception
+
+
+def test_app_stranger_gets_no_match(app, root, people_index, monkeypatch):
+    index_dir, _, stranger = people_index
+    monkeypatch.setenv("FACESEARCH_INDEXES", str(index_dir.parent))
+    monkeypatch.setenv("FACESEARCH_THRESHOLD", str(stranger_threshold(root, people_index)))
+    app.run()
+    app.sidebar.selectbox[0].select_index(app.sidebar.selectbox[0].options.index("Index · people")).run()
+    app.file_uploader[0].upload("stranger.jpg", stranger[0].read_bytes(), "image/jpeg").run()
+    assert any(w.value.startswith("No match in this gallery") for w in app.warning)
+    captions = result_captions(app)
+    assert len(captions) == 9 and all("below threshold" in c for c in captions)  # shown, marked
 
 
 # --- a real browser ---------------------------------------------------------------------------
@@ -408,17 +713,21 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_browser_upload_shows_nine_faces(root, tmp_path):
+def test_browser_upload_shows_nine_faces(root, people_index, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed")
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver_path:
         pytest.skip("no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)")
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
+    index_dir, _, stranger = people_index
     port = free_port()
-    env = {**__import__("os").environ, "FACESEARCH_ROOT": str(root)}
+    # A threshold just above the stranger's best (see stranger_threshold).
+    env = {**__import__("os").environ, "FACESEARCH_ROOT": str(root), "FACESEARCH_INDEXES": str(index_dir.parent),
+           "FACESEARCH_THRESHOLD": str(stranger_threshold(root, people_index))}  # fmt: skip
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", "127.0.0.1", "--server.port",
          str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
@@ -431,6 +740,10 @@ def test_browser_upload_shows_nine_faces(root, tmp_path):
                  "--window-size=1400,1600", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
         options.add_argument(flag)
     browser = None
+
+    def body() -> str:
+        return browser.find_element(By.TAG_NAME, "body").text
+
     try:
         deadline = time.time() + 60
         while time.time() < deadline:  # wait for the server to listen
@@ -443,9 +756,10 @@ def test_browser_upload_shows_nine_faces(root, tmp_path):
         wait = WebDriverWait(browser, 90)
         upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
         upload.send_keys(str(sample_faces(root)[0]))
-        wait.until(lambda b: "#9 ·" in b.find_element(By.TAG_NAME, "body").text)
-        text = browser.find_element(By.TAG_NAME, "body").text
+        wait.until(lambda b: "#9 ·" in body())
+        text = body()
         assert all(f"#{i} ·" in text for i in range(1, 10))
+        assert "people," in text and "faces," in text and "Same person at similarity" in text
         browser.save_screenshot(str(tmp_path / "app.png"))
         assert (tmp_path / "app.png").stat().st_size > 10_000
         assert core.LIMITS_TEXT in text  # the limits are in view before anything is refused
@@ -454,8 +768,18 @@ def test_browser_upload_shows_nine_faces(root, tmp_path):
         big = tmp_path / "big.jpg"
         big.write_bytes(b"\xff\xd8" + b"\0" * (11 * 2**20))
         upload.send_keys(str(big))
-        wait.until(lambda b: "The file is larger than 10 MB." in b.find_element(By.TAG_NAME, "body").text)
-        assert "#1 ·" not in browser.find_element(By.TAG_NAME, "body").text
+        wait.until(lambda b: "The file is larger than 10 MB." in body())
+        assert "#1 ·" not in body()
+        # The photo index: chosen in the sidebar's gallery list, then a stranger's photo.
+        choose = browser.find_element(By.CSS_SELECTOR, "[data-testid=stSidebar] [data-testid=stSelectbox] input")
+        choose.click()
+        choose.send_keys("Index · people", Keys.ENTER)  # the select's own filter, as a visitor may type
+        wait.until(lambda b: "the photo index people" in body())
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+        upload.send_keys(str(stranger[0]))
+        wait.until(lambda b: "No match in this gallery" in body() and "#1 ·" in body())
+        assert "below threshold" in body() and "#9 ·" in body() and "same person ·" not in body()
+        browser.save_screenshot(str(tmp_path / "index.png"))
     finally:
         if browser is not None:
             browser.quit()
