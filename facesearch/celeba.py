@@ -192,9 +192,13 @@ class AnnotationReport:
 
 
 def is_celeba(root: str | os.PathLike) -> bool:
-    """Whether ``root`` holds the CelebA files: an image folder and the identity file."""
+    """Whether ``root`` looks like the CelebA layout: its image folder or its identity file is there.
+
+    Either alone is enough, so a download missing the other fails as CelebA with the reason
+    (rather than its img_celeba/ passing for one person's folder).
+    """
     root = Path(root)
-    return (root / IDENTITY_FILE).is_file() and any((root / name).is_dir() for name in IMAGE_DIRS)
+    return (root / IDENTITY_FILE).is_file() or any((root / name).is_dir() for name in IMAGE_DIRS)
 
 
 def find_image_dir(root: str | os.PathLike) -> Path:

@@ -119,3 +119,11 @@ def test_listing_skips_without_opening(tmp_path):
     H.make_fifo(tmp_path / "a" / "f.jpg")
     files, skips = list_photo_files(tmp_path)
     assert [f.rel for f in files] == ["a/1.jpg"] and [(s.photo, s.reason) for s in skips] == [("a/f.jpg", "not_a_file")]
+
+
+def test_partial_celeba_download_is_not_taken_for_one_person(tmp_path):
+    root = tmp_path / "celeba"
+    put(root / "img_celeba" / "000001.jpg")  # the identity file has not arrived yet
+    with pytest.raises(DatasetError, match="identity file is required"):
+        read_dataset(root)
+    assert read_dataset(root, FOLDERS).entries[0].person == "img_celeba"  # unless forced
