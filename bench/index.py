@@ -39,6 +39,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facesearch import index as X
+from facesearch.layouts import list_photo_files
 from facesearch.search import CheckedIndex, FaissIndex, build_index
 from facesearch.synth import SampleSpec, generate_sample
 
@@ -84,7 +85,7 @@ def add_cost(args, work: Path) -> None:
     embedder = X.Embedder.load(args.model)
     dim = embedder.model.config.embedding_dim
     rng = np.random.default_rng(0)
-    listed, _ = X.list_photo_files(photo_dir)
+    listed, _ = list_photo_files(photo_dir)
 
     def alone():
         e = X.Embedder.load(args.model)

@@ -57,6 +57,9 @@ _ASCII_INT = re.compile(r"[0-9]+")
 # Whitespace separates the columns of the annotation files, so a name holding it can never
 # be keyed there; a backslash is the escape character of storable_name.
 _BAD_NAME_CHARS = re.compile(r"[\s\\\x00-\x1f\x7f]")
+# Without annotation files (the folder layout) whitespace is fine ("Ada Lovelace/1.jpg"); control
+# characters (C0, C1, line separators) are not: they break logs and tables.
+_BAD_PATH_CHARS = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def storable_name(raw: bytes) -> str:
@@ -91,10 +94,12 @@ def raw_name(name: str) -> bytes:
 class Entry:
     """One entry of the image folder."""
 
-    name: str  # storable_name of the entry's name: the manifest's file_name
+    name: str  # the manifest's file_name: storable_name of the entry's name (its path under the folder layout)
     path: bytes  # the path to open (bytes: works whatever the name's encoding)
-    problem: str | None  # None (a regular file, or a symlink to one) or NOT_A_FILE / HIDDEN_FILE / BAD_FILE_NAME
+    problem: str | None  # None (a regular file, or a symlink to one) or a manifest reject reason
     detail: str = ""  # what kind of entry, for check-data and logs
+    image_path: str = ""  # the manifest's image_path: "/"-separated, relative to the data root
+    person: str | None = None  # the person folder's name (folder layout); None for CelebA
 
 
 def _entry_kind(mode: int) -> str:
@@ -130,13 +135,17 @@ def file_type_problem(path: bytes | str) -> tuple[str | None, str]:
     return NOT_A_FILE, f"symlink to a {_entry_kind(mode)}"
 
 
-def name_problem(raw: bytes) -> str | None:
-    """BAD_FILE_NAME, HIDDEN_FILE or None for an entry's name (bytes, as the file system has it)."""
+def name_problem(raw: bytes, annotated: bool = True) -> str | None:
+    """BAD_FILE_NAME, HIDDEN_FILE or None for an entry's name (bytes, as the file system has it).
+
+    ``annotated``: the name must be keyable in an annotation file (no whitespace either).
+    Either way a usable name is its own :func:`storable_name`, so a stored path opens the file.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return BAD_FILE_NAME
-    if _BAD_NAME_CHARS.search(text):
+    if (_BAD_NAME_CHARS if annotated else _BAD_PATH_CHARS).search(text):
         return BAD_FILE_NAME
     if text.startswith("."):
         return HIDDEN_FILE
@@ -144,8 +153,12 @@ def name_problem(raw: bytes) -> str | None:
 
 
 def list_entries(image_dir: str | os.PathLike) -> list[Entry]:
-    """Every entry of ``image_dir``, sorted by stored name, each usable or with its problem."""
+    """Every entry of ``image_dir``, sorted by stored name, each usable or with its problem.
+
+    ``image_path`` is ``<image_dir's name>/<name>``: relative to the CelebA root.
+    """
     base = os.fsencode(image_dir)
+    prefix = Path(image_dir).name
     out = []
     with os.scandir(base) as it:
         for de in it:
@@ -156,7 +169,8 @@ def list_entries(image_dir: str | os.PathLike) -> list[Entry]:
                 problem, detail = file_type_problem(path)
             elif problem == BAD_FILE_NAME:
                 detail = "name is not UTF-8 or holds whitespace, control characters or a backslash"
-            out.append(Entry(storable_name(raw), path, problem, detail))
+            name = storable_name(raw)
+            out.append(Entry(name, path, problem, detail, image_path=f"{prefix}/{name}"))
     return sorted(out, key=lambda e: e.name)
 
 
@@ -175,6 +189,16 @@ class AnnotationReport:
     missing_files: list[str] = field(default_factory=list)
     attribute_header_count: int | None = None
     attribute_rows: int = 0
+
+
+def is_celeba(root: str | os.PathLike) -> bool:
+    """Whether ``root`` looks like the CelebA layout: its image folder or its identity file is there.
+
+    Either alone is enough, so a download missing the other fails as CelebA with the reason
+    (rather than its img_celeba/ passing for one person's folder).
+    """
+    root = Path(root)
+    return (root / IDENTITY_FILE).is_file() or any((root / name).is_dir() for name in IMAGE_DIRS)
 
 
 def find_image_dir(root: str | os.PathLike) -> Path:

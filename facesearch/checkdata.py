@@ -1,8 +1,9 @@
 """``python -m facesearch check-data DIR``: what a crop run would reject, and why, without detecting.
 
-Before a long run on a new download: lists every entry of the image folder the
-crop stage would reject before detection, with the same functions the stage
-uses (:func:`facesearch.celeba.list_entries`, :func:`facesearch.cropping.pre_reason`
+Before a long run on a new download: lists every entry of the image folder (any
+labelled layout, :mod:`facesearch.layouts`) the crop stage would reject before
+detection, with the same functions the stage uses
+(:func:`facesearch.layouts.read_dataset`, :func:`facesearch.cropping.pre_reason`
 and :func:`facesearch.cropping.inspect_photo`: the entry, the annotations, the
 bytes, the decode, the size), the annotation files' problems, and the entries
 anywhere under DIR that DVC itself cannot hash: FIFOs (``dvc repro`` and
@@ -20,8 +21,9 @@ from collections import Counter
 from pathlib import Path
 
 from facesearch import manifest as M
-from facesearch.celeba import file_type_problem, find_image_dir, list_entries, read_annotations, storable_name
+from facesearch.celeba import file_type_problem, storable_name
 from facesearch.cropping import CropLimits, inspect_photo, pre_reason
+from facesearch.layouts import AUTO, read_dataset
 
 
 def dvc_blockers(root: str | os.PathLike) -> list[dict]:
@@ -51,11 +53,10 @@ def dvc_blockers(root: str | os.PathLike) -> list[dict]:
     return sorted(out, key=lambda d: d["path"])
 
 
-def check_data(root: str | os.PathLike, limits: CropLimits) -> dict:
+def check_data(root: str | os.PathLike, limits: CropLimits, layout: str = AUTO) -> dict:
     """The report ``check-data`` prints (see the module doc); raises DatasetError if the folder is unusable."""
-    image_dir = find_image_dir(root)
-    annotations = read_annotations(root)
-    entries = list_entries(image_dir)
+    dataset = read_dataset(root, layout)
+    annotations, entries = dataset.annotations, dataset.entries
     files = []
     for entry in entries:
         reason = pre_reason(entry, annotations)
@@ -74,7 +75,8 @@ def check_data(root: str | os.PathLike, limits: CropLimits) -> dict:
     report = annotations.report
     return {
         "data": str(root),
-        "image_dir": image_dir.name,
+        "layout": dataset.layout,
+        "image_dir": dataset.image_dir,
         "n_entries": n_entries,
         "n_rejected_before_detection": len(files),
         "rejected": dict(sorted(Counter(f["reason"] for f in files).items())),
@@ -94,7 +96,7 @@ def check_data(root: str | os.PathLike, limits: CropLimits) -> dict:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['data']}: {r['n_entries']} entries in {r['image_dir']}/, "
+    lines = [f"{r['data']} ({r['layout']} layout): {r['n_entries']} entries in {r['image_dir']}/, "
              f"{r['n_rejected_before_detection']} would be rejected before detection"]  # fmt: skip
     lines += [f"  {reason:20s} {n}" for reason, n in r["rejected"].items()]
     lines += [f"{f['reason']:20s} {f['file_name']}" + (f"  ({f['detail']})" if f["detail"] else "") for f in r["files"]]
@@ -121,8 +123,8 @@ def limits_from_params(path: str | os.PathLike) -> CropLimits:
     return CropLimits.from_params(load_params(path)["crop"])
 
 
-def run(root: str, params_path: str = "params.yaml", as_json: bool = False) -> int:
+def run(root: str, params_path: str = "params.yaml", as_json: bool = False, layout: str = AUTO) -> int:
     """The ``check-data`` command: print the report, return the exit status."""
-    report = check_data(Path(root), limits_from_params(params_path))
+    report = check_data(Path(root), limits_from_params(params_path), layout)
     print(json.dumps(report, indent=2, sort_keys=True) if as_json else format_report(report))
     return 1 if report["dvc_blockers"] else 0

@@ -1,10 +1,16 @@
-"""``python -m facesearch evaluate``: score a trained model on any CelebA-layout folder.
+"""``python -m facesearch evaluate``: score a trained model on any labelled folder.
 
     python -m facesearch evaluate --model models/resnet50.pt --data DIR --out OUT.json
 
+``DIR`` is in either labelled layout (facesearch.layouts): CelebA, or one folder
+per person (LFW, VGGFace2, CASIA-WebFace), detected or forced with ``--layout``.
 The protocol is the pipeline's own: leave out the identities the model was
-trained or validated on (the model file names them; counted as
-``n_identities_excluded_seen``), crop every other photo as the model's own
+trained or validated on (the model file numbers them; counted as
+``n_identities_excluded_seen``, and named in ``excluded_seen_people`` under the
+folder layout). Those numbers mean the same people only in the data the model
+was trained on (CelebA ids, or the sorted person folders of that same folder):
+for a model trained on other data pass ``--trained-elsewhere`` and nobody is
+left out. Then crop every other photo as the model's own
 training crops were cut (its recorded preprocessing; ``--crop-params FILE``
 overrides it with that file's ``crop`` block), keep identities with at least
 two kept photos, pick one query per identity (seeded), put every other kept
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import asdict
@@ -37,11 +44,12 @@ from tqdm import tqdm
 
 from facesearch import index, tune
 from facesearch import manifest as M
-from facesearch.celeba import find_image_dir, list_images, read_annotations
+from facesearch.celeba import DatasetError
 from facesearch.contract import crop_settings, seen_identities
 from facesearch.cropping import crop_names, process_image
 from facesearch.inference import embed_array
 from facesearch.io import write_bytes_atomic, write_json_atomic
+from facesearch.layouts import AUTO, FOLDERS, LABELLED_LAYOUTS, read_dataset
 from facesearch.models import load_model, resolve_device
 from facesearch.packing import load_array, pack_crops
 from facesearch.protocol import choose_queries, eligible_images
@@ -72,7 +80,8 @@ def embed_packed(model, path: Path, size: int, device, desc: str, chunk: int = E
 
 def evaluate_folder(
     model_path: str, data: str, crop_params: str | None = None, seed: int = 0, n_jobs: int = -1,
-    ks: tuple[int, ...] = (10, 20, 50, 100, 1000), device: str = "auto",
+    ks: tuple[int, ...] = (10, 20, 50, 100, 1000), device: str = "auto", layout: str = AUTO,
+    trained_elsewhere: bool = False,
 ) -> dict:  # fmt: skip
     """Run the protocol above; returns the metrics dict written to OUT.json."""
     dev = resolve_device(device)
@@ -80,31 +89,34 @@ def evaluate_folder(
     if crop_params and not Path(crop_params).is_file():
         raise SystemExit(f"evaluate: --crop-params {crop_params} does not exist")
     crop, face, size = crop_settings(payload, crop_params, override=True)
-    # Absolute: a reused joblib worker may sit in another working directory.
-    image_dir = find_image_dir(data).absolute()
-    ann = read_annotations(data)
-    all_files = list_images(image_dir)
-    labelled = [n for n in all_files if n in ann.identities]
+    dataset = read_dataset(data, layout)  # entry paths are absolute: a joblib worker may sit elsewhere
+    ids = dataset.annotations.identities
+    labelled = [e for e in dataset.entries if e.problem is None and e.name in ids]
     # A score on people the model was trained or selected on would flatter it.
-    seen = seen_identities(payload)
-    excluded = {ann.identities[n] for n in labelled} & seen
-    files = [n for n in labelled if ann.identities[n] not in seen]
-    if labelled and not files:
+    seen = set() if trained_elsewhere else seen_identities(payload)
+    excluded = {ids[e.name] for e in labelled} & seen
+    excluded_people = sorted({e.person for e in labelled if ids[e.name] in seen and e.person is not None})
+    entries = [e for e in labelled if ids[e.name] not in seen]
+    if labelled and not entries:
         raise SystemExit(f"evaluate: all {len(excluded)} identities in {data} were seen by the model in training "
-                         "or validation; nothing unseen is left to score")  # fmt: skip
+                         "or validation; nothing unseen is left to score (if the model was trained on other data, "
+                         "its identity numbers mean other people here: pass --trained-elsewhere)")  # fmt: skip
+    files = [e.name for e in entries]
     n_all = len(files)
     names = crop_names(files)
     with tempfile.TemporaryDirectory(prefix="facesearch-eval-") as tmp:
-        jobs = (delayed(process_image)(str(image_dir / n), str(Path(tmp) / names[n]), face, crop["jpeg_quality"],
-                                       crop["max_pixels"], crop["min_image_side"]) for n in files)  # fmt: skip
+        jobs = (delayed(process_image)(os.fsdecode(e.path), str(Path(tmp) / names[e.name]), face,
+                                       crop["jpeg_quality"], crop["max_pixels"], crop["min_image_side"])
+                for e in entries)  # fmt: skip
         rows = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(files), desc="crop"))
         table = pd.DataFrame({
             M.FILE_NAME: files,
-            M.IDENTITY: pd.array([ann.identities[n] for n in files], dtype="Int64"),
+            M.IDENTITY: pd.array([ids[n] for n in files], dtype="Int64"),
+            M.PERSON: pd.array([e.person for e in entries], dtype="string"),
             M.STATUS: [r[M.STATUS] for r in rows],
             M.CROP_PATH: [str(Path(tmp) / names[n]) for n in files],
         })  # fmt: skip
-        table = table.join(ann.attributes.reindex(table[M.FILE_NAME]).reset_index(drop=True))
+        table = table.join(dataset.annotations.attributes.reindex(table[M.FILE_NAME]).reset_index(drop=True))
         images = eligible_images(table, 2)
         if images.empty:
             raise SystemExit(f"evaluate: no identity in {data} has two photos with a usable face")
@@ -125,7 +137,9 @@ def evaluate_folder(
     metrics.update({
         "keep_rate": round(kept / n_all, 4) if n_all else 0.0, "n_images": n_all, "n_kept": kept,
         "n_identities": int(images[M.IDENTITY].nunique()), "n_identities_excluded_seen": len(excluded),
-        "model": str(model_path), "data": str(data), "backbone": model.config.backbone, "seed": seed,
+        "model": str(model_path), "data": str(data), "layout": dataset.layout,
+        "excluded_seen_people": excluded_people if dataset.layout == FOLDERS else None,
+        "backbone": model.config.backbone, "seed": seed,
         "crop": asdict(face), "crop_source": crop_params or "model",
     })  # fmt: skip
     return readable(metrics)
@@ -167,7 +181,19 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.add_parser("evaluate", help=__doc__.splitlines()[0], description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ev.add_argument("--model", required=True, help="a trained model, e.g. models/resnet50.pt")
-    ev.add_argument("--data", required=True, help="CelebA-layout folder (img_celeba/ + identity_CelebA.txt)")
+    ev.add_argument("--data", required=True, help="labelled folder: CelebA layout or one folder per person")
+    ev.add_argument(
+        "--layout",
+        choices=LABELLED_LAYOUTS,
+        default=AUTO,
+        help="celeba, folders (<data>/<person>/*.jpg) or auto (detect; default)",
+    )
+    ev.add_argument(
+        "--trained-elsewhere",
+        action="store_true",
+        help="the model was trained on other data: its identity numbers mean other people here, "
+        "so none is left out as seen",
+    )
     ev.add_argument("--out", required=True, help="metrics JSON to write")
     ev.add_argument("--crop-params", default=None, metavar="FILE",
                     help="crop with this params file's crop block, not the model's recorded preprocessing")  # fmt: skip
@@ -181,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     ref.add_argument("--landmarks", type=int, default=68, choices=(5, 68), help="shape predictor")
     chk = sub.add_parser("check-data", help="what a crop run would reject and why, without detecting; exit 1 if "
                          "DVC could not hash an entry (FIFO, socket, broken symlink)")  # fmt: skip
-    chk.add_argument("dir", help="CelebA-layout folder (img_celeba/ + identity_CelebA.txt)")
+    chk.add_argument("dir", help="labelled folder: CelebA layout or one folder per person")
+    chk.add_argument("--layout", choices=LABELLED_LAYOUTS, default=AUTO, help="celeba, folders or auto (default)")
     chk.add_argument("--params", default="params.yaml", help="crop limits (crop.max_file_bytes, max_pixels, ...)")
     chk.add_argument("--json", action="store_true", help="print the full report as JSON")
     tune.add_parser(sub)
@@ -193,6 +220,13 @@ def main(argv: list[str] | None = None) -> None:
     res.add_argument("--readme", default=None, help="rewrite this file's marked section instead of printing")
     res.add_argument("--section", default="results-sample", help="marker name in the README")
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except DatasetError as exc:  # an unusable data folder: the message says why, for the user
+        raise SystemExit(f"{args.command}: {exc}") from None
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "tune":
         return tune.main(args)
     if args.command in ("index", "search"):
@@ -200,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "check-data":
         from facesearch.checkdata import run
 
-        raise SystemExit(run(args.dir, args.params, args.json))
+        raise SystemExit(run(args.dir, args.params, args.json, args.layout))
     if args.command == "results":
         from facesearch.params import load_params
 
@@ -221,7 +255,16 @@ def main(argv: list[str] | None = None) -> None:
         json.dump({k: metrics[k] for k in ("rank1", "rank5", "mAP", "loo_rank1", "loo_mAP")}, sys.stdout)
         print()
     elif args.command == "evaluate":
-        metrics = evaluate_folder(args.model, args.data, args.crop_params, args.seed, args.n_jobs, device=args.device)
+        metrics = evaluate_folder(
+            args.model,
+            args.data,
+            args.crop_params,
+            args.seed,
+            args.n_jobs,
+            device=args.device,
+            layout=args.layout,
+            trained_elsewhere=args.trained_elsewhere,
+        )
         write_json_atomic(args.out, metrics)
         json.dump({k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "loo_mAP", "n_queries", "n_gallery",
                                            "n_identities_excluded_seen", "keep_rate")}, sys.stdout)  # fmt: skip

@@ -79,7 +79,6 @@ import logging
 import os
 import secrets
 import shutil
-import stat
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -92,12 +91,13 @@ import torch
 
 from facesearch import manifest as M
 from facesearch import photos
-from facesearch.celeba import file_type_problem, storable_name
+from facesearch.celeba import DatasetError
 from facesearch.contract import model_preprocessing, preprocessing_record
 from facesearch.cropping import CropLimits, read_photo, shape_reason
 from facesearch.faces import FaceConfig
 from facesearch.images import ImageRejected, decode_image
 from facesearch.io import normal_permissions, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from facesearch.layouts import GALLERY_LAYOUTS, PhotoFile, Skip, assign_people, list_photo_files
 from facesearch.manifest import Reason, SchemaError
 from facesearch.manifest import _check_columns as check_columns  # the manifest's column and dtype check
 from facesearch.models import load_model, resolve_device
@@ -110,7 +110,6 @@ POINTER = "CURRENT"
 LOCK = ".lock"
 EMBEDDINGS, FACES, PHOTOS = "embeddings.npy", "faces.parquet", "photos.parquet"
 RECORD, GRAPH = "index.json", "hnsw.faiss"
-LAYOUTS = ("auto", "folders", "plain")
 # Faces from which the index searches with HNSW instead of exactly. Exact search grows linearly,
 # ~1.2 ms a query at 100k faces on a 2-core CPU (bench/index.py), so ~12 ms at a million: still
 # instant next to loading the index, and exact. HNSW is only ~3x faster at 100k and misses ~9% of
@@ -128,7 +127,6 @@ LIMITS = CropLimits()
 # Skip reasons that are not a photo's own (manifest Reason values are the rest).
 DUPLICATE = "duplicate"  # the same bytes as an earlier file of this run
 ALREADY_INDEXED = "already_indexed"  # add: the index holds this content already
-OUTSIDE_LAYOUT = "not_in_a_person_folder"  # layout folders: not in <root>/<person>/
 
 # --- the tables ----------------------------------------------------------------------------
 ROOT = "root"  # absolute folder given to build/add
@@ -276,83 +274,6 @@ def verdict_threshold(payload: dict, override: float | None = None) -> tuple[flo
     log.warning("the model carries no verdict threshold (payload['threshold']): using the fallback %.2f; "
                 "pass --threshold to choose one", FALLBACK_THRESHOLD)  # fmt: skip
     return FALLBACK_THRESHOLD, "fallback (the model has none)"
-
-
-# --- photo files ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PhotoFile:
-    rel: str  # PHOTO: relative to the root, "/"-separated storable names
-    path: bytes  # what to open
-    person: str | None = None
-
-
-@dataclass(frozen=True)
-class Skip:
-    photo: str
-    reason: str
-    detail: str = ""
-
-
-def list_photo_files(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> tuple[list, list]:
-    """(photo files, skips) under ``root``, recursively, sorted by path.
-
-    Only ``lstat``/``stat`` (nothing is opened, so a FIFO cannot block the walk);
-    hidden entries and anything that is not a regular file (or a symlink to one)
-    are skips. Symlinked folders are not followed (no loops). ``exclude``: folders
-    to leave out (the index itself, when it sits inside the photos).
-    """
-    base = os.fsencode(os.path.abspath(root))
-    if not os.path.isdir(base):
-        raise PhotoIndexError(f"photo folder {os.fsdecode(base)} does not exist or is not a folder")
-    skipped = {os.fsencode(os.path.abspath(e)) for e in exclude}
-    files: list[PhotoFile] = []
-    skips: list[Skip] = []
-
-    def walk(folder: bytes, parts: tuple[str, ...]) -> None:
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:  # a folder we may not list: its photos cannot be indexed, the rest can
-            skips.append(Skip("/".join(parts) or ".", Reason.UNREADABLE.value, exc.strerror or str(exc)))
-            return
-        for entry in entries:
-            path = os.path.join(folder, entry.name)
-            rel = "/".join((*parts, storable_name(entry.name)))
-            if path in skipped:
-                continue
-            try:
-                is_dir = stat.S_ISDIR(os.lstat(path).st_mode)  # a symlink to a folder is not followed
-            except OSError as exc:  # gone since the listing
-                skips.append(Skip(rel, Reason.NOT_A_FILE.value, exc.strerror or str(exc)))
-                continue
-            if entry.name.startswith(b"."):
-                skips.append(Skip(rel, Reason.HIDDEN_FILE.value))
-            elif is_dir:
-                walk(path, (*parts, storable_name(entry.name)))
-            else:
-                problem, detail = file_type_problem(path)
-                if problem is None:
-                    files.append(PhotoFile(rel, path))
-                else:
-                    skips.append(Skip(rel, problem, detail))
-
-    walk(base, ())
-    files.sort(key=lambda f: f.rel.split("/"))
-    return files, skips
-
-
-def assign_people(files: list[PhotoFile], layout: str) -> tuple[list[PhotoFile], list[Skip], str]:
-    """Name each photo's person by ``layout`` (see the module doc); returns (files, skips, layout used)."""
-    if layout not in LAYOUTS:
-        raise PhotoIndexError(f"--layout must be one of {LAYOUTS}, not {layout!r}")
-    in_folder = [f.rel.count("/") == 1 for f in files]
-    if layout == "auto":
-        layout = "folders" if files and all(in_folder) else "plain"
-    if layout == "plain":
-        return files, [], layout
-    named = [PhotoFile(f.rel, f.path, f.rel.split("/")[0]) for f, ok in zip(files, in_folder, strict=True) if ok]
-    skips = [Skip(f.rel, OUTSIDE_LAYOUT) for f, ok in zip(files, in_folder, strict=True) if not ok]
-    return named, skips, layout
 
 
 def read_file(path: bytes | str, limits: CropLimits) -> tuple[bytes, str]:
@@ -652,8 +573,11 @@ def _log_skips(skips: list[Skip]) -> None:
 
 def _scan(photo_dir: str, layout: str, index_dir: Path) -> tuple[str, list[PhotoFile], list[Skip]]:
     root = os.path.abspath(photo_dir)
-    files, skips = list_photo_files(root, exclude=[index_dir])
-    files, outside, used = assign_people(files, layout)
+    try:
+        files, skips = list_photo_files(root, exclude=[index_dir])
+        files, outside, used = assign_people(files, layout)
+    except DatasetError as exc:
+        raise PhotoIndexError(str(exc)) from None
     log.info("%s: %d files, layout %s", root, len(files), used)
     return root, files, skips + outside
 
@@ -874,7 +798,7 @@ def add_parsers(sub) -> None:
     a.add_argument("--photos", required=True, help="folder of photos (searched recursively)")
     a.add_argument("--model", default=None, help="the index's model, if it moved (another model is refused)")
     for p in (b, a):
-        p.add_argument("--layout", choices=LAYOUTS, default="auto",
+        p.add_argument("--layout", choices=GALLERY_LAYOUTS, default="auto",
                        help="folders: <photos>/<person>/*.jpg names people; plain: no names; auto: folders when "
                             "every photo is one folder deep")  # fmt: skip
         p.add_argument("--device", default="cpu", help="where to embed (cpu, cuda, auto)")

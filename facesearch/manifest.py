@@ -34,8 +34,10 @@ class Reason(StrEnum):
     NOT_A_FILE = celeba.NOT_A_FILE
     HIDDEN_FILE = celeba.HIDDEN_FILE  # name starts with "."
     BAD_FILE_NAME = celeba.BAD_FILE_NAME  # not UTF-8 or whitespace/control/backslash in it (file_name is then escaped)
+    # Folder layout: directly in the root, or (photo index) deeper than <root>/<person>/; facesearch.layouts
+    NOT_IN_A_PERSON_FOLDER = "not_in_a_person_folder"
     # -- the annotations
-    NO_IDENTITY = "no_identity"  # no row in identity_CelebA.txt
+    NO_IDENTITY = "no_identity"  # no row in identity_CelebA.txt (CelebA layout)
     AMBIGUOUS_IDENTITY = "ambiguous_identity"  # identity_CelebA.txt names it twice with different ids
     # -- the bytes
     FILE_TOO_LARGE = "file_too_large"  # more bytes than crop.max_file_bytes (checked by stat; never read)
@@ -57,9 +59,12 @@ class Reason(StrEnum):
 
 
 # --- manifest columns -------------------------------------------------------
-IMAGE_PATH = "image_path"  # relative to the data root, e.g. img_celeba/000001.jpg
-FILE_NAME = "file_name"  # CelebA key, e.g. 000001.jpg
-IDENTITY = "identity"  # CelebA identity id; null when the image has no identity row
+IMAGE_PATH = "image_path"  # relative to the data root, e.g. img_celeba/000001.jpg or Ada_Lovelace/1.jpg
+FILE_NAME = "file_name"  # CelebA key, e.g. 000001.jpg; folder layout: the image_path, e.g. Ada_Lovelace/1.jpg
+# CelebA identity id, or (folder layout) the person folder's number: the sorted folder names are 1..N.
+# Null when the image has no identity row or no usable person folder.
+IDENTITY = "identity"
+PERSON = "person"  # folder layout: the person folder's name; null for CelebA (its identities are unnamed)
 PARTITION = "partition"  # list_eval_partition value 0/1/2; null when absent
 STATUS = "status"  # Status
 REASON = "reject_reason"  # Reason; null when kept
@@ -80,6 +85,7 @@ MANIFEST_DTYPES: dict[str, str] = {
     IMAGE_PATH: "string",
     FILE_NAME: "string",
     IDENTITY: "Int64",
+    PERSON: "string",
     PARTITION: "Int8",
     STATUS: "string",
     REASON: "string",
@@ -188,6 +194,11 @@ def validate_manifest(df: pd.DataFrame, base_dir: str | os.PathLike | None = Non
         raise SchemaError(f"manifest: unknown reject reasons {sorted(unknown)}")
     if (df.loc[kept, BBOX_W] <= 0).any() or (df.loc[kept, BBOX_H] <= 0).any():
         raise SchemaError("manifest: kept boxes must have positive size")
+    named = df.loc[df[PERSON].notna(), [PERSON, IDENTITY]]
+    if named[IDENTITY].isna().any():
+        raise SchemaError("manifest: a named person must have an identity")
+    if (named.groupby(PERSON)[IDENTITY].nunique() > 1).any() or (named.groupby(IDENTITY)[PERSON].nunique() > 1).any():
+        raise SchemaError("manifest: person and identity must match one to one")
     if base_dir is not None:
         _check_paths_exist(df.loc[kept, CROP_PATH], base_dir, "manifest")
 

@@ -4,16 +4,17 @@
         --manifest data/manifest.parquet --metrics metrics/crop.json --sheet reports/crops.png \
         --timing reports/crop_timing.json
 
-Reads ``params.yaml: data.root`` (passed as ``--data``) and ``crop``. Every entry
-of the image folder gets one manifest row: kept with its crop, or rejected with
-a reason (non-regular files, hidden files and bad names included, never
-opened). Photos are processed in parallel with joblib (``execution.n_jobs``
-workers on the ``execution.backend`` backend, on the cluster at
-``execution.address`` for dask/ray: how the stage runs, not what it produces, so
-no stage lists them in dvc.yaml); each worker writes its crops
-into a temporary folder that replaces ``--crops`` only when the whole run
-succeeded. ``--metrics`` holds only results that compare across runs; speed goes
-to the log and ``--timing``.
+Reads ``params.yaml: data.root`` (passed as ``--data``), ``data.layout`` (CelebA or
+one folder per person, or ``auto``: see facesearch.layouts) and ``crop``. Every
+entry of the image folder (under the folder layout: every entry under the root)
+gets one manifest row: kept with its crop, or rejected with a reason
+(non-regular files, hidden files and bad names included, never opened).
+Photos are processed in parallel with joblib (``execution.n_jobs`` workers on
+the ``execution.backend`` backend, on the cluster at ``execution.address`` for
+dask/ray: how the stage runs, not what it produces, so no stage lists them in
+dvc.yaml); each worker writes its crops into a temporary folder that replaces
+``--crops`` only when the whole run succeeded. ``--metrics`` holds only results
+that compare across runs; speed goes to the log and ``--timing``.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_NAMES, Annotations, find_image_dir, list_entries, read_annotations
+from facesearch.celeba import ATTRIBUTE_NAMES, Annotations, Entry
 from facesearch.cropping import CropLimits, crop_names, pre_reason, process_image, read_photo
 from facesearch.faces import FaceConfig
 from facesearch.images import decode_image
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
+from facesearch.layouts import Dataset, read_dataset
 from facesearch.params import load_params
 from facesearch.viz import grid, tile
 
@@ -55,19 +57,20 @@ UNOPENED = {M.Reason.NOT_A_FILE, M.Reason.HIDDEN_FILE, M.Reason.BAD_FILE_NAME, M
 
 
 def build_manifest(
-    file_names: list[str],
-    image_dir_name: str,
+    entries: list[Entry],
     rows: list[dict],
     annotations: Annotations,
     crop_paths: dict[str, str],
 ) -> pd.DataFrame:
-    """Join per-image results with the annotations into the schema'd, sorted manifest."""
+    """Join per-entry results with the annotations into the schema'd, sorted manifest."""
     records = []
-    for name, row in zip(file_names, rows, strict=True):
+    for entry, row in zip(entries, rows, strict=True):
+        name = entry.name
         rec = dict(row)
         rec[M.FILE_NAME] = name
-        rec[M.IMAGE_PATH] = f"{image_dir_name}/{name}"
+        rec[M.IMAGE_PATH] = entry.image_path
         rec[M.IDENTITY] = annotations.identities.get(name)
+        rec[M.PERSON] = entry.person
         rec[M.PARTITION] = annotations.partitions.get(name)
         rec[M.CROP_PATH] = crop_paths[name] if rec[M.STATUS] == M.Status.KEPT else None
         records.append(rec)
@@ -89,14 +92,16 @@ def crop_timing(n_input: int, seconds: float, n_jobs: int, backend: str) -> dict
     }
 
 
-def crop_metrics(df: pd.DataFrame, annotations: Annotations) -> dict:
+def crop_metrics(df: pd.DataFrame, dataset: Dataset) -> dict:
     """Results only (a function of data and params): same inputs, same bytes, so runs compare cleanly."""
     n_input = len(df)
     kept = int((df[M.STATUS] == M.Status.KEPT).sum())
     present = set(df[M.FILE_NAME])
+    annotations = dataset.annotations
     report = annotations.report
     has_attrs = df[list(ATTRIBUTE_NAMES)].notna().all(axis=1)
     return {
+        "layout": dataset.layout,
         "n_input": n_input,
         "n_kept": kept,
         "keep_rate": round(kept / n_input, 4) if n_input else 0.0,
@@ -107,6 +112,7 @@ def crop_metrics(df: pd.DataFrame, annotations: Annotations) -> dict:
         },
         "annotations": {
             "images_without_identity": int(df[M.IDENTITY].isna().sum()),
+            "identities_kept": int(df.loc[df[M.STATUS] == M.Status.KEPT, M.IDENTITY].nunique()),
             "identity_rows_without_image": len(set(annotations.identities) - present),
             "images_without_attributes": int((~has_attrs).sum()),
             "attribute_rows": report.attribute_rows,
@@ -142,7 +148,8 @@ def contact_sheet(
     for _, row in kept.iloc[sorted(rng.sample(range(len(kept)), min(n_kept, len(kept))))].iterrows():
         try:
             img = np.asarray(Image.open(row[M.CROP_PATH]).convert("RGB"))
-            tiles.append(tile(img, f"id {row[M.IDENTITY]}", tile_size, (40, 200, 40)))
+            label = str(row[M.PERSON]) if pd.notna(row[M.PERSON]) else f"id {row[M.IDENTITY]}"
+            tiles.append(tile(img, label, tile_size, (40, 200, 40)))
         except Exception as exc:  # a picture for people: never worth failing the stage
             log.warning("contact sheet: left out %s (%s: %s)", row[M.CROP_PATH], type(exc).__name__, exc)
     for _, row in rejected.iloc[sorted(rng.sample(range(len(rejected)), min(n_rejected, len(rejected))))].iterrows():
@@ -251,7 +258,7 @@ def load_execution(path: str) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="CelebA-layout folder (params: data.root)")
+    parser.add_argument("--data", required=True, help="labelled data folder (params: data.root, data.layout)")
     parser.add_argument("--crops", required=True, help="folder for the face crops (replaced whole)")
     parser.add_argument("--manifest", required=True, help="Parquet manifest to write")
     parser.add_argument("--metrics", required=True, help="JSON metrics to write")
@@ -268,11 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     execution = load_execution(args.params)
     cfg, limits = p["face"], p["limits"]
     data_root = Path(args.data)
-    image_dir = find_image_dir(data_root)
-    annotations = read_annotations(data_root)  # fails early (nothing written) if unusable
-    # Absolute paths for the workers: a reused loky worker (or a Dask/Ray one) has its own
-    # working directory, where relative paths name other files or none.
-    entries = list_entries(os.path.abspath(image_dir))
+    # Fails early (nothing written) if unusable. Entry paths are absolute for the workers: a
+    # reused loky worker (or a Dask/Ray one) has its own working directory.
+    dataset = read_dataset(data_root, load_params(args.params)["data"]["layout"])
+    annotations, entries = dataset.annotations, dataset.entries
     file_names = [e.name for e in entries]
     names = crop_names(file_names)
     crop_paths = {n: (Path(args.crops) / names[n]).as_posix() for n in file_names}
@@ -280,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     # identity row) are never read; only the rest is decoded and detected.
     early = {e.name: pre_reason(e, annotations) for e in entries}
     todo = [e for e in entries if early[e.name] is None]
-    log.info("%d entries in %s, %d to process", len(entries), image_dir, len(todo))
+    log.info("%s layout: %d entries in %s, %d to process", dataset.layout, len(entries),
+             data_root / dataset.image_dir, len(todo))  # fmt: skip
 
     start = time.perf_counter()
     with atomic_dir(args.crops) as tmp:
@@ -310,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             # Counted, not fatal; but many of them usually mean a broken setup, not bad photos.
             log.warning("%d of %d photos failed unexpectedly (reject reason error), e.g. %s",
                         len(errors), len(todo), errors[:3])  # fmt: skip
-        df = build_manifest(file_names, image_dir.name, rows, annotations, crop_paths)
+        df = build_manifest(entries, rows, annotations, crop_paths)
         # Check everything before the new crops replace the old ones.
         M.validate_manifest(df)
         lost = [n for n, r in done.items() if r[M.STATUS] == M.Status.KEPT and not (tmp / names[n]).is_file()]
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             raise RuntimeError(f"{len(lost)} crops were not written, e.g. {lost[:3]}")
     M.validate_manifest(df, base_dir=".")
     write_parquet_atomic(args.manifest, df)
-    metrics = crop_metrics(df, annotations)
+    metrics = crop_metrics(df, dataset)
     write_json_atomic(args.metrics, metrics)
     timing = crop_timing(len(df), seconds, execution["n_jobs"], execution["backend"])
     if args.timing:

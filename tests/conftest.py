@@ -64,6 +64,18 @@ def small_sample(sample_factory, tmp_path) -> Path:
     return dst
 
 
+def person_folders(celeba_root: Path, dst: Path) -> Path:
+    """The photos of a CelebA-layout folder rearranged one folder per person: ``dst/Person_<id>/<name>``.
+
+    Zero-padded ids: the sorted folder names (the folder layout's identities 1..N) follow the CelebA ids.
+    """
+    for line in (celeba_root / "identity_CelebA.txt").read_text().splitlines():
+        name, ident = line.split()
+        (dst / f"Person_{int(ident):05d}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(celeba_root / "img_celeba" / name, dst / f"Person_{int(ident):05d}" / name)
+    return dst
+
+
 def jpeg_bytes(img: Image.Image, **kwargs) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", **kwargs)

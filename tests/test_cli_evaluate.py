@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import write_params
+from conftest import person_folders, write_params
 
 from facesearch import cli
 from facesearch.celeba import read_annotations
@@ -82,3 +82,34 @@ def test_embed_packed_equals_one_pass(tmp_path):
     whole = embed_array(model, images, 32, torch.device("cpu"))
     chunked = embed_packed(model, tmp_path / "a.npy", 32, torch.device("cpu"), desc=None, chunk=3)
     assert chunked.shape == (7, 8) and np.allclose(chunked, whole, atol=1e-5)
+
+
+def test_folder_layout_scores_like_celeba_and_names_people(folder, tmp_path):
+    # The same photos one folder per person: the same protocol, the same scores; seen people named.
+    people = person_folders(folder, tmp_path / "people")
+    celeba_ids = sorted(set(read_annotations(folder).identities.values()))
+    model = tiny_model(tmp_path / "m.pt", [])
+    celeba = evaluate_folder(model, str(folder), n_jobs=1)
+    folders = evaluate_folder(model, str(people), n_jobs=1)
+    assert folders["layout"] == "folders" and celeba["layout"] == "celeba" and celeba["excluded_seen_people"] is None
+    # The same photos kept and counted. Scores may differ: crop names (so the order of photos, the
+    # seeded query choice and the float sums) follow the file paths, and an untrained model ranks on noise.
+    same = ("n_queries", "n_gallery", "n_kept", "keep_rate", "n_identities", "n_images", "loo_queries")
+    assert {k: folders[k] for k in same} == {k: celeba[k] for k in same}
+    assert folders["attr_queries"] == 0 < celeba["attr_queries"]  # no attributes in the folder layout
+    # Folder identities number the sorted person folders: 1 and 2 are the two lowest CelebA ids here.
+    seen = evaluate_folder(tiny_model(tmp_path / "s.pt", [1, 2]), str(people), n_jobs=1, layout="folders")
+    assert seen["excluded_seen_people"] == [f"Person_{i:05d}" for i in celeba_ids[:2]]
+    assert seen["n_identities_excluded_seen"] == 2
+    elsewhere = evaluate_folder(tiny_model(tmp_path / "s.pt", [1, 2]), str(people), n_jobs=1, trained_elsewhere=True)
+    assert elsewhere["n_identities_excluded_seen"] == 0 and elsewhere["excluded_seen_people"] == []
+    with pytest.raises(SystemExit, match="--trained-elsewhere"):
+        evaluate_folder(tiny_model(tmp_path / "all.pt", list(range(1, 7))), str(people), n_jobs=1)
+
+
+def test_cli_refuses_unlabelled_folder(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(SystemExit, match=r"evaluate: .*needs labelled photos"):
+        cli.main(["evaluate", "--model", tiny_model(tmp_path / "m.pt", []), "--data", str(tmp_path / "plain"),
+                  "--out", str(tmp_path / "o.json")])  # fmt: skip

@@ -17,6 +17,7 @@ from conftest import broken_files, jpeg_bytes
 from PIL import Image
 
 from facesearch import index as X
+from facesearch import manifest as M
 from facesearch import photos
 from facesearch.cli import main as cli
 from facesearch.contract import preprocessing_record
@@ -200,7 +201,7 @@ def test_layouts(models, people, tmp_path):
     assert X.build(str(models["a"]), str(mixed), tmp_path / "auto").people == 0  # not all one folder deep: plain
     assert X.load_index(tmp_path / "auto").faces[X.PERSON].isna().all()
     report = X.build(str(models["a"]), str(mixed), tmp_path / "folders", layout="folders")
-    assert [(s.photo, s.reason) for s in report.skips] == [("loose.jpg", X.OUTSIDE_LAYOUT)]
+    assert [(s.photo, s.reason) for s in report.skips] == [("loose.jpg", M.Reason.NOT_IN_A_PERSON_FOLDER)]
     assert report.people == len(named(mixed))
     flat = tmp_path / "flat"
     flat.mkdir()

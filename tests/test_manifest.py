@@ -74,3 +74,20 @@ def test_every_reason_is_documented():
         line = next(x for x in source.splitlines() if f"{reason.name} = " in x)
         before = source.split(line)[0].splitlines()[-1]
         assert "#" in line or before.strip().startswith("#"), reason
+
+
+def named(df: pd.DataFrame, people: list[str | None]) -> pd.DataFrame:
+    return df.assign(**{M.PERSON: pd.array(people, dtype="string")})
+
+
+def test_person_and_identity_match_one_to_one(manifest):
+    ids = manifest[M.IDENTITY].tolist()  # 1, 1, 2, 2, 2, then the rejected row's
+    good = [None if pd.isna(i) else f"p{i}" for i in ids]
+    M.validate_manifest(named(manifest, good))
+    M.validate_manifest(named(manifest, [None] * len(ids)))  # CelebA: nobody named
+    with pytest.raises(M.SchemaError, match="one to one"):
+        M.validate_manifest(named(manifest, ["p1", "p1", "p2", "p2", "p3", *good[5:]]))  # one id, two names
+    with pytest.raises(M.SchemaError, match="one to one"):
+        M.validate_manifest(named(manifest, ["p1", "p1", "p1", "p1", "p1", *good[5:]]))  # one name, two ids
+    with pytest.raises(M.SchemaError, match="must have an identity"):
+        M.validate_manifest(named(manifest, [*good[:5], "p9"]))

@@ -9,11 +9,11 @@ import hostile as H
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import broken_files, run_crop, variants_of, write_params
+from conftest import broken_files, person_folders, run_crop, variants_of, write_params
 from PIL import Image
 
 from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_FILE, IDENTITY_FILE, storable_name
+from facesearch.celeba import ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IDENTITY_FILE, storable_name
 from facesearch.cropping import crop_names
 from facesearch.detect import DetectorConfig, detect_face
 from stages import crop
@@ -264,3 +264,52 @@ def test_execution_knobs_left_in_crop_block_fail_loudly(tmp_path):
     write_params(tmp_path / "typo.yaml", {"execution.njobs": 4})
     with pytest.raises(ValueError, match="unknown keys"):
         crop.load_execution(str(tmp_path / "typo.yaml"))
+
+
+def test_folder_layout_manifest_matches_celeba(small_sample, tmp_path):
+    # The same photos one folder per person: the same kept rows and identities, named, no attributes.
+    celeba, celeba_metrics = run_crop(tmp_path / "celeba", small_sample)
+    people = person_folders(small_sample, tmp_path / "people")
+    folders, metrics = run_crop(tmp_path / "folders", people)
+    M.validate_manifest(folders, base_dir=tmp_path / "folders")
+    assert metrics["layout"] == "folders" and celeba_metrics["layout"] == "celeba"
+    assert celeba[M.PERSON].isna().all()
+    assert folders[M.IMAGE_PATH].tolist() == sorted(str(p.relative_to(people)) for p in people.rglob("*.jpg"))
+    rank = {ident: i for i, ident in enumerate(sorted(celeba[M.IDENTITY].unique()), 1)}
+    same = [M.STATUS, M.REASON, M.SHA256, M.N_FACES, M.DETECTOR, M.BBOX_X, M.BBOX_Y, M.BBOX_W, M.BBOX_H]
+    by_name = folders.assign(**{M.FILE_NAME: folders[M.FILE_NAME].str.split("/").str[1]}).set_index(M.FILE_NAME)
+    expected = celeba.set_index(M.FILE_NAME).loc[by_name.index]
+    pd.testing.assert_frame_equal(by_name[same], expected[same], check_index_type=False)
+    assert by_name[M.IDENTITY].tolist() == [rank[i] for i in expected[M.IDENTITY]]
+    assert by_name[M.PERSON].tolist() == [f"Person_{i:05d}" for i in expected[M.IDENTITY]]
+    assert folders[list(ATTRIBUTE_NAMES)].isna().all().all() and folders[M.PARTITION].isna().all()
+    assert metrics["n_kept"] == celeba_metrics["n_kept"]
+    # Byte-identical manifests for the same folder and params.
+    first = (tmp_path / "folders/data/manifest.parquet").read_bytes()
+    run_crop(tmp_path / "folders", people)
+    assert (tmp_path / "folders/data/manifest.parquet").read_bytes() == first
+
+
+def test_folder_layout_hostile_entries_one_row_each(small_sample, tmp_path):
+    people = person_folders(small_sample, tmp_path / "people")
+    good = next(people.rglob("*.jpg")).read_bytes()
+    raw = os.fsencode(people)
+    for rel in (b"caf\xe9/1.jpg", b".hidden/1.jpg", b"loose.jpg"):
+        os.makedirs(os.path.dirname(os.path.join(raw, rel)), exist_ok=True)
+        with open(os.path.join(raw, rel), "wb") as fh:
+            fh.write(good)
+    H.make_fifo(people / "Person_00872" / "pipe.jpg")
+    (people / "Person_00872" / "notes.txt").write_text("not a photo")
+    with pytest.raises(Exception, match="not a labelled layout"):
+        run_crop(tmp_path / "auto", people)  # loose.jpg: auto refuses to guess
+    df, metrics = run_crop(tmp_path / "work", people, {"data.layout": "folders"})
+    M.validate_manifest(df, base_dir=tmp_path / "work")
+    reason = dict(zip(df[M.IMAGE_PATH], df[M.REASON], strict=True))
+    assert {k: reason[k] for k in ("caf\\xe9/1.jpg", ".hidden", "loose.jpg", "Person_00872/pipe.jpg",
+                                  "Person_00872/notes.txt")} == {
+        "caf\\xe9/1.jpg": "bad_file_name", ".hidden": "hidden_file", "loose.jpg": "not_in_a_person_folder",
+        "Person_00872/pipe.jpg": "not_a_file", "Person_00872/notes.txt": "not_an_image",
+    }  # fmt: skip
+    photos = {str(p.relative_to(people)) for p in people.glob("Person_*/*.jpg")} - {"Person_00872/pipe.jpg"}
+    assert len(df) == len(photos) + 5 == metrics["n_input"]
+    assert metrics["n_kept"] + sum(metrics["rejected"].values()) == len(df)
