@@ -20,8 +20,8 @@ through (:func:`read_upload`, :func:`find_faces`, :func:`face_choices`,
 :func:`crop_face`, :func:`search`, and :func:`load_index_gallery`,
 :func:`source_photo` for what a visitor names or opens) raises only
 :class:`UploadError`, whose text is meant for the visitor, and an accepted upload
-costs a bounded amount of memory: its header is checked before any pixel is decoded, JPEGs are decoded at reduced scale, and the
-image is brought down to :data:`WORK_SIDE` right after decoding.
+costs a bounded amount of memory: its header is checked before any pixel is decoded,
+JPEGs are decoded at reduced scale, and the image is brought down to :data:`WORK_SIDE` right after decoding.
 """
 
 from __future__ import annotations
