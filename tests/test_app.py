@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import bomb_png, jpeg_bytes, png_bytes, write_params
 from PIL import Image
 
@@ -336,8 +337,10 @@ def test_thresholds_are_each_states_own(root, caplog):
         cut, source = core.state_threshold(calibrated, "before", None)
     assert cut == X.FALLBACK_THRESHOLD and "fallback" in source
     assert core.state_threshold(calibrated, "before", 0.3)[0] == 0.3
-    gallery = core.load_gallery(root, "mobilenet_v2", "after")  # the sample's model carries none (yet)
-    assert (gallery.threshold, gallery.threshold_source) == X.verdict_threshold({})
+    gallery = core.load_gallery(root, "mobilenet_v2", "after")  # train calibrated it on val identities
+    payload = torch.load(root / "models" / "mobilenet_v2.pt", map_location="cpu", weights_only=True)
+    assert payload["threshold"]["source"] == "validation identities"
+    assert (gallery.threshold, gallery.threshold_source) == X.verdict_threshold(payload)
 
 
 def test_pipeline_gallery_counts_and_sources(root):
