@@ -459,7 +459,9 @@ def test_index_gallery(root, people_index):
     info = X.info(index_dir)
     assert (gallery.people, gallery.faces, gallery.photos) == (info["people"], info["faces"], info["photos"])
     assert gallery.model_label == "MobileNet-V2 (faster)" and gallery.attributes is None
-    assert (gallery.threshold, gallery.threshold_source) == X.verdict_threshold({})
+    # The index's model's own threshold (calibrated by train), as `index search` uses.
+    own = info["threshold"]
+    assert (gallery.threshold, gallery.threshold_source) == (own["similarity"], own["source"])
     # A photo of the index finds itself first, with its name, photo and box; as `index search` does.
     photo = sorted(folder.glob("person*/*.jpg"))[0]
     image = core.read_upload(photo.read_bytes())
