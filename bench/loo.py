@@ -46,7 +46,7 @@ from search import face_like  # bench/search.py
 
 from facesearch import manifest as M
 from facesearch.distances import squared_distances
-from facesearch.retrieval import _summary, leave_one_out_metrics, loo_queries, padded_rank_scores
+from facesearch.retrieval import leave_one_out_metrics, loo_queries, padded_rank_scores, summary
 
 
 def previous_leave_one_out(emb, labels, ks=(1, 5, 10), chunk=1024) -> dict[str, float]:
@@ -87,7 +87,7 @@ def previous_leave_one_out(emb, labels, ks=(1, 5, 10), chunk=1024) -> dict[str, 
         first[start : start + c], ap[start : start + c] = padded_rank_scores(
             np.where(valid, below + 1, np.iinfo(np.int64).max)
         )
-    return _summary(first, ap, ks)
+    return summary(first, ap, ks)
 
 
 def face_like_set(n: int, dim: int, rng: np.random.Generator, noise: float) -> tuple[np.ndarray, np.ndarray]:

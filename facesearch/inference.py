@@ -1,4 +1,9 @@
-"""Batched inference: embeddings of a packed uint8 array, in eval mode."""
+"""Batched inference: embeddings of a packed uint8 array, in eval mode.
+
+The one function every path embeds with (train's validation, the embed stage, ``evaluate``,
+the photo index and the app), so a model's test-time augmentation (``config.flip_tta``)
+applies everywhere or nowhere.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,26 @@ def embed_array(
     model: torch.nn.Module, images: np.ndarray, size: int, device: torch.device, batch: int = 128,
     amp: bool = True, channels_last: bool = False, desc: str | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """Embeddings (N, d) float32 of a uint8 (N, H, W, 3) array, in eval mode, batched."""
+    """Embeddings (N, d) float32 of a uint8 (N, H, W, 3) array, in eval mode, batched.
+
+    With ``config.flip_tta`` each row is the mean of the face's and its mirror image's
+    embeddings, L2-normalised again when the model normalises (a mean of unit vectors is shorter).
+    """
     was_training = model.training
     model.eval()
     out = []
     use_amp = amp and device.type == "cuda"
+    config = model.module.config if hasattr(model, "module") else model.config
     for start in tqdm(range(0, len(images), batch), desc=desc, disable=desc is None, unit="batch"):
         # np.array copies the read-only memory-mapped slice into a writable buffer torch accepts.
         x = to_model_input(torch.from_numpy(np.array(images[start : start + batch])), size, device,
                            channels_last)  # fmt: skip
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out.append(model(x).float().cpu().numpy())
+            emb = model(x).float()
+            if config.flip_tta:
+                emb = (emb + model(x.flip(-1)).float()) / 2  # dim -1 is the width in NCHW and NHWC alike
+                if config.normalize:
+                    emb = torch.nn.functional.normalize(emb, dim=1)
+            out.append(emb.cpu().numpy())
     model.train(was_training)
-    d = model.module.config.embedding_dim if hasattr(model, "module") else model.config.embedding_dim
-    return np.concatenate(out) if out else np.zeros((0, d), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, config.embedding_dim), np.float32)

@@ -49,6 +49,11 @@ class ModelConfig:
     normalize: bool = True  # L2-normalise the embedding
     trainable_layers: int = 10  # see freeze_all_but_last; -1 = everything trainable
     img_size: int = 218  # input side the model is trained and served at, px
+    # Test-time augmentation: a face's embedding is the (re-normalised) mean of the face's and
+    # its mirror image's (facesearch.inference.embed_array, the one function every path embeds
+    # with). Part of the model, not of a caller, so validation, its threshold, the embed stage,
+    # `evaluate`, the index and the app all embed the same way; False in files saved before it.
+    flip_tta: bool = False
 
 
 @dataclass

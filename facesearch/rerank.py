@@ -81,6 +81,8 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+from facesearch.retrieval import leave_one_out_metrics as plain_leave_one_out
+from facesearch.retrieval import loo_queries, padded_rank_scores, summary
 from facesearch.search import CheckedIndex, ExactIndex, build_index, cosine_similarity
 
 METHODS = ("none", "k_reciprocal", "dba_qe")
@@ -99,11 +101,12 @@ class RerankParams:
     alpha: float = 1.0  # dba_qe: exponent of the neighbour weights
     adaptive: bool = True  # dba_qe: weights relative to the background similarity; QE mutual results only
     background: int = 20  # dba_qe adaptive: rank of the neighbour whose similarity is the floor
+    loo_max_photos: int = 5000  # leave_one_out_metrics re-ranks up to this many photos (one structure per query)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"rerank method must be one of {METHODS}, not {self.method!r}")
-        for name in ("candidates", "k1", "k2", "background"):
+        for name in ("candidates", "k1", "k2", "background", "loo_max_photos"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rerank {name} must be at least 1, not {getattr(self, name)}")
         if self.n < 0 or not 0 <= self.lam <= 1 or self.alpha <= 0:
@@ -240,9 +243,17 @@ def _background(dist: np.ndarray, rank: int) -> np.ndarray:
     return dist[:, min(rank, dist.shape[1]) - 1]
 
 
-def _dba(x: np.ndarray, p: RerankParams) -> tuple[np.ndarray, np.ndarray | None]:
+def graph_depth(p: RerankParams) -> int:
+    """How many nearest gallery neighbours of each item the structure of ``p`` is built from."""
+    if p.method == "dba_qe":
+        return max(p.n, p.background) if p.adaptive else p.n
+    if p.method == "k_reciprocal":
+        return max(p.k1, p.k2 - 1)
+    return 0
+
+
+def _dba(x: np.ndarray, p: RerankParams, dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """DBA vectors and, when adaptive, every raw vector's distance to its n-th neighbour."""
-    dist, idx = neighbour_graph(x, max(p.n, p.background) if p.adaptive else p.n)
     n = min(p.n, idx.shape[1])
     if n == 0:  # a gallery of one
         return x.copy(), np.full(len(x), np.inf, np.float32) if p.adaptive else None
@@ -296,10 +307,9 @@ def _local_qe(v_self: sparse.csr_matrix, v: sparse.csr_matrix, near: np.ndarray)
     return ((v_self + pick @ v) / (m + 1)).astype(np.float32).tocsr()
 
 
-def _k_reciprocal(struct: GalleryStructure, chunk: int = 8192) -> None:
+def _k_reciprocal(struct: GalleryStructure, dist: np.ndarray, idx: np.ndarray, chunk: int = 8192) -> None:
     p, x = struct.params, struct.gallery
     k2 = p.k2 - 1
-    dist, idx = neighbour_graph(x, max(p.k1, k2))
     width = idx.shape[1]
     # A query enters g's top k1 when nearer than g's k1-th neighbour; with fewer than k1 others, always.
     struct.radius = dist[:, p.k1 - 1].copy() if p.k1 <= width else np.full(len(x), np.inf, np.float32)
@@ -313,15 +323,46 @@ def _k_reciprocal(struct: GalleryStructure, chunk: int = 8192) -> None:
     struct.v_qe = _local_qe(struct.v, struct.v, struct.near)
 
 
-def prepare(gallery: np.ndarray, params: RerankParams | dict | None = None) -> GalleryStructure:
-    """The :class:`GalleryStructure` of ``gallery`` (N, d) for ``params``; reads no query."""
+def prepare(
+    gallery: np.ndarray, params: RerankParams | dict | None = None, graph: tuple[np.ndarray, np.ndarray] | None = None
+) -> GalleryStructure:
+    """The :class:`GalleryStructure` of ``gallery`` (N, d) for ``params``; reads no query.
+
+    ``graph``: the gallery's :func:`neighbour_graph` at least :func:`graph_depth` deep, when the
+    caller has it (:func:`without` derives a smaller gallery's from a larger one's); else computed.
+    """
     p = params if isinstance(params, RerankParams) else RerankParams.from_dict(params)
     struct = GalleryStructure(p, np.ascontiguousarray(gallery, dtype=np.float32))
+    if p.method == "none":
+        return struct
+    depth = min(graph_depth(p), len(gallery) - 1)
+    dist, idx = neighbour_graph(struct.gallery, depth) if graph is None else graph
+    if len(dist) != len(gallery) or dist.shape[1] < depth:
+        raise ValueError(f"rerank: a graph of shape {dist.shape} given for {len(gallery)} items, {depth} deep")
+    dist, idx = dist[:, :depth], idx[:, :depth]
     if p.method == "dba_qe":
-        struct.expanded, struct.qe_radius = _dba(struct.gallery, p)
-    elif p.method == "k_reciprocal":
-        _k_reciprocal(struct)
+        struct.expanded, struct.qe_radius = _dba(struct.gallery, p, dist, idx)
+    else:
+        _k_reciprocal(struct, dist, idx)
     return struct
+
+
+def without(graph: tuple[np.ndarray, np.ndarray], drop: int) -> tuple[np.ndarray, np.ndarray]:
+    """The neighbour graph of the gallery without item ``drop``, from the gallery's own graph.
+
+    Every other row loses ``drop`` from its list and keeps its first ``depth - 1`` (rows that
+    did not list it) or all remaining (rows that did) entries, renumbered past ``drop``: the
+    graph of the smaller gallery exactly, one level shallower than the one given (ties aside:
+    an exact search orders equal distances by index, and removing one item keeps that order).
+    """
+    dist, idx = graph
+    rows = np.flatnonzero(np.arange(len(idx)) != drop)
+    d, i = dist[rows], idx[rows]
+    keep = i != drop
+    keep[keep.all(1), -1] = False  # rows that did not list it: their deepest entry goes
+    depth = idx.shape[1] - 1
+    i = i[keep].reshape(len(rows), depth)
+    return d[keep].reshape(len(rows), depth), i - (i > drop)
 
 
 class RerankIndex:
@@ -414,3 +455,36 @@ def rerank(structure: GalleryStructure, queries: np.ndarray, k: int) -> tuple[np
     Builds the base index on every call; to search repeatedly keep a :func:`build_rerank_index`.
     """
     return build_rerank_index(structure).search(queries, k)
+
+
+def leave_one_out_metrics(
+    emb: np.ndarray, labels: np.ndarray, params: RerankParams | dict | None = None, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float] | None:
+    """:func:`facesearch.retrieval.leave_one_out_metrics` with every search re-ranked, leak-free.
+
+    Each image queries a gallery of all the others whose structure is built without it (from
+    the graph of all images, :func:`without`: the gallery's exact graph, not recomputed), so
+    no query ever enters its own gallery's neighbourhoods. One structure per query: ``None``
+    above ``params.loo_max_photos`` images (the caller reports plain leave-one-out instead).
+    Identities with one image do not query, as there.
+    """
+    p = params if isinstance(params, RerankParams) else RerankParams.from_dict(params)
+    labels = np.asarray(labels)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if p.method == "none":
+        return plain_leave_one_out(emb, labels, ks)
+    if len(emb) > p.loo_max_photos:
+        return None
+    _, q_idx, r_max = loo_queries(labels)
+    if len(q_idx) == 0:
+        return {**{f"rank{k}": float("nan") for k in ks}, "mAP": float("nan")}
+    n = len(emb)
+    graph = neighbour_graph(emb, min(graph_depth(p) + 1, n - 1))
+    ranks = np.full((len(q_idx), r_max), np.iinfo(np.int64).max, np.int64)
+    for row, i in enumerate(q_idx.tolist()):
+        others = np.flatnonzero(np.arange(n) != i)
+        index = RerankIndex(prepare(emb[others], p, without(graph, i)))
+        _, order = index.search(emb[i : i + 1], n - 1)
+        own = np.flatnonzero(labels[others][order[0]] == labels[i]) + 1  # 1-based, ascending
+        ranks[row, : len(own)] = own
+    return summary(*padded_rank_scores(ranks), ks)

@@ -45,7 +45,8 @@ def _first_and_ap(ranking: np.ndarray, query_labels: np.ndarray, gallery_labels:
     return match.argmax(1), np.where(match, hits / ranks, 0.0).sum(1) / n_rel
 
 
-def _summary(first: np.ndarray, ap: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+def summary(first: np.ndarray, ap: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Rank-k for ``ks`` and mAP from each query's 0-based first-match rank and average precision."""
     return {**{f"rank{k}": float((first < k).mean()) for k in ks}, "mAP": float(ap.mean())}
 
 
@@ -53,7 +54,7 @@ def identity_metrics(
     ranking: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float]:
     """Rank-k for ``ks`` and mAP from a full (Q, G) ranking."""
-    return _summary(*_first_and_ap(ranking, query_labels, gallery_labels), ks)
+    return summary(*_first_and_ap(ranking, query_labels, gallery_labels), ks)
 
 
 # Tied distances in a row up to which one equality pass per distance is cheaper than sorting
@@ -122,7 +123,7 @@ def leave_one_out_metrics(
                 below[tied] += np.searchsorted(keys, base + own[tied]) - np.searchsorted(keys, base)
             ranks[row, : len(own)] = np.sort(below) + 1
         first[start : start + c], ap[start : start + c] = padded_rank_scores(ranks)
-    return _summary(first, ap, ks)
+    return summary(first, ap, ks)
 
 
 def loo_queries(labels: np.ndarray) -> tuple[dict, np.ndarray, int]:

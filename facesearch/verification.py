@@ -215,7 +215,7 @@ def calibrate(emb: np.ndarray, labels: np.ndarray, far: float, fars, n_impostors
 
 def open_set_identification(
     q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray, threshold: float,
-    chunk: int = 1 << 24,
+    chunk: int = 1 << 24, top1=None,
 ) -> dict:  # fmt: skip
     """Open-set identification at ``threshold`` against a gallery of *enrolled* identities.
 
@@ -223,6 +223,10 @@ def open_set_identification(
     clears the threshold (TPIR, true-positive identification rate); a query of a stranger
     (identity not in the gallery) is answered correctly when nothing clears it (1 - FPIR).
     The similarities are computed ``chunk`` entries (queries x gallery) at a time.
+
+    ``top1(q_emb, g_emb) -> (Q,) gallery indices``: another search's first result (e.g. the
+    re-ranked one of ``evaluate.rerank``, built on this gallery); the verdict is still that
+    result's plain cosine similarity against the threshold. Default: the most similar.
     """
     q_emb, g_emb = np.asarray(q_emb, np.float64), np.asarray(g_emb, np.float64)
     q_labels, g_labels = np.asarray(q_labels), np.asarray(g_labels)
@@ -230,13 +234,17 @@ def open_set_identification(
         raise ValueError("open-set identification needs an enrolled gallery")
     top = np.empty(len(q_emb), np.int64)
     top_sim = np.empty(len(q_emb))
-    step = max(1, chunk // len(g_emb))
-    for start in range(0, len(q_emb), step):
-        sims = q_emb[start : start + step] @ g_emb.T
-        # Ties at the top go to the lowest gallery index, the rule of every search backend here.
-        best = np.argmax(sims, axis=1)
-        top[start : start + step] = best
-        top_sim[start : start + step] = sims[np.arange(len(sims)), best]
+    if top1 is not None:
+        top[:] = top1(q_emb, g_emb)
+        top_sim[:] = np.einsum("ij,ij->i", q_emb, g_emb[top])
+    else:
+        step = max(1, chunk // len(g_emb))
+        for start in range(0, len(q_emb), step):
+            sims = q_emb[start : start + step] @ g_emb.T
+            # Ties at the top go to the lowest gallery index, the rule of every search backend here.
+            best = np.argmax(sims, axis=1)
+            top[start : start + step] = best
+            top_sim[start : start + step] = sims[np.arange(len(sims)), best]
     enrolled = np.isin(q_labels, np.unique(g_labels))
     found = (g_labels[top] == q_labels) & (top_sim >= threshold)
     false_alarm = top_sim >= threshold
@@ -256,8 +264,9 @@ def enrolled_half(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def open_set_half(
-    q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray, threshold: float, seed: int
-) -> dict:
+    q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray, threshold: float, seed: int,
+    top1=None,
+) -> dict:  # fmt: skip
     """:func:`open_set_identification` with half the identities (:func:`enrolled_half`) enrolled.
 
     The gallery keeps only the enrolled identities' images; every query is asked, so the
@@ -265,4 +274,5 @@ def open_set_half(
     """
     enrolled = enrolled_half(np.concatenate([np.asarray(q_labels), np.asarray(g_labels)]), seed)
     keep = np.isin(g_labels, enrolled)
-    return open_set_identification(q_emb, q_labels, np.asarray(g_emb)[keep], np.asarray(g_labels)[keep], threshold)
+    g_emb, g_labels = np.asarray(g_emb)[keep], np.asarray(g_labels)[keep]
+    return open_set_identification(q_emb, q_labels, g_emb, g_labels, threshold, top1=top1)

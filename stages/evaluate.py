@@ -47,12 +47,13 @@ import pandas as pd
 from PIL import Image
 
 from facesearch import manifest as M
+from facesearch import rerank as R
 from facesearch import verification as V
-from facesearch.io import atomic_path, write_json_atomic
+from facesearch.io import atomic_dir, atomic_path, write_json_atomic
 from facesearch.packing import load_array
 from facesearch.params import load_params
 from facesearch.retrieval import attribute_matrix, evaluate, loo_metrics, readable
-from facesearch.search import build_index, cosine_similarity
+from facesearch.search import cosine_similarity
 from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.evaluate")
@@ -71,10 +72,20 @@ def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tupl
     return (float(np.percentile(times, 50)), float(np.percentile(times, 99))) if times else (float("nan"),) * 2
 
 
-def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, dict, np.ndarray, np.ndarray]:
-    """Metrics, timings, CMC curve and top-K neighbours for one model state."""
+def evaluate_state(
+    query, q_table, gallery, g_table, params, rerank: R.RerankParams
+) -> tuple[dict, dict, np.ndarray, np.ndarray, R.GalleryStructure]:
+    """Metrics, timings, CMC curve, top-K neighbours and the re-ranking structure for one model state.
+
+    Every search is re-ranked by ``rerank`` (``evaluate.rerank``; ``none``: plain search), over
+    a structure of the gallery alone, built once. Leave-one-out re-ranks too up to
+    ``rerank.loo_max_photos`` photos (one structure per query, built without it), plain above
+    (``loo_reranked`` says which).
+    """
     start = time.perf_counter()
-    index = build_index(gallery, params["backend"], params.get("faiss_index", "flat"))
+    structure = R.prepare(gallery, rerank)
+    prepare_s = time.perf_counter() - start
+    index = R.build_rerank_index(structure, params["backend"], faiss_index=params.get("faiss_index", "flat"))
     build_s = time.perf_counter() - start
     t0 = time.perf_counter()
     metrics, cmc, top = evaluate(
@@ -82,13 +93,22 @@ def evaluate_state(query, q_table, gallery, g_table, params) -> tuple[dict, dict
         ks=tuple(params["ks"]), query_attrs=attribute_matrix(q_table), gallery_attrs=attribute_matrix(g_table),
     )  # fmt: skip
     search_s = time.perf_counter() - t0
-    metrics.update(loo_metrics(query, q_table[M.IDENTITY].to_numpy(), gallery, g_table[M.IDENTITY].to_numpy()))
+    q_labels, g_labels = q_table[M.IDENTITY].to_numpy(), g_table[M.IDENTITY].to_numpy()
+    loo = R.leave_one_out_metrics(np.concatenate([query, gallery]), np.concatenate([q_labels, g_labels]), rerank)
+    if loo is None:
+        log.info("leave-one-out over %d photos > rerank.loo_max_photos: scored without re-ranking",
+                 len(query) + len(gallery))  # fmt: skip
+        metrics.update(loo_metrics(query, q_labels, gallery, g_labels))
+    else:
+        metrics.update({f"loo_{k}": v for k, v in loo.items()}, loo_queries=len(query) + len(gallery))
+    metrics["loo_reranked"] = loo is not None and rerank.method != "none"
     p50, p99 = single_query_latency(index, query, params["latency_queries"])
     timing = {
-        "search_backend": params["backend"], "index_build_s": round(build_s, 4), "search_eval_s": round(search_s, 4),
+        "search_backend": params["backend"], "rerank": rerank.method, "rerank_prepare_s": round(prepare_s, 4),
+        "index_build_s": round(build_s, 4), "search_eval_s": round(search_s, 4),
         "eval_s": round(build_s + search_s, 4), "query_ms_p50": round(p50, 3), "query_ms_p99": round(p99, 3),
     }  # fmt: skip
-    return metrics, timing, cmc, top
+    return metrics, timing, cmc, top, structure
 
 
 def verification_state(val, val_labels, params: dict) -> tuple[dict, dict, dict]:
@@ -101,9 +121,20 @@ def verification_state(val, val_labels, params: dict) -> tuple[dict, dict, dict]
     return {f"ver_{k}": v for k, v in metrics.items()}, roc, V.threshold_record(genuine, impostor, params["far"], fars)
 
 
-def open_set_metrics(query, q_table, gallery, g_table, threshold: float, seed: int) -> dict:
-    """``openset_*``: half the test identities enrolled, every query asked, at ``threshold``."""
-    m = V.open_set_half(query, q_table[M.IDENTITY].to_numpy(), gallery, g_table[M.IDENTITY].to_numpy(), threshold, seed)
+def open_set_metrics(
+    query, q_table, gallery, g_table, threshold: float, seed: int, rerank: R.RerankParams | None = None
+) -> dict:
+    """``openset_*``: half the test identities enrolled, every query asked, at ``threshold``.
+
+    The top-1 is the ``rerank`` search's, over a structure of the enrolled gallery alone.
+    """
+
+    def top1(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return R.build_rerank_index(R.prepare(g, rerank)).search(q, 1)[1][:, 0]
+
+    use = top1 if rerank is not None and rerank.method != "none" else None
+    m = V.open_set_half(query, q_table[M.IDENTITY].to_numpy(), gallery, g_table[M.IDENTITY].to_numpy(), threshold,
+                        seed, top1=use)  # fmt: skip
     return {
         "openset_tpir@rank1": m["tpir"], "openset_1-fpir": None if m["fpir"] is None else 1 - m["fpir"],
         "openset_threshold": float(threshold), "openset_enrolled_queries": m["enrolled_queries"],
@@ -144,6 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--roc", required=True, help="CSV of the ROC curves (far, before, after: TAR)")
     parser.add_argument("--figure", required=True, help="PNG of seeded queries and their top 9")
     parser.add_argument("--timing", required=True, help="JSON of the search timings (not a metrics file)")
+    parser.add_argument("--rerank", required=True, help="folder for each state's gallery re-ranking structure")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
@@ -153,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     all_params = load_params(args.params)
     params, ver_params = all_params["evaluate"], all_params["verification"]
+    rerank = R.RerankParams.from_dict(params["rerank"])
     emb_dir, split = Path(args.embeddings), Path(args.split)
     tables = {name: pd.read_parquet(split / f"{name}.parquet") for name in ("query", "gallery", "val")}
     q_table, g_table = tables["query"], tables["gallery"]
@@ -162,13 +195,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"evaluate: {emb_dir}/{name} embeddings are not of the current split; re-run embed")
     model_threshold = json.loads((emb_dir / "threshold.json").read_text())
     val_labels = tables["val"][M.IDENTITY].to_numpy()
-    results, timings, curves, rocs, tops, embeddings = {}, {}, {}, {}, {}, {}
+    results, timings, curves, rocs, tops, embeddings, structures = {}, {}, {}, {}, {}, {}, {}
     for state in M.STATES:
         query = np.load(emb_dir / f"{state}_query.npy")
         gallery = np.load(emb_dir / f"{state}_gallery.npy")
         embeddings[state] = query, gallery
-        results[state], timings[state], curves[state], tops[state] = evaluate_state(
-            query, q_table, gallery, g_table, params
+        results[state], timings[state], curves[state], tops[state], structures[state] = evaluate_state(
+            query, q_table, gallery, g_table, params, rerank
         )
         ver, rocs[state], calibrated = verification_state(np.load(emb_dir / f"{state}_val.npy"), val_labels, ver_params)
         threshold = calibrated["similarity"]
@@ -176,9 +209,13 @@ def main(argv: list[str] | None = None) -> None:
             threshold = model_threshold["similarity"]  # the one `facesearch search` gives verdicts at
         elif state == "after":
             log.warning("the model carries no verdict threshold: open-set uses the one calibrated here")
-        results[state] |= ver | open_set_metrics(query, q_table, gallery, g_table, threshold, ver_params["seed"])
+        results[state] |= ver | open_set_metrics(query, q_table, gallery, g_table, threshold, ver_params["seed"],
+                                                 rerank)  # fmt: skip
         log.info("%s: %s", state, {k: results[state][k] for k in SUMMARY})
     write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})
+    with atomic_dir(args.rerank) as tmp:
+        for state, structure in structures.items():
+            structure.save(tmp / state)
     write_json_atomic(args.timing, timings)
     cmc = pd.DataFrame({"rank": np.arange(1, len(curves["after"]) + 1), **{s: curves[s] for s in M.STATES}})
     with atomic_path(args.cmc) as tmp:

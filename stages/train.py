@@ -117,6 +117,7 @@ class TrainConfig:
     embedding_dim: int
     normalize: bool
     img_size: int
+    flip_tta: bool  # embed as the mean of the face and its mirror image (validation included)
     loss: str  # triplet | semi_hard | batch_hard
     margin: float
     soft_margin: bool
@@ -273,7 +274,7 @@ def train(
     # from the saved config and seed (see facesearch.models.seeded_model).
     model_config = ModelConfig(
         args.backbone, weights=cfg.weights, embedding_dim=cfg.embedding_dim, normalize=cfg.normalize,
-        trainable_layers=cfg.trainable_layers, img_size=cfg.img_size,
+        trainable_layers=cfg.trainable_layers, img_size=cfg.img_size, flip_tta=cfg.flip_tta,
     )  # fmt: skip
     model = seeded_model(model_config, cfg.seed).to(device)
     channels_last = cfg.channels_last  # NHWC pays on CUDA and on CPU (oneDNN) alike

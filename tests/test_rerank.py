@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from bench.rerank import few_counts, many_counts, synthetic_faces
-from facesearch.rerank import GalleryStructure, RerankParams, build_rerank_index, prepare
+from facesearch.rerank import (
+    GalleryStructure,
+    RerankParams,
+    build_rerank_index,
+    leave_one_out_metrics,
+    neighbour_graph,
+    prepare,
+    without,
+)
 from facesearch.retrieval import evaluate
 from facesearch.search import build_index
 
@@ -261,3 +269,41 @@ def test_params():
         RerankParams.from_dict({"k3": 1})
     with pytest.raises(ValueError, match="method"):
         RerankParams(method="dba")
+
+
+def test_graph_without_an_item_is_the_smaller_gallerys_graph(small):
+    _, g = small
+    graph = neighbour_graph(g, 9)
+    for drop in (0, 7, len(g) - 1):
+        others = np.delete(g, drop, axis=0)
+        d, i = without(graph, drop)
+        fresh_d, fresh_i = neighbour_graph(others, 8)
+        assert np.array_equal(i, fresh_i) and np.allclose(d, fresh_d, atol=1e-6)
+
+
+@pytest.mark.parametrize("params", ALL)
+def test_leave_one_out_equals_one_fresh_structure_per_query(small, params):
+    """Brute force: each image against a structure built from scratch on all the others."""
+    from facesearch.retrieval import identity_metrics
+
+    _, g = small
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 15, len(g))  # some identities with one image: they do not query
+    p = RerankParams.from_dict({**params, "k1": 6, "k2": 3, "background": 5, "candidates": 40})
+    per_query = []
+    for i in range(len(g)):
+        if (labels == labels[i]).sum() < 2:
+            continue
+        others = np.flatnonzero(np.arange(len(g)) != i)
+        _, order = build_rerank_index(prepare(g[others], p)).search(g[i : i + 1], len(others))
+        per_query.append(identity_metrics(order, labels[i : i + 1], labels[others]))
+    got = leave_one_out_metrics(g, labels, p)
+    for key in ("rank1", "rank5", "mAP"):
+        assert got[key] == pytest.approx(np.mean([m[key] for m in per_query]), abs=1e-9), key
+
+
+def test_leave_one_out_stops_at_its_photo_limit(small):
+    _, g = small
+    labels = np.arange(len(g)) // 4
+    assert leave_one_out_metrics(g, labels, {"method": "dba_qe", "loo_max_photos": len(g) - 1}) is None
+    assert leave_one_out_metrics(g, labels, {"method": "none", "loo_max_photos": 1}) is not None  # plain: no limit

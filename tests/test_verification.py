@@ -173,3 +173,20 @@ def test_open_set_half_enrols_half_the_identities_seeded():
                                           labels[~is_query][keep], 0.5)  # fmt: skip
     assert m["enrolled_queries"] == m["stranger_queries"] == 5 and m["gallery"] == 15
     assert len(V.enrolled_half(np.arange(7), seed=0)) == 3
+
+
+def test_open_set_takes_another_searchs_top1_but_judges_its_plain_similarity():
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=(12, 4))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    g_labels = np.arange(12) // 2
+    q, q_labels = g[::2] + 0.01, g_labels[::2]
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    plain = V.open_set_identification(q, q_labels, g, g_labels, 0.9)
+    same = V.open_set_identification(q, q_labels, g, g_labels, 0.9, top1=lambda a, b: np.argmax(a @ b.T, axis=1))
+    assert plain == same and plain["tpir"] == 1.0
+    # A search whose first result is always another person's: nobody is found, whatever it scores.
+    wrong = V.open_set_identification(
+        q, q_labels, g, g_labels, -1.0, top1=lambda a, b: (np.arange(len(a)) * 2 + 2) % 12
+    )
+    assert wrong["tpir"] == 0.0

@@ -34,7 +34,7 @@ def evaluated(prepared):
         evaluate.main(["--embeddings", "ev/emb", "--split", "data/split", "--arrays", "data/arrays",
                        "--metrics", "ev/metrics/m.json",
                        "--cmc", "ev/cmc.csv", "--roc", "ev/roc.csv", "--figure", "ev/fig.png",
-                       "--timing", "ev/timing.json", "--params", str(params)])  # fmt: skip
+                       "--timing", "ev/timing.json", "--rerank", "ev/rerank", "--params", str(params)])  # fmt: skip
     finally:
         os.chdir(cwd)
     return prepared / "ev"
@@ -116,6 +116,46 @@ def test_verification_and_open_set_metrics_and_roc(evaluated, prepared):
     assert (np.diff(roc["after"]) >= 0).all() and roc["after"].iloc[-1] == 1.0
 
 
+def test_rerank_reaches_every_metric_leak_free(evaluated, prepared, tmp_path):
+    """evaluate.rerank: the metrics are those of the re-ranked search, the structures are outputs."""
+    from facesearch import rerank as R
+    from facesearch.retrieval import evaluate as retrieval_evaluate
+
+    rr = {"method": "dba_qe", "n": 2, "background": 4}
+    params = write_params(tmp_path / "rr.yaml", {"evaluate.ks": [2, 5], "evaluate.latency_queries": 3,
+                                                  "evaluate.figure_queries": 2,
+                                                  **{f"evaluate.rerank.{k}": v for k, v in rr.items()}})  # fmt: skip
+    out = tmp_path / "out"
+    cwd = os.getcwd()
+    os.chdir(prepared)
+    try:
+        evaluate.main(["--embeddings", str(evaluated / "emb"), "--split", "data/split", "--arrays", "data/arrays",
+                       "--metrics", str(out / "m.json"), "--cmc", str(out / "c.csv"), "--roc", str(out / "r.csv"),
+                       "--figure", str(out / "f.png"), "--timing", str(out / "t.json"), "--rerank", str(out / "rr"),
+                       "--params", str(params)])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    metrics = json.loads((out / "m.json").read_text())["after"]
+    q = pd.read_parquet(prepared / "data/split/query.parquet")[M.IDENTITY].to_numpy()
+    g = pd.read_parquet(prepared / "data/split/gallery.parquet")[M.IDENTITY].to_numpy()
+    query, gallery = (np.load(evaluated / "emb" / f"after_{n}.npy") for n in ("query", "gallery"))
+    rp = R.RerankParams.from_dict(load_params(params)["evaluate"]["rerank"])
+    # The saved structure is the gallery's own, and gives the metrics written.
+    saved = R.GalleryStructure.load(out / "rr" / "after")
+    fresh = R.prepare(gallery, rp)
+    assert saved.params == rp and np.array_equal(saved.expanded, fresh.expanded)
+    expected, _, _ = retrieval_evaluate(query, q, gallery, g, R.build_rerank_index(saved), ks=(2, 5))
+    for key in ("rank1", "mAP", "recall@2"):
+        assert metrics[key] == round(expected[key], 4), key
+    # Leave-one-out re-ranked too (a few dozen photos), as brute force: one fresh structure per query.
+    emb, labels = np.concatenate([query, gallery]), np.concatenate([q, g])
+    assert metrics["loo_reranked"] is True
+    assert metrics["loo_mAP"] == round(R.leave_one_out_metrics(emb, labels, rp)["mAP"], 4)
+    plain = json.loads((evaluated / "metrics" / "m.json").read_text())["after"]
+    assert plain["loo_reranked"] is False and plain["ver_auc"] == metrics["ver_auc"]  # pairs are not searched
+    assert json.loads((out / "t.json").read_text())["after"]["rerank"] == "dba_qe"
+
+
 def test_open_set_metrics_follow_the_threshold(prepared):
     q = pd.read_parquet(prepared / "data/split/query.parquet")
     g = pd.read_parquet(prepared / "data/split/gallery.parquet")
@@ -175,7 +215,8 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
                            "--metrics", str(tmp_path / "m.json"),
                            "--cmc", str(tmp_path / "c.csv"), "--roc", str(tmp_path / "r.csv"),
                            "--figure", str(tmp_path / "f.png"),
-                           "--timing", str(tmp_path / "t.json"), "--params", str(prepared / "ev.yaml")])  # fmt: skip
+                           "--timing", str(tmp_path / "t.json"), "--rerank", str(tmp_path / "rr"),
+                           "--params", str(prepared / "ev.yaml")])  # fmt: skip
     finally:
         os.chdir(cwd)
 

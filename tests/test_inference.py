@@ -1,0 +1,52 @@
+"""facesearch.inference: batched embedding, and the model's test-time flip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from facesearch.inference import embed_array
+from facesearch.models import get_model, load_model, save_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # resnet50: an untrained mobilenet_v2 maps every 32 px input to the same vector (nothing to flip).
+    return get_model("resnet50", weights="none", embedding_dim=8, img_size=32, trainable_layers=-1).eval()
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return np.random.default_rng(0).integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
+
+
+def with_flip(model, on: bool):
+    model.config = dataclasses.replace(model.config, flip_tta=on)
+    return model
+
+
+def test_flip_is_the_normalised_mean_of_the_face_and_its_mirror(model, faces):
+    plain = embed_array(with_flip(model, False), faces, 32, CPU, batch=2)
+    mirror = embed_array(model, faces[:, :, ::-1], 32, CPU, batch=2)
+    both = embed_array(with_flip(model, True), faces, 32, CPU, batch=2)
+    mean = (plain + mirror) / 2
+    assert np.allclose(both, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-5)
+    assert not np.allclose(both, plain, atol=1e-3)
+    # So a face and its mirror image get the same embedding.
+    assert np.allclose(embed_array(model, faces[:, :, ::-1], 32, CPU), both, atol=1e-5)
+    with_flip(model, False)
+
+
+def test_the_flip_travels_with_the_model_file(model, faces, tmp_path):
+    path = tmp_path / "m.pt"
+    save_model(path, with_flip(model, True))
+    loaded, payload = load_model(path)
+    assert payload["config"]["flip_tta"] is True and loaded.config.flip_tta
+    assert np.allclose(embed_array(loaded, faces, 32, CPU), embed_array(model, faces, 32, CPU), atol=1e-6)
+    with_flip(model, False)
