@@ -42,7 +42,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from facesearch import index, tune
+from facesearch import choose, index, tune
 from facesearch import manifest as M
 from facesearch.celeba import DatasetError
 from facesearch.contract import crop_settings, seen_identities
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     chk.add_argument("--params", default="params.yaml", help="crop limits (crop.max_file_bytes, max_pixels, ...)")
     chk.add_argument("--json", action="store_true", help="print the full report as JSON")
     tune.add_parser(sub)
+    choose.add_parser(sub)
     index.add_parsers(sub)  # index build|add|remove|info, search: your own photos (facesearch.index)
     res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
     res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
@@ -229,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
 def _run(args: argparse.Namespace) -> None:
     if args.command == "tune":
         return tune.main(args)
+    if args.command == "choose":
+        return choose.main(args)
     if args.command in ("index", "search"):
         return index.main(args)
     if args.command == "check-data":
