@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import fake_manifest
 from PIL import Image
 
 from facesearch import manifest as M
 from facesearch.cli import main as cli_main
 from facesearch.dlib_reference import ROLE, dlib_descriptors, save_descriptors, score, set_tables
-from tests.conftest import fake_manifest
 
 
 def _split(tmp_path):
