@@ -33,7 +33,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from facesearch import manifest as M
-from facesearch.dlib_models import RECOGNITION_MODEL, SHAPE_PREDICTORS, find_model_file
+from facesearch.dlib_models import RECOGNITION_MODEL, find_model_file
+from facesearch.faces import shape_predictor
 from facesearch.images import decode_image
 from facesearch.io import atomic_path, write_parquet_atomic
 from facesearch.protocol import choose_queries
@@ -60,7 +61,7 @@ def dlib_descriptors(
     """(N, 128) raw dlib descriptors of the recorded face of each row of a manifest-shaped table."""
     import dlib
 
-    predictor = dlib.shape_predictor(str(find_model_file(SHAPE_PREDICTORS[points])))
+    predictor = shape_predictor(points)
     net = dlib.face_recognition_model_v1(str(find_model_file(RECOGNITION_MODEL)))
     out = np.zeros((len(table), 128), np.float32)
     for i, row in enumerate(tqdm(table.itertuples(index=False), total=len(table), desc="dlib", unit="img")):

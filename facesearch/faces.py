@@ -37,7 +37,7 @@ class FaceConfig:
     margin: float = 0.2  # align none: border around the box on each side, fraction of its side
     detector: str = "haar"  # haar | dlib_hog
     align: str = "none"  # none | landmarks
-    landmarks: int = 68  # align landmarks: 5- or 68-point predictor (68 scored higher on validation identities)
+    landmarks: int = 5  # align landmarks: 5- or 68-point predictor
     chip_padding: float = 0.25  # align landmarks: border around the landmark face, fraction (dlib's default)
     hog_upsample: int = 1  # dlib_hog: upsamplings before scanning (each halves the smallest face found)
     hog_max_side: int = 1024  # dlib_hog: scan a copy no larger than this, px (0: full size)

@@ -38,7 +38,7 @@ def test_val_set_is_one_seeded_query_per_identity_and_test_is_the_split(tmp_path
     assert len(others) > 1  # the seed decides which image queries
     tq, tg = set_tables(split, "test")
     assert list(tq[M.CROP_PATH]) == list(pd.read_parquet(split / "query.parquet")[M.CROP_PATH])
-    assert len(tg) == 4
+    assert len(tg) == 4 + 3  # identity 4 less its query, and identity 5
     with pytest.raises(ValueError, match="set"):
         set_tables(split, "train")
 
