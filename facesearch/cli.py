@@ -200,11 +200,18 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--seed", type=int, default=0, help="which photo of each identity is its query")
     ev.add_argument("--n-jobs", type=int, default=-1, help="crop and pack worker processes (-1: all cores)")
     ev.add_argument("--device", default="auto")
-    ref = sub.add_parser("dlib-reference", help="dlib's own pipeline on the split's query/gallery (needs dlib)")
+    ref = sub.add_parser("dlib-reference", help="dlib's own pipeline on the split's test or val set (needs dlib)")
     ref.add_argument("--data", required=True, help="the CelebA-layout folder the crop stage read (data.root)")
-    ref.add_argument("--split", default="data/split", help="folder with query.parquet and gallery.parquet")
+    ref.add_argument("--split", default="data/split", help="folder with query/gallery.parquet (test), val.parquet")
     ref.add_argument("--out", required=True, help="metrics JSON to write")
     ref.add_argument("--landmarks", type=int, default=68, choices=(5, 68), help="shape predictor")
+    ref.add_argument("--set", default="test", choices=("test", "val"), help="test: the split's query/gallery "
+                     "(default); val: the validation identities, one seeded query each")  # fmt: skip
+    ref.add_argument("--seed", type=int, default=0, help="--set val: RNG seed of the query choice")
+    ref.add_argument("--jitters", type=int, default=0, help="dlib's num_jitters: mean descriptor of N jittered "
+                     "chips (0 and 1: the plain chip)")  # fmt: skip
+    ref.add_argument("--save-embeddings", default=None, metavar="DIR", help="also write the raw descriptors: "
+                     "DIR/<set>.npy and DIR/<set>.parquet (crop_path, identity, role)")  # fmt: skip
     chk = sub.add_parser("check-data", help="what a crop run would reject and why, without detecting; exit 1 if "
                          "DVC could not hash an entry (FIFO, socket, broken symlink)")  # fmt: skip
     chk.add_argument("dir", help="labelled folder: CelebA layout or one folder per person")
@@ -249,11 +256,13 @@ def _run(args: argparse.Namespace) -> None:
         else:
             print(table, end="")
     elif args.command == "dlib-reference":
-        from facesearch.dlib_reference import reference_metrics
+        from facesearch.dlib_reference import reference_metrics, save_descriptors, set_tables
 
-        split = Path(args.split)
-        tables = [pd.read_parquet(split / f"{name}.parquet") for name in ("query", "gallery")]
-        metrics = reference_metrics(*tables, args.data, args.landmarks)
+        tables = set_tables(args.split, args.set, args.seed)
+        metrics, desc, table = reference_metrics(*tables, args.data, args.landmarks, args.jitters)
+        metrics["set"] = args.set
+        if args.save_embeddings:
+            save_descriptors(args.save_embeddings, args.set, desc, table)
         write_json_atomic(args.out, metrics)
         json.dump({k: metrics[k] for k in ("rank1", "rank5", "mAP", "loo_rank1", "loo_mAP")}, sys.stdout)
         print()

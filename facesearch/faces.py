@@ -122,7 +122,12 @@ def find_faces(rgb: np.ndarray, cfg: FaceConfig) -> Detection:
 
 
 def aligned_chip(rgb: np.ndarray, box: Box, points: int, size: int, padding: float) -> np.ndarray:
-    """dlib's landmark-aligned chip of the face in ``box`` (uint8, size x size x 3)."""
+    """dlib's landmark-aligned chip of the face in ``box`` (uint8, size x size x 3).
+
+    ``rgb`` is the full-resolution photo and ``box`` in its coordinates (:func:`detect_hog`
+    maps the boxes of its downscaled copy back), so the landmarks and the chip come from every
+    pixel of the photo, as in dlib's own ``compute_face_descriptor``.
+    """
     dlib = _dlib()
     x, y, w, h = box
     rgb = np.ascontiguousarray(rgb)

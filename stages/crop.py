@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_NAMES, Annotations, Entry
-from facesearch.cropping import CropLimits, crop_names, pre_reason, process_image, read_photo
+from facesearch.cropping import CropLimits, check_format, crop_names, pre_reason, process_image, read_photo
 from facesearch.faces import FaceConfig
 from facesearch.images import decode_image
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
@@ -240,6 +240,7 @@ def load_crop_params(path: str) -> dict:
                          "(they do not change the outputs), and the contact sheet uses a fixed seed")  # fmt: skip
     p["face"] = FaceConfig.from_params(p)
     p["limits"] = CropLimits.from_params(p)
+    check_format(p["format"])
     return p
 
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = read_dataset(data_root, load_params(args.params)["data"]["layout"])
     annotations, entries = dataset.annotations, dataset.entries
     file_names = [e.name for e in entries]
-    names = crop_names(file_names)
+    names = crop_names(file_names, fmt=p["format"])
     crop_paths = {n: (Path(args.crops) / names[n]).as_posix() for n in file_names}
     # Entries rejected before opening (not a file, hidden, bad name, no or ambiguous
     # identity row) are never read; only the rest is decoded and detected.
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                     limits.min_image_side,
                     max_file_bytes=limits.max_file_bytes,
                     max_aspect=limits.max_aspect,
+                    fmt=p["format"],
                 )
                 for e in todo
             )

@@ -16,6 +16,8 @@ from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IDENTITY_FILE, storable_name
 from facesearch.cropping import crop_names
 from facesearch.detect import DetectorConfig, detect_face
+from facesearch.faces import face_crop
+from facesearch.packing import pack_crops
 from stages import crop
 
 
@@ -134,11 +136,36 @@ def test_single_policy_and_unknown_detector_key(small_sample, tmp_path):
         crop.load_crop_params(str(tmp_path / "bad2.yaml"))
 
 
+def test_png_format_writes_the_crop_losslessly_and_packs(small_sample, tmp_path):
+    """crop.format png: .png crops holding exactly the pixels face_crop cuts (what the app feeds a model)."""
+    df, _ = run_crop(tmp_path, small_sample, {"crop.format": "png"})
+    M.validate_manifest(df, base_dir=tmp_path)
+    kept = df[df[M.STATUS] == "kept"]
+    assert len(kept) and all(p.endswith(".png") for p in kept[M.CROP_PATH])
+    cfg = crop.load_crop_params(str(tmp_path / "params.yaml"))["face"]
+    for row in kept.head(5).itertuples(index=False):
+        row = row._asdict()
+        rgb = np.asarray(Image.open(small_sample / row[M.IMAGE_PATH]).convert("RGB"))
+        box = tuple(int(row[c]) for c in (M.BBOX_X, M.BBOX_Y, M.BBOX_W, M.BBOX_H))
+        with Image.open(tmp_path / row[M.CROP_PATH]) as img:
+            assert img.format == "PNG"
+            assert np.array_equal(np.asarray(img.convert("RGB")), face_crop(rgb, box, cfg))
+    paths = [str(tmp_path / p) for p in kept[M.CROP_PATH]]
+    assert pack_crops(paths, tmp_path / "packed.npy") == len(kept)
+    jpeg, _ = run_crop(tmp_path / "jpeg", small_sample)  # the default: the same faces, .jpg names
+    assert list(jpeg[M.CROP_PATH].str.replace(".jpg", ".png")) == list(df[M.CROP_PATH])
+    write_params(tmp_path / "bad.yaml", {"crop.format": "webp"})
+    with pytest.raises(ValueError, match=r"crop\.format must be one of"):
+        crop.load_crop_params(str(tmp_path / "bad.yaml"))
+
+
 def test_crop_names_never_collide():
     # The reproduced leak: vcol.jpg (identity A) and vcol_jpg.jpg (identity B) shared one crop.
     names = crop_names(["vcol.jpg", "vcol.png", "vcol_jpg.jpg", "a.jpg", "a.png", "b.jpg"])
     assert len(set(names.values())) == len(names)
     assert names["vcol.jpg"].startswith("vcol_") and names["vcol_jpg.jpg"].startswith("vcol-jpg_")
+    png = crop_names(list(names), fmt="png")  # the same names but for the extension
+    assert png == {n: c.removesuffix(".jpg") + ".png" for n, c in names.items()}
 
 
 def linked_subset(celeba_dev: Path, dst: Path, step: int) -> tuple[Path, list[str]]:
