@@ -181,10 +181,10 @@ def main(args) -> None:
     sets = model_embeddings(args.model, split, Path(args.arrays), args.device)
     for folder in map(Path, args.descriptors):
         index = pd.read_parquet(folder / "val.parquet")
-        if list(index[M.CROP_PATH]) != list(val[M.CROP_PATH]):
-            raise SystemExit(f"choose: {folder}/val.parquet is not of this split's validation photos")
-        emb = np.load(folder / "val.npy").astype(np.float32)
-        sets[folder.name] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        if sorted(index[M.CROP_PATH]) != sorted(val[M.CROP_PATH]):
+            raise SystemExit(f"choose: {folder}/val.parquet does not list this split's validation photos")
+        row = {path: i for i, path in enumerate(index[M.CROP_PATH])}
+        sets[folder.name] = np.load(folder / "val.npy").astype(np.float32)[[row[p] for p in val[M.CROP_PATH]]]
     results = []
     for name, emb in sets.items():
         emb = np.ascontiguousarray(emb / np.linalg.norm(emb, axis=1, keepdims=True), dtype=np.float32)
@@ -200,6 +200,6 @@ def main(args) -> None:
     best = max(chosen.values(), key=lambda r: (r.get("all loo_mAP", r["all mAP"]), r["two mAP"]))
     write_json_atomic(args.out, {"rows": results, "grid": grid, "rounds": args.rounds, "seed": args.seed,
                                  "chosen": best, "n_val_photos": len(labels),
-                                 "n_val_identities": int(len(np.unique(labels)))})  # fmt: skip
+                                 "n_val_identities": len(np.unique(labels))})  # fmt: skip
     print(markdown(results), end="")
     print(f"chosen on validation identities: {best['embeddings']}, re-ranking {best['rerank']}")

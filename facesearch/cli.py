@@ -14,7 +14,9 @@ left out. Then crop every other photo as the model's own
 training crops were cut (its recorded preprocessing; ``--crop-params FILE``
 overrides it with that file's ``crop`` block), keep identities with at least
 two kept photos, pick one query per identity (seeded), put every other kept
-photo in the gallery, embed with the model, search exactly, and write
+photo in the gallery, embed with the model (with its test-time flip, when it
+has one), search exactly, re-ranked as ``--params``' ``evaluate.rerank`` says for the
+model's backbone (``params.yaml`` here by default; ``--rerank none`` turns it off), and write
 Rank-1/5/10, mAP, Recall@k, leave-one-out Rank-k/mAP (``loo_*``: every kept
 photo queries all the others, as the evaluate stage reports), the attribute
 agreement (where the folder has attributes), the numbers of queries and
@@ -44,6 +46,7 @@ from tqdm import tqdm
 
 from facesearch import choose, index, tune
 from facesearch import manifest as M
+from facesearch import rerank as R
 from facesearch.celeba import DatasetError
 from facesearch.contract import crop_settings, seen_identities
 from facesearch.cropping import crop_names, process_image
@@ -52,9 +55,9 @@ from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.layouts import AUTO, FOLDERS, LABELLED_LAYOUTS, read_dataset
 from facesearch.models import load_model, resolve_device
 from facesearch.packing import load_array, pack_crops
+from facesearch.params import load_params
 from facesearch.protocol import choose_queries, eligible_images
 from facesearch.retrieval import attribute_matrix, evaluate, loo_metrics, readable
-from facesearch.search import build_index
 
 log = logging.getLogger("facesearch.cli")
 
@@ -81,9 +84,12 @@ def embed_packed(model, path: Path, size: int, device, desc: str, chunk: int = E
 def evaluate_folder(
     model_path: str, data: str, crop_params: str | None = None, seed: int = 0, n_jobs: int = -1,
     ks: tuple[int, ...] = (10, 20, 50, 100, 1000), device: str = "auto", layout: str = AUTO,
-    trained_elsewhere: bool = False,
+    trained_elsewhere: bool = False, rerank: dict | None = None,
 ) -> dict:  # fmt: skip
-    """Run the protocol above; returns the metrics dict written to OUT.json."""
+    """Run the protocol above; returns the metrics dict written to OUT.json.
+
+    ``rerank``: ``params.yaml: evaluate.rerank`` (the model's backbone picks its method); None: plain search.
+    """
     dev = resolve_device(device)
     model, payload = load_model(model_path, map_location=dev)
     if crop_params and not Path(crop_params).is_file():
@@ -130,9 +136,17 @@ def evaluate_folder(
     q_emb, g_emb = emb["query"], emb["gallery"]
 
     q_labels, g_labels = query[M.IDENTITY].to_numpy(), gallery[M.IDENTITY].to_numpy()
-    metrics, _, _ = evaluate(q_emb, q_labels, g_emb, g_labels, build_index(g_emb, "exact"), ks=ks,
+    rr = R.RerankParams.from_dict(rerank, model.config.backbone)
+    metrics, _, _ = evaluate(q_emb, q_labels, g_emb, g_labels, R.build_rerank_index(R.prepare(g_emb, rr)), ks=ks,
                              query_attrs=attribute_matrix(query), gallery_attrs=attribute_matrix(gallery))  # fmt: skip
-    metrics.update(loo_metrics(q_emb, q_labels, g_emb, g_labels))
+    loo = R.leave_one_out_metrics(np.concatenate([q_emb, g_emb]), np.concatenate([q_labels, g_labels]), rr)
+    if loo is None:  # more photos than rerank.loo_max_photos: one structure per query would take too long
+        metrics.update(loo_metrics(q_emb, q_labels, g_emb, g_labels))
+    else:
+        metrics.update({f"loo_{k}": v for k, v in loo.items()}, loo_queries=len(q_emb) + len(g_emb))
+    metrics["loo_reranked"] = loo is not None and rr.method != "none"
+    metrics["rerank"] = asdict(rr)
+    metrics["flip_tta"] = model.config.flip_tta
     kept = int((table[M.STATUS] == M.Status.KEPT).sum())
     metrics.update({
         "keep_rate": round(kept / n_all, 4) if n_all else 0.0, "n_images": n_all, "n_kept": kept,
@@ -174,6 +188,14 @@ def replace_section(text: str, name: str, body: str) -> str:
     return f"{head}{start}\n{body}{end}{tail}"
 
 
+def cli_rerank(params_file: str, method: str | None) -> dict | None:
+    """``evaluate.rerank`` of ``params_file`` (None when there is none), ``method`` forcing the method."""
+    rerank = load_params(params_file)["evaluate"]["rerank"] if Path(params_file).is_file() else {}
+    if method is not None:
+        rerank = {**rerank, "method": method, "method_by_backbone": {}}
+    return rerank or None
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m facesearch", description="facesearch command line")
@@ -200,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--seed", type=int, default=0, help="which photo of each identity is its query")
     ev.add_argument("--n-jobs", type=int, default=-1, help="crop and pack worker processes (-1: all cores)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--params", default="params.yaml",
+                    help="its evaluate.rerank re-ranks the search (no file: plain search)")  # fmt: skip
+    ev.add_argument("--rerank", default=None, choices=R.METHODS, help="this re-ranking method instead of the params'")
     ref = sub.add_parser("dlib-reference", help="dlib's own pipeline on the split's test or val set (needs dlib)")
     ref.add_argument("--data", required=True, help="the CelebA-layout folder the crop stage read (data.root)")
     ref.add_argument("--split", default="data/split", help="folder with query/gallery.parquet (test), val.parquet")
@@ -276,6 +301,7 @@ def _run(args: argparse.Namespace) -> None:
             device=args.device,
             layout=args.layout,
             trained_elsewhere=args.trained_elsewhere,
+            rerank=cli_rerank(args.params, args.rerank),
         )
         write_json_atomic(args.out, metrics)
         json.dump({k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "loo_mAP", "n_queries", "n_gallery",

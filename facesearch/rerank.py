@@ -113,8 +113,12 @@ class RerankParams:
             raise ValueError(f"rerank needs n >= 0, 0 <= lambda <= 1, alpha > 0; got {self}")
 
     @classmethod
-    def from_dict(cls, params: dict | None) -> RerankParams:
+    def from_dict(cls, params: dict | None, backbone: str | None = None) -> RerankParams:
+        """From ``params.yaml: evaluate.rerank``; ``method_by_backbone[backbone]``, if listed, is the method."""
         params = dict(params or {})
+        by_backbone = params.pop("method_by_backbone", None) or {}
+        if backbone in by_backbone:
+            params["method"] = by_backbone[backbone]
         if "lambda" in params:
             params["lam"] = params.pop("lambda")
         unknown = set(params) - {f.name for f in fields(cls)}

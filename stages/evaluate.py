@@ -1,12 +1,15 @@
 """Stage ``evaluate@<backbone>``: retrieval and verification metrics before and after fine-tuning.
 
-    python -m stages.evaluate --embeddings data/embeddings/resnet50 --split data/split --arrays data/arrays \
-        --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv --roc metrics/roc/resnet50.csv \
-        --figure reports/retrieval_resnet50.png --timing reports/timing/resnet50.json
+    python -m stages.evaluate --backbone resnet50 --embeddings data/embeddings/resnet50 --split data/split \
+        --arrays data/arrays --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv \
+        --roc metrics/roc/resnet50.csv --figure reports/retrieval_resnet50.png \
+        --timing reports/timing/resnet50.json --rerank data/rerank/resnet50
 
 Reads ``params.yaml: evaluate`` and ``verification``. Every query (one photo of each held-out
 identity) searches the gallery (all their other photos) with the
-``evaluate.backend`` search index. ``--metrics`` gets
+``evaluate.backend`` search index, re-ranked by ``evaluate.rerank`` (the method of
+``--backbone`` in ``method_by_backbone``, else ``method``; :mod:`facesearch.rerank`, whose
+gallery structures go to ``--rerank``: built from the gallery alone, once). ``--metrics`` gets
 ``{"before": {...}, "after": {...}}`` with identity Rank-1/5/10 and mAP,
 Recall@k, the report's attribute agreement at each k, and
 ``loo_*``: Rank-k and mAP with every held-out image in turn as the query
@@ -167,6 +170,7 @@ def retrieval_figure(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", required=True, help="whose evaluate.rerank.method_by_backbone entry applies")
     parser.add_argument("--embeddings", required=True, help="folder written by the embed stage")
     parser.add_argument("--split", required=True, help="folder with query/gallery .parquet (identities, attributes)")
     parser.add_argument("--arrays", required=True, help="folder with the packed query/gallery .npy (the faces drawn)")
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     all_params = load_params(args.params)
     params, ver_params = all_params["evaluate"], all_params["verification"]
-    rerank = R.RerankParams.from_dict(params["rerank"])
+    rerank = R.RerankParams.from_dict(params["rerank"], args.backbone)
     emb_dir, split = Path(args.embeddings), Path(args.split)
     tables = {name: pd.read_parquet(split / f"{name}.parquet") for name in ("query", "gallery", "val")}
     q_table, g_table = tables["query"], tables["gallery"]

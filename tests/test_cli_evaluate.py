@@ -113,3 +113,21 @@ def test_cli_refuses_unlabelled_folder(tmp_path):
     with pytest.raises(SystemExit, match=r"evaluate: .*needs labelled photos"):
         cli.main(["evaluate", "--model", tiny_model(tmp_path / "m.pt", []), "--data", str(tmp_path / "plain"),
                   "--out", str(tmp_path / "o.json")])  # fmt: skip
+
+
+def test_the_backbones_rerank_method_applies(folder, tmp_path):
+    model = tiny_model(tmp_path / "m.pt", [])
+    by_backbone = {"method": "none", "method_by_backbone": {"mobilenet_v2": "dba_qe"}}
+    m = evaluate_folder(model, str(folder), n_jobs=1, rerank=by_backbone)
+    assert m["rerank"]["method"] == "dba_qe" and m["loo_reranked"] is True
+    plain = evaluate_folder(model, str(folder), n_jobs=1)
+    assert plain["rerank"]["method"] == "none" and plain["loo_reranked"] is False
+    assert m["n_queries"] == plain["n_queries"] and m["flip_tta"] is False
+
+
+def test_cli_rerank_reads_the_params_or_is_forced(tmp_path):
+    params = write_params(tmp_path / "p.yaml", {"evaluate.rerank.method": "k_reciprocal"})
+    assert cli.cli_rerank(str(params), None)["method"] == "k_reciprocal"
+    forced = cli.cli_rerank(str(params), "none")
+    assert forced["method"] == "none" and forced["method_by_backbone"] == {}
+    assert cli.cli_rerank(str(tmp_path / "absent.yaml"), None) is None

@@ -31,7 +31,8 @@ def evaluated(prepared):
     try:
         embed.main(["--model", "ev/model.pt", "--split", "data/split", "--arrays", "data/arrays", "--out", "ev/emb",
                     "--params", str(params)])  # fmt: skip
-        evaluate.main(["--embeddings", "ev/emb", "--split", "data/split", "--arrays", "data/arrays",
+        evaluate.main(["--backbone", "mobilenet_v2",
+                       "--embeddings", "ev/emb", "--split", "data/split", "--arrays", "data/arrays",
                        "--metrics", "ev/metrics/m.json",
                        "--cmc", "ev/cmc.csv", "--roc", "ev/roc.csv", "--figure", "ev/fig.png",
                        "--timing", "ev/timing.json", "--rerank", "ev/rerank", "--params", str(params)])  # fmt: skip
@@ -129,7 +130,8 @@ def test_rerank_reaches_every_metric_leak_free(evaluated, prepared, tmp_path):
     cwd = os.getcwd()
     os.chdir(prepared)
     try:
-        evaluate.main(["--embeddings", str(evaluated / "emb"), "--split", "data/split", "--arrays", "data/arrays",
+        evaluate.main(["--backbone", "mobilenet_v2",
+                       "--embeddings", str(evaluated / "emb"), "--split", "data/split", "--arrays", "data/arrays",
                        "--metrics", str(out / "m.json"), "--cmc", str(out / "c.csv"), "--roc", str(out / "r.csv"),
                        "--figure", str(out / "f.png"), "--timing", str(out / "t.json"), "--rerank", str(out / "rr"),
                        "--params", str(params)])  # fmt: skip
@@ -211,7 +213,8 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
     os.chdir(prepared)
     try:
         with pytest.raises(SystemExit, match="re-run embed"):
-            evaluate.main(["--embeddings", str(bad), "--split", "data/split", "--arrays", "data/arrays",
+            evaluate.main(["--backbone", "mobilenet_v2",
+                       "--embeddings", str(bad), "--split", "data/split", "--arrays", "data/arrays",
                            "--metrics", str(tmp_path / "m.json"),
                            "--cmc", str(tmp_path / "c.csv"), "--roc", str(tmp_path / "r.csv"),
                            "--figure", str(tmp_path / "f.png"),
