@@ -44,6 +44,7 @@ from PIL import Image
 from facesearch import contract, photos
 from facesearch import index as X
 from facesearch import manifest as M
+from facesearch import rerank as R
 from facesearch.celeba import ATTRIBUTE_NAMES
 from facesearch.cropping import read_photo
 from facesearch.detect import Box, Detection, crop_square, has_eye
@@ -53,7 +54,7 @@ from facesearch.manifest import SchemaError
 from facesearch.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
 from facesearch.retrieval import attribute_matrix
-from facesearch.search import ExactIndex, SearchIndex, cosine_similarity
+from facesearch.search import ExactIndex, SearchIndex
 
 log = logging.getLogger(__name__)
 
@@ -304,14 +305,29 @@ def load_gallery(root: Path, backbone: str, state: str, threshold: float | None 
     table = table.merge(_sources(root), on=M.CROP_PATH, how="left")
     model, payload = _load_state(root, backbone, state)
     cut, source = state_threshold(payload, state, threshold)
+    search_index = gallery_index(root / "data" / "rerank" / backbone / state, embeddings)
     photos_known = table[SOURCE_FILE].notna()
     n_photos = int(table.loc[photos_known, SOURCE_FILE].nunique() + (~photos_known).sum())
     return Gallery(
         title="the pipeline's test gallery", model_label=model_label(backbone, state), model=model,
         settings=crop_settings(root, backbone), size=int(model.config.img_size), embeddings=embeddings,
-        index=ExactIndex(embeddings), table=table, attributes=attribute_matrix(table), threshold=cut,
+        index=search_index, table=table, attributes=attribute_matrix(table), threshold=cut,
         threshold_source=source, people=int(table[M.IDENTITY].nunique()), faces=len(table), photos=n_photos,
     )  # fmt: skip
+
+
+def gallery_index(structure_dir: Path, embeddings: np.ndarray) -> SearchIndex:
+    """The evaluate stage's re-ranking index of this gallery (``evaluate.rerank``), else exact search.
+
+    The structure is the stage's output (built from the gallery alone, once), used only when
+    it is of these very embeddings: a stale one (embed re-ran, evaluate not yet) is skipped.
+    """
+    if (structure_dir / "params.json").is_file():
+        structure = R.GalleryStructure.load(structure_dir)
+        if structure.gallery.shape == embeddings.shape and np.allclose(structure.gallery, embeddings, atol=1e-5):
+            return R.build_rerank_index(structure)
+        log.warning("%s is not of the current gallery embeddings: searching without re-ranking", structure_dir)
+    return ExactIndex(embeddings)
 
 
 def _sources(root: Path) -> pd.DataFrame:
@@ -425,11 +441,12 @@ def search(gallery: Gallery, face: np.ndarray, k: int = 9) -> Answer:
 
 def _search(gallery: Gallery, face: np.ndarray, k: int) -> Answer:
     emb = X.unit(photos.embed(gallery.model, face[None], gallery.size, batch=1))
-    dist, idx = gallery.index.search(emb, min(k, len(gallery.table)))
+    _, idx = gallery.index.search(emb, min(k, len(gallery.table)))
     results = []
-    for rank, (d, g) in enumerate(zip(dist[0], idx[0], strict=True), start=1):
+    for rank, g in enumerate(idx[0], start=1):
         row = gallery.table.iloc[int(g)]
-        sim = float(cosine_similarity(d))
+        # The plain cosine similarity: a re-ranked search orders by another distance, the verdict is this.
+        sim = float(emb[0] @ gallery.embeddings[int(g)])
         own = {}
         if gallery.attributes is not None:
             own = {

@@ -790,3 +790,17 @@ def test_browser_upload_shows_nine_faces(root, people_index, tmp_path):
             browser.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_gallery_index_uses_the_stages_rerank_structure_only_when_current(tmp_path):
+    from facesearch import rerank as R
+    from facesearch.search import ExactIndex
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    R.prepare(emb, {"method": "dba_qe", "background": 5}).save(tmp_path / "after")
+    index = core.gallery_index(tmp_path / "after", emb)
+    assert isinstance(index.index, R.RerankIndex) and index.index.p.method == "dba_qe"
+    assert isinstance(core.gallery_index(tmp_path / "after", emb[::-1].copy()), ExactIndex)  # stale: plain
+    assert isinstance(core.gallery_index(tmp_path / "absent", emb), ExactIndex)
