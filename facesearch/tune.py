@@ -32,11 +32,20 @@ log = logging.getLogger("facesearch.tune")
 SCORES = ("mAP", "rank1", "rank5")
 
 
+ZERO_SHOT = "zero-shot (untrained)"
+
+
 def run_scores(payload: dict) -> dict[str, dict[str, float]]:
-    """Validation scores of a trained model file: its best epoch, and the untrained network."""
+    """Validation scores of a trained model file: its best *trained* epoch, and the untrained network.
+
+    Not the epoch the file kept: under ``keep: best`` that can be the start (epoch -1), and
+    every recipe would then score the untrained network's figures, telling recipes apart by
+    nothing. The start is the ``zero_shot`` row, compared with the recipes in the summary.
+    """
     history = payload["history"]
-    by_epoch = {r["epoch"]: r for r in history}
-    pick = {"best": by_epoch[payload["best_epoch"]], "zero_shot": by_epoch[-1]}
+    trained = [r for r in history if r["epoch"] >= 0] or history
+    best = max(trained, key=lambda r: (r["val_mAP"], -r["epoch"]))  # the earliest of equal epochs
+    pick = {"best": best, "zero_shot": next(r for r in history if r["epoch"] == -1)}
     return {name: {s: float(r[f"val_{s}"]) for s in SCORES} for name, r in pick.items()}
 
 
@@ -50,7 +59,8 @@ def summarise(runs: dict[str, list[dict[str, float]]]) -> list[dict]:
             row[f"{s}_mean"] = float(values.mean())
             row[f"{s}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None  # JSON has no NaN
         rows.append(row)
-    return sorted(rows, key=lambda r: (-r["mAP_mean"], -r["rank1_mean"], r["recipe"]))
+    # On a tie the untrained network wins: no fine-tuning is the cheaper choice.
+    return sorted(rows, key=lambda r: (-r["mAP_mean"], -r["rank1_mean"], r["recipe"] != ZERO_SHOT, r["recipe"]))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -88,11 +98,11 @@ def tune(backbone: str, grid: dict[str, dict], seeds: list[int], params_path: st
                 payload = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
                 scores = run_scores(payload)
                 runs.setdefault(name, []).append(scores["best"])
-                per_run.append({"recipe": name, "seed": seed, "best_epoch": payload["best_epoch"], **scores["best"]})
+                per_run.append({"recipe": name, "seed": seed, "kept_epoch": payload["best_epoch"], **scores["best"]})
                 if name == next(iter(grid)):
                     zero_shot.append(scores["zero_shot"])
                 log.info("  val %s", {k: round(v, 4) for k, v in scores["best"].items()})
-    summary = summarise({**runs, "zero-shot (untrained)": zero_shot})
+    summary = summarise({**runs, ZERO_SHOT: zero_shot})
     return {"backbone": backbone, "seeds": seeds, "grid": grid, "runs": per_run, "summary": summary,
             "chosen": next(r["recipe"] for r in summary)}  # fmt: skip
 

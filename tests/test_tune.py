@@ -49,3 +49,21 @@ def test_tune_trains_every_recipe_and_seed_on_validation_only(prepared, tmp_path
     # Different seeds are different runs (else the spread would be meaningless).
     slow = [r for r in result["runs"] if r["recipe"] == "slow"]
     assert slow[0]["mAP"] != slow[1]["mAP"] or slow[0]["rank1"] != slow[1]["rank1"]
+
+
+def test_a_run_scores_its_best_trained_epoch_even_when_the_start_was_kept():
+    from facesearch.tune import run_scores
+
+    def rec(epoch, m):
+        return {"epoch": epoch, "val_mAP": m, "val_rank1": m, "val_rank5": m}
+
+    payload = {"best_epoch": -1, "history": [rec(-1, 0.9), rec(0, 0.7), rec(1, 0.8), rec(2, 0.8)]}
+    scores = run_scores(payload)
+    assert scores["best"]["mAP"] == 0.8 and scores["zero_shot"]["mAP"] == 0.9
+
+
+def test_on_a_tie_no_fine_tuning_is_chosen():
+    from facesearch.tune import ZERO_SHOT
+
+    same = [{"mAP": 0.9, "rank1": 1.0, "rank5": 1.0}]
+    assert summarise({"a": same, ZERO_SHOT: same})[0]["recipe"] == ZERO_SHOT
