@@ -57,7 +57,7 @@ from facesearch.models import load_model, resolve_device
 from facesearch.packing import load_array, pack_crops
 from facesearch.params import load_params
 from facesearch.protocol import choose_queries, eligible_images
-from facesearch.retrieval import attribute_matrix, evaluate, loo_metrics, readable
+from facesearch.retrieval import attribute_matrix, evaluate, readable
 
 log = logging.getLogger("facesearch.cli")
 
@@ -139,13 +139,8 @@ def evaluate_folder(
     rr = R.RerankParams.from_dict(rerank, model.config.backbone)
     metrics, _, _ = evaluate(q_emb, q_labels, g_emb, g_labels, R.build_rerank_index(R.prepare(g_emb, rr)), ks=ks,
                              query_attrs=attribute_matrix(query), gallery_attrs=attribute_matrix(gallery))  # fmt: skip
-    loo = R.leave_one_out_metrics(np.concatenate([q_emb, g_emb]), np.concatenate([q_labels, g_labels]), rr)
-    if loo is None:  # more photos than rerank.loo_max_photos: one structure per query would take too long
-        metrics.update(loo_metrics(q_emb, q_labels, g_emb, g_labels))
-    else:
-        metrics.update({f"loo_{k}": v for k, v in loo.items()}, loo_queries=len(q_emb) + len(g_emb))
-    metrics["loo_reranked"] = loo is not None and rr.method != "none"
-    metrics["rerank"] = asdict(rr)
+    metrics.update(R.loo_metrics(q_emb, q_labels, g_emb, g_labels, rr))
+    metrics["rerank"] = rr.as_params()
     metrics["flip_tta"] = model.config.flip_tta
     kept = int((table[M.STATUS] == M.Status.KEPT).sum())
     metrics.update({
@@ -233,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     ref.add_argument("--set", default="test", choices=("test", "val"), help="test: the split's query/gallery "
                      "(default); val: the validation identities, one seeded query each")  # fmt: skip
     ref.add_argument("--seed", type=int, default=0, help="--set val: RNG seed of the query choice")
+    ref.add_argument("--rerank", default="none", choices=R.METHODS,
+                     help="search re-ranked by this method, with --params' other evaluate.rerank settings "
+                     "(default none: dlib's plain search)")  # fmt: skip
+    ref.add_argument("--params", default="params.yaml", help="evaluate.rerank settings for --rerank")
     ref.add_argument("--jitters", type=int, default=0, help="dlib's num_jitters: mean descriptor of N jittered "
                      "chips (0 and 1: the plain chip)")  # fmt: skip
     ref.add_argument("--save-embeddings", default=None, metavar="DIR", help="also write the raw descriptors: "
@@ -284,7 +283,9 @@ def _run(args: argparse.Namespace) -> None:
         from facesearch.dlib_reference import reference_metrics, save_descriptors, set_tables
 
         tables = set_tables(args.split, args.set, args.seed)
-        metrics, desc, table = reference_metrics(*tables, args.data, args.landmarks, args.jitters)
+        rerank = cli_rerank(args.params, args.rerank)
+        rr = R.RerankParams.from_dict(rerank)
+        metrics, desc, table = reference_metrics(*tables, args.data, args.landmarks, args.jitters, rr)
         metrics["set"] = args.set
         if args.save_embeddings:
             save_descriptors(args.save_embeddings, args.set, desc, table)

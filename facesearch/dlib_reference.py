@@ -33,13 +33,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from facesearch import manifest as M
+from facesearch import rerank as R
 from facesearch.dlib_models import RECOGNITION_MODEL, find_model_file
 from facesearch.faces import shape_predictor
 from facesearch.images import decode_image
 from facesearch.io import atomic_path, write_parquet_atomic
 from facesearch.protocol import choose_queries
-from facesearch.retrieval import evaluate, loo_metrics, readable
-from facesearch.search import ExactIndex
+from facesearch.retrieval import evaluate, readable
 
 SETS = ("test", "val")
 ROLE = "role"  # saved tables: query or gallery
@@ -73,16 +73,22 @@ def dlib_descriptors(
     return out
 
 
-def score(query: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray) -> dict:
+def score(
+    query: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray,
+    rerank: R.RerankParams | None = None,
+) -> dict:  # fmt: skip
     """The evaluate stage's identity metrics and ``loo_*`` of L2-normalised ``query``/``gallery``.
 
     dlib's raw descriptors have norms ~1.2-1.3; ranking by cosine vs raw L2 differs only in
-    that normalisation, which the pipeline's embeddings have too. Also scores any other
-    embeddings of the same tables (the port's), so both go through one set of metric functions.
+    that normalisation, which the pipeline's embeddings have too. ``rerank``: searched and
+    re-ranked as the evaluate stage does (``evaluate.rerank``), so dlib's descriptors can have
+    the same search as the port's embeddings.
     """
+    rerank = rerank or R.RerankParams()
     qn, gn = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (query, gallery))
-    metrics, _, _ = evaluate(qn, q_labels, gn, g_labels, ExactIndex(gn), ks=(10, 20, 50, 100))
-    metrics.update(loo_metrics(qn, q_labels, gn, g_labels))
+    index = R.build_rerank_index(R.prepare(gn, rerank))
+    metrics, _, _ = evaluate(qn, q_labels, gn, g_labels, index, ks=(10, 20, 50, 100))
+    metrics.update(R.loo_metrics(qn, q_labels, gn, g_labels, rerank), rerank=rerank.method)
     return metrics
 
 
@@ -101,6 +107,7 @@ def save_descriptors(folder: str | Path, name: str, descriptors: np.ndarray, tab
 
 def reference_metrics(
     query_table: pd.DataFrame, gallery_table: pd.DataFrame, data_root: str, points: int = 68, jitters: int = 0,
+    rerank: R.RerankParams | None = None,
 ) -> tuple[dict, np.ndarray, pd.DataFrame]:  # fmt: skip
     """(metrics, raw descriptors, their table: query rows then gallery rows with a role column).
 
@@ -111,7 +118,7 @@ def reference_metrics(
     desc = dlib_descriptors(table, data_root, points, jitters=jitters)
     nq = len(query_table)
     labels = table[M.IDENTITY].to_numpy()
-    metrics = score(desc[:nq], labels[:nq], desc[nq:], labels[nq:])
+    metrics = score(desc[:nq], labels[:nq], desc[nq:], labels[nq:], rerank)
     metrics["pipeline"] = (f"dlib: recorded box, {points}-point shape predictor, compute_face_descriptor"
                            + (f" with {jitters} jitters" if jitters > 1 else ""))  # fmt: skip
     return readable(metrics), desc, table

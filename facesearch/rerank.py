@@ -82,6 +82,7 @@ import numpy as np
 from scipy import sparse
 
 from facesearch.retrieval import leave_one_out_metrics as plain_leave_one_out
+from facesearch.retrieval import loo_metrics as plain_loo_metrics
 from facesearch.retrieval import loo_queries, padded_rank_scores, summary
 from facesearch.search import CheckedIndex, ExactIndex, build_index, cosine_similarity
 
@@ -111,6 +112,12 @@ class RerankParams:
                 raise ValueError(f"rerank {name} must be at least 1, not {getattr(self, name)}")
         if self.n < 0 or not 0 <= self.lam <= 1 or self.alpha <= 0:
             raise ValueError(f"rerank needs n >= 0, 0 <= lambda <= 1, alpha > 0; got {self}")
+
+    def as_params(self) -> dict:
+        """As ``params.yaml`` spells it (``lambda``, not ``lam``)."""
+        out = asdict(self)
+        out["lambda"] = out.pop("lam")
+        return out
 
     @classmethod
     def from_dict(cls, params: dict | None, backbone: str | None = None) -> RerankParams:
@@ -492,3 +499,17 @@ def leave_one_out_metrics(
         own = np.flatnonzero(labels[others][order[0]] == labels[i]) + 1  # 1-based, ascending
         ranks[row, : len(own)] = own
     return summary(*padded_rank_scores(ranks), ks)
+
+
+def loo_metrics(query: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray,
+                params: RerankParams) -> dict:  # fmt: skip
+    """``loo_*`` over query and gallery together, re-ranked by ``params`` up to its photo limit.
+
+    Plain (:func:`facesearch.retrieval.loo_metrics`) above ``params.loo_max_photos``;
+    ``loo_reranked`` says which, ``loo_queries`` how many photos took part.
+    """
+    emb, labels = np.concatenate([query, gallery]), np.concatenate([q_labels, g_labels])
+    loo = leave_one_out_metrics(emb, labels, params) if params.method != "none" else None
+    if loo is None:
+        return {**plain_loo_metrics(query, q_labels, gallery, g_labels), "loo_reranked": False}
+    return {**{f"loo_{k}": v for k, v in loo.items()}, "loo_queries": len(labels), "loo_reranked": True}

@@ -55,7 +55,7 @@ from facesearch import verification as V
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic
 from facesearch.packing import load_array
 from facesearch.params import load_params
-from facesearch.retrieval import attribute_matrix, evaluate, loo_metrics, readable
+from facesearch.retrieval import attribute_matrix, evaluate, readable
 from facesearch.search import cosine_similarity
 from facesearch.viz import grid, tile
 
@@ -97,14 +97,10 @@ def evaluate_state(
     )  # fmt: skip
     search_s = time.perf_counter() - t0
     q_labels, g_labels = q_table[M.IDENTITY].to_numpy(), g_table[M.IDENTITY].to_numpy()
-    loo = R.leave_one_out_metrics(np.concatenate([query, gallery]), np.concatenate([q_labels, g_labels]), rerank)
-    if loo is None:
+    metrics.update(R.loo_metrics(query, q_labels, gallery, g_labels, rerank))
+    if rerank.method != "none" and not metrics["loo_reranked"]:
         log.info("leave-one-out over %d photos > rerank.loo_max_photos: scored without re-ranking",
-                 len(query) + len(gallery))  # fmt: skip
-        metrics.update(loo_metrics(query, q_labels, gallery, g_labels))
-    else:
-        metrics.update({f"loo_{k}": v for k, v in loo.items()}, loo_queries=len(query) + len(gallery))
-    metrics["loo_reranked"] = loo is not None and rerank.method != "none"
+                 metrics["loo_queries"])  # fmt: skip
     p50, p99 = single_query_latency(index, query, params["latency_queries"])
     timing = {
         "search_backend": params["backend"], "rerank": rerank.method, "rerank_prepare_s": round(prepare_s, 4),

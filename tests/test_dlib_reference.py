@@ -59,6 +59,20 @@ def test_score_ignores_descriptor_norms_and_matches_brute_force():
     sim = n @ n.T
     np.fill_diagonal(sim, -np.inf)
     assert scaled["loo_rank1"] == pytest.approx(np.mean(labels[sim.argmax(1)] == labels))
+    assert scaled["rerank"] == "none"
+
+
+def test_score_reranks_like_the_evaluate_stage():
+    from facesearch.rerank import RerankParams, loo_metrics
+
+    rng = np.random.default_rng(1)
+    gl, ql = np.repeat(np.arange(6), 6), np.arange(6)
+    g, q = rng.normal(size=(36, 16)) + 3 * np.eye(16)[gl], rng.normal(size=(6, 16)) + 3 * np.eye(16)[ql]
+    params = RerankParams.from_dict({"method": "dba_qe"})
+    got = score(q, ql, g, gl, params)
+    qn, gn = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (q, g))
+    assert got["rerank"] == "dba_qe" and got["loo_reranked"] is True
+    assert got["loo_mAP"] == pytest.approx(loo_metrics(qn, ql, gn, gl, params)["loo_mAP"])
 
 
 def test_saved_descriptors_name_their_rows(tmp_path):

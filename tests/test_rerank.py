@@ -307,3 +307,21 @@ def test_leave_one_out_stops_at_its_photo_limit(small):
     labels = np.arange(len(g)) // 4
     assert leave_one_out_metrics(g, labels, {"method": "dba_qe", "loo_max_photos": len(g) - 1}) is None
     assert leave_one_out_metrics(g, labels, {"method": "none", "loo_max_photos": 1}) is not None  # plain: no limit
+
+
+def test_loo_metrics_over_query_and_gallery_reranked_up_to_the_limit(small):
+    from facesearch.rerank import loo_metrics
+    from facesearch.retrieval import loo_metrics as plain
+
+    q, g = small
+    ql, gl = np.arange(len(q)) % 5, np.arange(len(g)) % 5
+    both, labels = np.concatenate([q, g]), np.concatenate([ql, gl])
+    p = RerankParams.from_dict(DBA)
+    got = loo_metrics(q, ql, g, gl, p)
+    want = leave_one_out_metrics(both, labels, p)
+    assert got["loo_reranked"] and got["loo_queries"] == len(both)
+    assert got["loo_mAP"] == pytest.approx(want["mAP"]) and got["loo_rank1"] == pytest.approx(want["rank1"])
+    # method none and a gallery past the photo limit both fall back to the plain leave-one-out
+    for params in ({"method": "none"}, {**DBA, "loo_max_photos": len(both) - 1}):
+        fallback = loo_metrics(q, ql, g, gl, RerankParams.from_dict(params))
+        assert fallback == {**plain(q, ql, g, gl), "loo_reranked": False}
