@@ -45,7 +45,7 @@ from facesearch import manifest as M
 from facesearch import rerank as R
 from facesearch import verification as V
 from facesearch.params import load_params
-from facesearch.retrieval import evaluate
+from facesearch.retrieval import identity_metrics
 
 log = logging.getLogger("facesearch.choose")
 
@@ -84,11 +84,17 @@ def rounds(labels: np.ndarray, n_rounds: int, seed: int, per_person: int | None)
 
 
 def round_scores(emb: np.ndarray, labels: np.ndarray, plan: list, rerank: R.RerankParams) -> dict[str, float]:
-    """Rank-1, Rank-5 and mAP over all queries of all rounds of ``plan`` (:func:`rounds`)."""
+    """Rank-1, Rank-5 and mAP over all queries of all rounds of ``plan`` (:func:`rounds`).
+
+    Each query ranks its round's whole gallery through the re-ranking index, so mAP counts
+    every relevant photo in its re-ranked place (a top-k search would leave the tail in
+    plain order).
+    """
     per_query = {"rank1": [], "rank5": [], "mAP": []}
     for q, g in plan:
         index = R.build_rerank_index(R.prepare(emb[g], rerank))
-        m, _, _ = evaluate(emb[q], labels[q], emb[g], labels[g], index, ks=(10,))
+        _, order = index.search(emb[q], len(g))
+        m = identity_metrics(order, labels[q], labels[g], ks=(1, 5))
         for key in per_query:
             per_query[key].append((m[key], len(q)))
     return {k: float(sum(v * n for v, n in rows) / sum(n for _, n in rows)) for k, rows in per_query.items()}
@@ -116,13 +122,22 @@ def choose(results: list[dict], base: str) -> dict:
     """The row of ``base``'s embeddings to adopt: highest ``all`` mAP whose ``two`` mAP is not below no re-ranking's.
 
     Leave-one-out mAP where it was measured, else the rounds'. A setting that helps the
-    many-photos gallery but hurts the one-or-two-photos one is not safe as a default.
+    many-photos gallery but hurts the one-or-two-photos one is not safe as a default; on a
+    tie, no re-ranking (the cheaper search) wins.
     """
     rows = [r for r in results if r["embeddings"].startswith(base)]
-    safe = {r["embeddings"]: r["two mAP"] for r in rows if r["rerank"] == "none"}
+    safe = {r["embeddings"]: r["two mAP"] for r in rows if r["method"] == "none"}
+    if not rows or set(safe) != {r["embeddings"] for r in rows}:
+        raise ValueError("choose: the grid needs a setting with method none (the plain search to hold others against)")
     key = "all loo_mAP" if all("all loo_mAP" in r for r in rows) else "all mAP"
     ok = [r for r in rows if r["two mAP"] >= safe[r["embeddings"]] - 1e-12]
-    return max(ok, key=lambda r: (r[key], r["two mAP"], r["rerank"] == "none"))
+    return max(ok, key=lambda r: (round(r[key], 12), round(r["two mAP"], 12), r["method"] == "none"))
+
+
+def best_of(chosen: list[dict]) -> dict:
+    """Across flip on and off: the higher ``all`` mAP, then ``two`` mAP; on a tie without the flip (half the cost)."""
+    return max(chosen, key=lambda r: (round(r.get("all loo_mAP", r["all mAP"]), 12), round(r["two mAP"], 12),
+                                      "no flip" in r["embeddings"]))  # fmt: skip
 
 
 def markdown(results: list[dict]) -> str:
@@ -190,14 +205,14 @@ def main(args) -> None:
         emb = np.ascontiguousarray(emb / np.linalg.norm(emb, axis=1, keepdims=True), dtype=np.float32)
         ver = verification(emb, labels, params["verification"])
         for setting, overrides in grid.items():
-            rerank = copy.deepcopy(params["evaluate"]["rerank"]) | dict(overrides)
-            row = {"embeddings": name, "rerank": setting, **score(emb, labels, R.RerankParams.from_dict(rerank),
-                                                                 args.rounds, args.seed), **ver}  # fmt: skip
+            rerank = R.RerankParams.from_dict(copy.deepcopy(params["evaluate"]["rerank"]) | dict(overrides))
+            row = {"embeddings": name, "rerank": setting, "method": rerank.method,
+                   **score(emb, labels, rerank, args.rounds, args.seed), **ver}  # fmt: skip
             log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             results.append(row)
     backbone = next(iter(sets)).split()[0]
     chosen = {flip: choose(results, f"{backbone} {flip}") for flip in ("+ flip", "no flip")}
-    best = max(chosen.values(), key=lambda r: (r.get("all loo_mAP", r["all mAP"]), r["two mAP"]))
+    best = best_of(list(chosen.values()))
     write_json_atomic(args.out, {"rows": results, "grid": grid, "rounds": args.rounds, "seed": args.seed,
                                  "chosen": best, "n_val_photos": len(labels),
                                  "n_val_identities": len(np.unique(labels))})  # fmt: skip
