@@ -109,10 +109,14 @@ def evaluate_folder(
                          "its identity numbers mean other people here: pass --trained-elsewhere)")  # fmt: skip
     files = [e.name for e in entries]
     n_all = len(files)
-    names = crop_names(files)
+    # The crop stage's guards and chip format (--crop-params' or the defaults), so the chips are
+    # written as the pipeline writes them.
+    names = crop_names(files, fmt=crop["format"])
     with tempfile.TemporaryDirectory(prefix="facesearch-eval-") as tmp:
         jobs = (delayed(process_image)(os.fsdecode(e.path), str(Path(tmp) / names[e.name]), face,
-                                       crop["jpeg_quality"], crop["max_pixels"], crop["min_image_side"])
+                                       crop["jpeg_quality"], crop["max_pixels"], crop["min_image_side"],
+                                       max_file_bytes=crop["max_file_bytes"], max_aspect=crop["max_aspect"],
+                                       fmt=crop["format"])
                 for e in entries)  # fmt: skip
         rows = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(files), desc="crop"))
         table = pd.DataFrame({

@@ -33,14 +33,16 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
+from facesearch.cropping import DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES
 from facesearch.faces import FaceConfig
 
 log = logging.getLogger("facesearch.contract")
 
-# The crop stage's image guards (params.yaml: crop.jpeg_quality / max_pixels /
-# min_image_side): how a photo is read and written, not how the face is cut, so a
-# model does not record them.
-IMAGE_GUARD_DEFAULTS = {"jpeg_quality": 95, "max_pixels": 40_000_000, "min_image_side": 32}
+# The crop stage's file and image guards and how it writes chips (params.yaml: crop.jpeg_quality,
+# format, max_file_bytes, max_pixels, min_image_side, max_aspect): how a photo is read and written,
+# not how the face is cut, so a model does not record them.
+IMAGE_GUARD_DEFAULTS = {"jpeg_quality": 95, "format": "jpeg", "max_file_bytes": DEFAULT_MAX_FILE_BYTES,
+                        "max_pixels": 40_000_000, "min_image_side": 32, "max_aspect": DEFAULT_MAX_ASPECT}  # fmt: skip
 
 
 def crop_params(face: FaceConfig) -> dict:

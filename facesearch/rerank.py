@@ -346,6 +346,13 @@ def prepare(
     struct = GalleryStructure(p, np.ascontiguousarray(gallery, dtype=np.float32))
     if p.method == "none":
         return struct
+    norms = np.linalg.norm(struct.gallery, axis=1)
+    if len(norms) and not np.allclose(norms, 1.0, atol=1e-3):
+        # Its weights and radii read cosine similarity off Euclidean distance: on raw vectors
+        # they would silently rank by something else.
+        raise ValueError(f"rerank {p.method} needs L2-normalised embeddings (train.<backbone>.normalize: true); "
+                         f"these have norms {norms.min():.3g} to {norms.max():.3g}: set evaluate.rerank.method none "
+                         "for this backbone")  # fmt: skip
     depth = min(graph_depth(p), len(gallery) - 1)
     dist, idx = neighbour_graph(struct.gallery, depth) if graph is None else graph
     if len(dist) != len(gallery) or dist.shape[1] < depth:

@@ -50,6 +50,23 @@ def test_crop_params_file_overrides_the_model(folder, tmp_path):
         evaluate_folder(tiny_model(tmp_path / "m.pt", []), str(folder), crop_params=str(tmp_path / "no.yaml"))
 
 
+def test_chips_are_written_and_guarded_as_the_crop_stage_does(folder, tmp_path, monkeypatch):
+    # crop.format and the file/shape guards of the params file reach every chip, not only the face settings.
+    seen, process = [], cli.process_image
+
+    def spy(src, dst, *args, **kw):
+        seen.append((dst, kw))
+        return process(src, dst, *args, **kw)
+
+    monkeypatch.setattr(cli, "process_image", spy)
+    params = write_params(tmp_path / "p.yaml", {"crop.format": "png", "crop.max_aspect": 3.0,
+                                                "crop.max_file_bytes": 10**6})  # fmt: skip
+    m = evaluate_folder(tiny_model(tmp_path / "m.pt", []), str(folder), crop_params=str(params), n_jobs=1)
+    assert seen and all(dst.endswith(".png") and kw == {"fmt": "png", "max_aspect": 3.0, "max_file_bytes": 10**6}
+                        for dst, kw in seen)  # fmt: skip
+    assert m["n_queries"] > 0
+
+
 def test_old_models_fall_back_with_a_warning(tmp_path, caplog):
     from facesearch.models import load_model
 

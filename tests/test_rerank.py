@@ -262,6 +262,15 @@ def test_adaptive_default_is_safe_with_one_or_two_photos_per_person(few):
     assert mean_ap(few, build_rerank_index(prepare(g, DBA))) > base - 0.01
 
 
+@pytest.mark.parametrize("params", [DBA, KR])
+def test_unnormalised_embeddings_are_refused_with_a_fix(small, params):
+    # A normalize: false backbone's raw vectors would be weighed as if unit: refused, not mis-ranked.
+    _, g = small
+    with pytest.raises(ValueError, match=r"L2-normalised.*method none"):
+        prepare(g * 3.0, params)
+    assert len(prepare(g * 3.0, {"method": "none"}).gallery) == len(g)  # the plain search takes any vectors
+
+
 def test_params():
     p = RerankParams.from_dict({"method": "k_reciprocal", "lambda": 0.5})
     assert p.lam == 0.5 and RerankParams.from_dict(None).method == "none"

@@ -190,3 +190,23 @@ def test_open_set_takes_another_searchs_top1_but_judges_its_plain_similarity():
         q, q_labels, g, g_labels, -1.0, top1=lambda a, b: (np.arange(len(a)) * 2 + 2) % 12
     )
     assert wrong["tpir"] == 0.0
+
+
+def test_open_set_right_person_below_threshold_is_not_found_and_a_quiet_stranger_is_no_match():
+    # Re-ranking may put a same-person photo first whose own cosine similarity is low: the
+    # verdict is that photo's plain similarity, so the person is not found at 0.9, though the
+    # plain top-1 (row 0, cos 10 degrees = 0.985) would have been a match.
+    def unit(deg):
+        return np.array([np.cos(np.radians(deg)), np.sin(np.radians(deg))])
+
+    gallery, g_labels = np.stack([unit(0), unit(60), unit(180)]), np.array([1, 1, 2])
+    queries, q_labels = np.stack([unit(10), unit(170)]), np.array([1, 3])  # person 1; a stranger near person 2
+
+    def picks(q_emb, g_emb):  # person 1's far photo; for the stranger, person 1's near one
+        return np.array([1, 0])
+
+    m = V.open_set_identification(queries, q_labels, gallery, g_labels, 0.9, top1=picks)
+    # cos 50 = 0.643 < 0.9: not found; the stranger's pick, cos 170 = -0.985: no false alarm
+    assert m["tpir"] == 0.0 and m["fpir"] == 0.0
+    plain = V.open_set_identification(queries, q_labels, gallery, g_labels, 0.9)
+    assert plain["tpir"] == 1.0 and plain["fpir"] == 1.0  # plain top-1s: row 0 (0.985) and row 2 (cos 10 = 0.985)
