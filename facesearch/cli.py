@@ -49,7 +49,7 @@ from facesearch import manifest as M
 from facesearch import rerank as R
 from facesearch.celeba import DatasetError
 from facesearch.contract import crop_settings, seen_identities
-from facesearch.cropping import crop_names, process_image
+from facesearch.cropping import crop_names, image_guards, process_image
 from facesearch.inference import embed_array
 from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.layouts import AUTO, FOLDERS, LABELLED_LAYOUTS, read_dataset
@@ -94,7 +94,8 @@ def evaluate_folder(
     model, payload = load_model(model_path, map_location=dev)
     if crop_params and not Path(crop_params).is_file():
         raise SystemExit(f"evaluate: --crop-params {crop_params} does not exist")
-    crop, face, size = crop_settings(payload, crop_params, override=True)
+    crop_block, face, size = crop_settings(payload, crop_params, override=True)
+    crop = image_guards(crop_block)
     dataset = read_dataset(data, layout)  # entry paths are absolute: a joblib worker may sit elsewhere
     ids = dataset.annotations.identities
     labelled = [e for e in dataset.entries if e.problem is None and e.name in ids]

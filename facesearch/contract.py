@@ -33,16 +33,9 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
-from facesearch.cropping import DEFAULT_MAX_ASPECT, DEFAULT_MAX_FILE_BYTES
 from facesearch.faces import FaceConfig
 
 log = logging.getLogger("facesearch.contract")
-
-# The crop stage's file and image guards and how it writes chips (params.yaml: crop.jpeg_quality,
-# format, max_file_bytes, max_pixels, min_image_side, max_aspect): how a photo is read and written,
-# not how the face is cut, so a model does not record them.
-IMAGE_GUARD_DEFAULTS = {"jpeg_quality": 95, "format": "jpeg", "max_file_bytes": DEFAULT_MAX_FILE_BYTES,
-                        "max_pixels": 40_000_000, "min_image_side": 32, "max_aspect": DEFAULT_MAX_ASPECT}  # fmt: skip
 
 
 def crop_params(face: FaceConfig) -> dict:
@@ -82,7 +75,7 @@ def model_preprocessing(payload: dict, fallback: FaceConfig | None = None) -> tu
 def crop_settings(
     payload: dict, params_file: str | os.PathLike | None = None, *, override: bool = False,
 ) -> tuple[dict, FaceConfig, int]:  # fmt: skip
-    """(image guards, crop settings, input side in px) for cutting photos for a saved model.
+    """(crop block, crop settings, input side in px) for cutting photos for a saved model.
 
     The one place that decides how a model's queries and galleries are cropped
     (``python -m facesearch evaluate``, the app, ``facesearch index``):
@@ -93,7 +86,10 @@ def crop_settings(
     - with ``override`` (``evaluate --crop-params FILE``) ``params_file``'s crop
       block and image guards, whatever the model says.
 
-    The input side is always the model's: the network was trained at it.
+    The input side is always the model's: the network was trained at it. The crop
+    block is ``params_file``'s (empty when none is read): its file and image guards
+    (:func:`facesearch.cropping.image_guards`) are how a photo is read and written,
+    not how the face is cut, so a model does not record them.
     """
     crop = None
     if params_file is not None and (override or payload.get("preprocessing") is None):
@@ -103,12 +99,11 @@ def crop_settings(
             raise FileNotFoundError(f"crop settings file {params_file} does not exist")
         crop = load_params(params_file)["crop"]
     if crop is None:
-        return dict(IMAGE_GUARD_DEFAULTS), *model_preprocessing(payload)
+        return {}, *model_preprocessing(payload)
     face = FaceConfig.from_params(crop)
-    guards = {k: crop.get(k, v) for k, v in IMAGE_GUARD_DEFAULTS.items()}
     if override:
-        return guards, face, model_preprocessing(payload, fallback=face)[1]
-    return guards, *model_preprocessing(payload, fallback=face)
+        return dict(crop), face, model_preprocessing(payload, fallback=face)[1]
+    return dict(crop), *model_preprocessing(payload, fallback=face)
 
 
 def seen_identities(payload: dict) -> set[int]:

@@ -17,7 +17,7 @@ import os
 import re
 import stat
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import cv2
 from PIL import Image
@@ -54,6 +54,16 @@ class CropLimits:
     @classmethod
     def from_params(cls, crop: dict) -> CropLimits:
         return cls(**{k: crop[k] for k in cls.__dataclass_fields__})
+
+
+# How chips are written when a caller passes no crop block (params.yaml: crop.jpeg_quality, format).
+WRITE_DEFAULTS = {"jpeg_quality": 95, "format": "jpeg"}
+
+
+def image_guards(crop: dict) -> dict:
+    """The crop stage's file and image guards and chip format: each ``crop`` key, else its default."""
+    defaults = {**WRITE_DEFAULTS, **asdict(CropLimits())}
+    return {k: crop.get(k, v) for k, v in defaults.items()}
 
 
 def check_format(fmt: str) -> str:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from facesearch import manifest as M
 from facesearch.celeba import ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IDENTITY_FILE, storable_name
-from facesearch.cropping import crop_names
+from facesearch.cropping import crop_names, image_guards
 from facesearch.detect import DetectorConfig, detect_face
 from facesearch.faces import face_crop
 from facesearch.packing import pack_crops
@@ -340,3 +340,15 @@ def test_folder_layout_hostile_entries_one_row_each(small_sample, tmp_path):
     photos = {str(p.relative_to(people)) for p in people.glob("Person_*/*.jpg")} - {"Person_00872/pipe.jpg"}
     assert len(df) == len(photos) + 5 == metrics["n_input"]
     assert metrics["n_kept"] + sum(metrics["rejected"].values()) == len(df)
+
+
+def test_image_guards_are_params_keys_with_defaults(repo_root):
+    # The evaluate CLI reads and writes chips with these: each must be a crop.* key of params.yaml
+    # (a renamed key would silently fall back to its default), and an empty block gives the defaults.
+    from facesearch.params import load_params
+
+    block = load_params(repo_root / "params.yaml")["crop"]
+    guards = image_guards(block)
+    assert set(guards) <= set(block)
+    assert guards == {k: block[k] for k in guards}
+    assert image_guards({})["format"] == "jpeg" and image_guards({"max_aspect": 3.0})["max_aspect"] == 3.0
