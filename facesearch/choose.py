@@ -1,11 +1,12 @@
-"""``python -m facesearch choose``: test-time flip and re-ranking, chosen on validation identities.
+"""``python -m facesearch choose``: test-time augmentation and re-ranking, chosen on validation identities.
 
     python -m facesearch choose --model models/dlib_resnet.pt --split data/split --arrays data/arrays \\
-        --out choices.json [--descriptors DIR ...] [--grid rerank.yaml] [--rounds 10]
+        --out choices.json [--descriptors DIR ...] [--grid rerank.yaml] [--rounds 10] [--jitters 10]
 
 The validation identities (``val.parquet``: never trained on, never tested on) are
-embedded by the model as it is and with its test-time flip turned the other way
-(``flip_tta``), and each embedding set is searched with every re-ranking setting of
+embedded by the model as it is, without and with its test-time flip (``flip_tta``), and with
+the flip and ``--jitters`` dlib-style jitters (``tta_jitters``), and each embedding set is
+searched with every re-ranking setting of
 ``--grid`` (a YAML mapping ``name: {evaluate.rerank key: value}``, overrides of
 ``params.yaml: evaluate.rerank``; by default ``none``, adaptive ``dba_qe``, plain
 ``dba_qe`` and ``k_reciprocal``) on two kinds of validation gallery:
@@ -119,13 +120,13 @@ def verification(emb: np.ndarray, labels: np.ndarray, params: dict) -> dict:
 
 
 def choose(results: list[dict], base: str) -> dict:
-    """The row of ``base``'s embeddings to adopt: highest ``all`` mAP whose ``two`` mAP is not below no re-ranking's.
+    """The row of embeddings ``base`` to adopt: highest ``all`` mAP whose ``two`` mAP is not below no re-ranking's.
 
     Leave-one-out mAP where it was measured, else the rounds'. A setting that helps the
     many-photos gallery but hurts the one-or-two-photos one is not safe as a default; on a
     tie, no re-ranking (the cheaper search) wins.
     """
-    rows = [r for r in results if r["embeddings"].startswith(base)]
+    rows = [r for r in results if r["embeddings"] == base]
     safe = {r["embeddings"]: r["two mAP"] for r in rows if r["method"] == "none"}
     if not rows or set(safe) != {r["embeddings"] for r in rows}:
         raise ValueError("choose: the grid needs a setting with method none (the plain search to hold others against)")
@@ -135,9 +136,22 @@ def choose(results: list[dict], base: str) -> dict:
 
 
 def best_of(chosen: list[dict]) -> dict:
-    """Across flip on and off: the higher ``all`` mAP, then ``two`` mAP; on a tie without the flip (half the cost)."""
+    """Across embedding sets: the higher ``all`` mAP, then ``two`` mAP; on a tie the fewest forward passes."""
     return max(chosen, key=lambda r: (round(r.get("all loo_mAP", r["all mAP"]), 12), round(r["two mAP"], 12),
-                                      "no flip" in r["embeddings"]))  # fmt: skip
+                                      -r.get("views", 1)))  # fmt: skip
+
+
+def tta_variants(flip: bool, jitters: int, extra: list[int]) -> list[tuple[bool, int]]:
+    """(flip_tta, tta_jitters) to embed with: as saved first, then no flip, flip, and flip with each of ``extra``."""
+    out = [(flip, jitters)]
+    for v in [(False, 0), (True, 0)] + [(True, n) for n in extra if n > 0]:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def tta_name(backbone: str, flip: bool, jitters: int) -> str:
+    return f"{backbone} {'+ flip' if flip else 'no flip'}" + (f" + {jitters} jitters" if jitters else "")
 
 
 def markdown(results: list[dict]) -> str:
@@ -149,8 +163,10 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_embeddings(model_path: str, split: Path, arrays: Path, device: str) -> dict[str, np.ndarray]:
-    """The val embeddings of the model as saved and with its flip the other way, by name."""
+def model_embeddings(
+    model_path: str, split: Path, arrays: Path, device: str, jitters: list[int],
+) -> dict[str, tuple[np.ndarray, int]]:  # fmt: skip
+    """The val embeddings and forward passes per photo of each :func:`tta_variants` of the model, by name."""
     from facesearch.contract import model_preprocessing
     from facesearch.inference import embed_array
     from facesearch.models import load_model, resolve_device
@@ -162,10 +178,10 @@ def model_embeddings(model_path: str, split: Path, arrays: Path, device: str) ->
     table = pd.read_parquet(split / "val.parquet")
     images = load_array(arrays / "val.npy", len(table), crop_side=face.size, min_side=size)
     out = {}
-    for flip in (model.config.flip_tta, not model.config.flip_tta):
-        model.config = dataclasses.replace(model.config, flip_tta=flip)
-        name = f"{model.config.backbone} {'+ flip' if flip else 'no flip'}"
-        out[name] = embed_array(model, images, size, dev, desc=name)
+    for flip, n in tta_variants(model.config.flip_tta, model.config.tta_jitters, jitters):
+        model.config = dataclasses.replace(model.config, flip_tta=flip, tta_jitters=n)
+        name = tta_name(model.config.backbone, flip, n)
+        out[name] = embed_array(model, images, size, dev, desc=name), 1 + flip + n
     return out
 
 
@@ -180,6 +196,9 @@ def add_parser(sub) -> None:
     p.add_argument("--grid", default=None, help="YAML: name -> evaluate.rerank overrides (default: the four methods)")
     p.add_argument("--rounds", type=int, default=10, help="query/gallery rounds per gallery kind")
     p.add_argument("--seed", type=int, default=0, help="which photos query and which two stay, per round")
+    p.add_argument(
+        "--jitters", default="10", help="comma-separated tta_jitters to try with the flip (dlib's 10; '' none)"
+    )
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="JSON with every row and the choice")
@@ -193,26 +212,26 @@ def main(args) -> None:
     split = Path(args.split)
     val = pd.read_parquet(split / "val.parquet")
     labels = val[M.IDENTITY].to_numpy()
-    sets = model_embeddings(args.model, split, Path(args.arrays), args.device)
+    jitters = [int(n) for n in args.jitters.split(",") if n.strip()]
+    sets = model_embeddings(args.model, split, Path(args.arrays), args.device, jitters)
+    candidates = list(sets)
     for folder in map(Path, args.descriptors):
         index = pd.read_parquet(folder / "val.parquet")
         if sorted(index[M.CROP_PATH]) != sorted(val[M.CROP_PATH]):
             raise SystemExit(f"choose: {folder}/val.parquet does not list this split's validation photos")
         row = {path: i for i, path in enumerate(index[M.CROP_PATH])}
-        sets[folder.name] = np.load(folder / "val.npy").astype(np.float32)[[row[p] for p in val[M.CROP_PATH]]]
+        sets[folder.name] = np.load(folder / "val.npy").astype(np.float32)[[row[p] for p in val[M.CROP_PATH]]], None
     results = []
-    for name, emb in sets.items():
+    for name, (emb, views) in sets.items():
         emb = np.ascontiguousarray(emb / np.linalg.norm(emb, axis=1, keepdims=True), dtype=np.float32)
         ver = verification(emb, labels, params["verification"])
         for setting, overrides in grid.items():
             rerank = R.RerankParams.from_dict(copy.deepcopy(params["evaluate"]["rerank"]) | dict(overrides))
-            row = {"embeddings": name, "rerank": setting, "method": rerank.method,
+            row = {"embeddings": name, "rerank": setting, "method": rerank.method, "views": views,
                    **score(emb, labels, rerank, args.rounds, args.seed), **ver}  # fmt: skip
             log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             results.append(row)
-    backbone = next(iter(sets)).split()[0]
-    chosen = {flip: choose(results, f"{backbone} {flip}") for flip in ("+ flip", "no flip")}
-    best = best_of(list(chosen.values()))
+    best = best_of([choose(results, name) for name in candidates])
     write_json_atomic(args.out, {"rows": results, "grid": grid, "rounds": args.rounds, "seed": args.seed,
                                  "chosen": best, "n_val_photos": len(labels),
                                  "n_val_identities": len(np.unique(labels))})  # fmt: skip

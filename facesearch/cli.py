@@ -147,6 +147,7 @@ def evaluate_folder(
     metrics.update(R.loo_metrics(q_emb, q_labels, g_emb, g_labels, rr))
     metrics["rerank"] = rr.as_params()
     metrics["flip_tta"] = model.config.flip_tta
+    metrics["tta_jitters"] = model.config.tta_jitters
     kept = int((table[M.STATUS] == M.Status.KEPT).sum())
     metrics.update({
         "keep_rate": round(kept / n_all, 4) if n_all else 0.0, "n_images": n_all, "n_kept": kept,

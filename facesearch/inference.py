@@ -1,8 +1,8 @@
 """Batched inference: embeddings of a packed uint8 array, in eval mode.
 
 The one function every path embeds with (train's validation, the embed stage, ``evaluate``,
-the photo index and the app), so a model's test-time augmentation (``config.flip_tta``)
-applies everywhere or nowhere.
+the photo index and the app), so a model's test-time augmentation (``config.flip_tta``,
+``config.tta_jitters``) applies everywhere or nowhere.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from facesearch.transforms import to_model_input
+from facesearch.transforms import jittered, to_model_input
 
 
 @torch.no_grad()
@@ -22,7 +22,9 @@ def embed_array(
     """Embeddings (N, d) float32 of a uint8 (N, H, W, 3) array, in eval mode, batched.
 
     With ``config.flip_tta`` each row is the mean of the face's and its mirror image's
-    embeddings, L2-normalised again when the model normalises (a mean of unit vectors is shorter).
+    embeddings, and with ``config.tta_jitters`` N also of its N dlib-style jitters
+    (:func:`facesearch.transforms.jittered`); L2-normalised again when the model normalises
+    (a mean of unit vectors is shorter). Each view is one more forward pass.
     """
     was_training = model.training
     model.eval()
@@ -34,9 +36,13 @@ def embed_array(
         x = to_model_input(torch.from_numpy(np.array(images[start : start + batch])), size, device,
                            channels_last)  # fmt: skip
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            emb = model(x).float()
+            emb, views = model(x).float(), 1
             if config.flip_tta:
-                emb = (emb + model(x.flip(-1)).float()) / 2  # dim -1 is the width in NCHW and NHWC alike
+                emb, views = emb + model(x.flip(-1)).float(), views + 1  # dim -1: the width in NCHW and NHWC alike
+            for view in jittered(x, config.tta_jitters):
+                emb, views = emb + model(view).float(), views + 1
+            if views > 1:
+                emb = emb / views
                 if config.normalize:
                     emb = torch.nn.functional.normalize(emb, dim=1)
             out.append(emb.cpu().numpy())

@@ -54,6 +54,9 @@ class ModelConfig:
     # with). Part of the model, not of a caller, so validation, its threshold, the embed stage,
     # `evaluate`, the index and the app all embed the same way; False in files saved before it.
     flip_tta: bool = False
+    # dlib-style jitter (dlib's num_jitters): also average this many slightly rotated, zoomed and
+    # shifted views (facesearch.transforms.jittered); each is one more forward pass. 0 in older files.
+    tta_jitters: int = 0
 
 
 @dataclass

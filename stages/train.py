@@ -118,6 +118,7 @@ class TrainConfig:
     normalize: bool
     img_size: int
     flip_tta: bool  # embed as the mean of the face and its mirror image (validation included)
+    tta_jitters: int  # and of this many dlib-style jitters (validation included)
     loss: str  # triplet | semi_hard | batch_hard
     margin: float
     soft_margin: bool
@@ -275,6 +276,7 @@ def train(
     model_config = ModelConfig(
         args.backbone, weights=cfg.weights, embedding_dim=cfg.embedding_dim, normalize=cfg.normalize,
         trainable_layers=cfg.trainable_layers, img_size=cfg.img_size, flip_tta=cfg.flip_tta,
+        tta_jitters=cfg.tta_jitters,
     )  # fmt: skip
     model = seeded_model(model_config, cfg.seed).to(device)
     channels_last = cfg.channels_last  # NHWC pays on CUDA and on CPU (oneDNN) alike

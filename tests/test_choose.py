@@ -13,7 +13,7 @@ import pytest
 from conftest import run_train
 
 from facesearch import manifest as M
-from facesearch.choose import best_of, choose, round_scores, rounds
+from facesearch.choose import best_of, choose, round_scores, rounds, tta_name, tta_variants
 from facesearch.cli import main as cli_main
 from facesearch.rerank import RerankParams
 
@@ -63,26 +63,34 @@ def test_round_scores_without_re_ranking_equal_brute_force():
     assert dba["mAP"] != pytest.approx(got["mAP"], abs=1e-6)
 
 
-def row(embeddings, setting, method, all_map, two_map):
+def row(embeddings, setting, method, all_map, two_map, views=1):
     return {"embeddings": embeddings, "rerank": setting, "method": method, "all loo_mAP": all_map,
-            "all mAP": all_map, "two mAP": two_map}  # fmt: skip
+            "all mAP": all_map, "two mAP": two_map, "views": views}  # fmt: skip
 
 
 def test_the_choice_is_the_best_setting_that_does_not_hurt_the_two_photo_gallery():
     rows = [row("m + flip", "plain", "none", 0.90, 0.80), row("m + flip", "greedy", "dba_qe", 0.99, 0.70),
             row("m + flip", "safe", "dba_qe", 0.95, 0.80), row("m + flip", "kr", "k_reciprocal", 0.93, 0.85),
-            row("other", "x", "dba_qe", 1.0, 1.0)]  # fmt: skip
-    assert choose(rows, "m + flip")["rerank"] == "safe"
+            row("other", "x", "dba_qe", 1.0, 1.0), row("m + flip + 10 jitters", "x", "none", 1.0, 1.0)]  # fmt: skip
+    assert choose(rows, "m + flip")["rerank"] == "safe"  # another set whose name starts alike is not m + flip
     # on a tie the plain search wins (cheaper); the baseline is found by its method, not its name
     assert choose([row("m", "plain", "none", 0.9, 0.8), row("m", "a", "dba_qe", 0.9, 0.8)], "m")["rerank"] == "plain"
     with pytest.raises(ValueError, match="method none"):
         choose([row("m", "a", "dba_qe", 0.9, 0.8)], "m")
 
 
-def test_without_the_flip_wins_a_tie():
-    flip, plain = row("m + flip", "a", "none", 0.9, 0.8), row("m no flip", "a", "none", 0.9, 0.8)
-    assert best_of([flip, plain]) is plain
-    assert best_of([flip | {"all loo_mAP": 0.91}, plain])["embeddings"] == "m + flip"
+def test_the_fewest_forward_passes_win_a_tie():
+    flip, plain = row("m + flip", "a", "none", 0.9, 0.8, views=2), row("m no flip", "a", "none", 0.9, 0.8)
+    jitter = row("m + flip + 10 jitters", "a", "none", 0.9, 0.8, views=12)
+    assert best_of([jitter, flip, plain]) is plain
+    assert best_of([jitter, flip | {"all loo_mAP": 0.91}, plain])["embeddings"] == "m + flip"
+    assert best_of([jitter | {"two mAP": 0.81}, flip, plain]) is not plain
+
+
+def test_tta_variants_put_the_saved_setting_first_and_never_twice():
+    assert tta_variants(True, 0, [10]) == [(True, 0), (False, 0), (True, 10)]
+    assert tta_variants(True, 10, [10, 0]) == [(True, 10), (False, 0), (True, 0)]
+    assert tta_name("m", True, 10) == "m + flip + 10 jitters" and tta_name("m", False, 0) == "m no flip"
 
 
 @pytest.mark.slow
@@ -105,7 +113,8 @@ def test_choose_scores_flip_and_descriptors_on_validation_identities_only(prepar
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        cli_main(["choose", "--model", str(model), "--descriptors", "ref", "--rounds", "2", "--out", "c.json"])
+        cli_main(["choose", "--model", str(model), "--descriptors", "ref", "--rounds", "2", "--jitters", "2",
+                  "--out", "c.json"])  # fmt: skip
         result = json.loads((work / "c.json").read_text())
         shuffled.iloc[1:].to_parquet(desc / "val.parquet")  # a photo missing: refused, not misaligned
         with pytest.raises(SystemExit, match="validation photos"):
@@ -113,8 +122,9 @@ def test_choose_scores_flip_and_descriptors_on_validation_identities_only(prepar
     finally:
         os.chdir(cwd)
     names = {r["embeddings"] for r in result["rows"]}
-    assert names == {"mobilenet_v2 + flip", "mobilenet_v2 no flip", "ref"}
-    assert len(result["rows"]) == 3 * 4 and result["chosen"] in result["rows"]
+    assert names == {"mobilenet_v2 + flip", "mobilenet_v2 no flip", "mobilenet_v2 + flip + 2 jitters", "ref"}
+    assert len(result["rows"]) == 4 * 4 and result["chosen"] in result["rows"]
+    assert {r["views"] for r in result["rows"] if r["embeddings"] != "ref"} == {1, 2, 4}
     assert result["chosen"]["embeddings"] != "ref"  # the choice is among the model's own settings
     assert result["n_val_photos"] == len(val)
     for r in result["rows"]:

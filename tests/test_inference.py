@@ -1,4 +1,4 @@
-"""facesearch.inference: batched embedding, and the model's test-time flip."""
+"""facesearch.inference: batched embedding, and the model's test-time flip and jitter."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from facesearch.inference import embed_array
 from facesearch.models import get_model, load_model, save_model
+from facesearch.transforms import jittered, to_model_input
 
 CPU = torch.device("cpu")
 
@@ -50,3 +51,31 @@ def test_the_flip_travels_with_the_model_file(model, faces, tmp_path):
     assert payload["config"]["flip_tta"] is True and loaded.config.flip_tta
     assert np.allclose(embed_array(loaded, faces, 32, CPU), embed_array(model, faces, 32, CPU), atol=1e-6)
     with_flip(model, False)
+
+
+def test_jitter_averages_the_flip_and_each_jittered_view(model, faces):
+    model.config = dataclasses.replace(model.config, flip_tta=True, tta_jitters=3)
+    try:
+        got = embed_array(model, faces, 32, CPU, batch=2)
+        with torch.no_grad():
+            x = to_model_input(torch.from_numpy(faces), 32, CPU)
+            views = [x, x.flip(-1), *jittered(x, 3)]
+            mean = sum(model(v) for v in views).numpy() / len(views)
+        assert np.allclose(got, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-5)
+        # the same warps whatever the batch: one photo's embedding does not depend on its neighbours
+        assert np.allclose(embed_array(model, faces[2:3], 32, CPU), got[2:3], atol=1e-5)
+        model.config = dataclasses.replace(model.config, tta_jitters=0)
+        assert not np.allclose(embed_array(model, faces, 32, CPU), got, atol=1e-4)
+    finally:
+        model.config = dataclasses.replace(model.config, flip_tta=False, tta_jitters=0)
+
+
+def test_jitters_travel_with_the_model_file(model, faces, tmp_path):
+    model.config = dataclasses.replace(model.config, tta_jitters=2)
+    try:
+        save_model(tmp_path / "m.pt", model)
+        loaded, payload = load_model(tmp_path / "m.pt")
+        assert payload["config"]["tta_jitters"] == 2 and loaded.config.tta_jitters == 2
+        assert np.allclose(embed_array(loaded, faces, 32, CPU), embed_array(model, faces, 32, CPU), atol=1e-6)
+    finally:
+        model.config = dataclasses.replace(model.config, tta_jitters=0)
