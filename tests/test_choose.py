@@ -102,7 +102,7 @@ def test_choose_scores_flip_and_descriptors_on_validation_identities_only(prepar
                 "data/arrays/val.json", "params.yaml"):  # fmt: skip
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(prepared / rel, work / rel)
-    model = run_train(work, "m", {"epochs": 1}) / "model.pt"
+    model = run_train(work, "m", {"epochs": 1, "tta_jitters": 0}) / "model.pt"  # saved as flip, no jitter
     val = pd.read_parquet(work / "data/split/val.parquet")
     desc = work / "ref"
     desc.mkdir()
