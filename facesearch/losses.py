@@ -1,4 +1,4 @@
-"""Triplet losses: the report's offline triplets and the field's online mining.
+"""Triplet losses (the report's offline triplets and the field's online mining), and distillation.
 
 Online mining follows FaceNet (Schroff et al. 2015; semi-hard negatives) and
 Hermans et al. 2017 (batch-hard over P x K batches, soft margin). Batch-hard
@@ -102,6 +102,23 @@ def offline_triplet_loss(
     d_ap = F.pairwise_distance(anchor, positive, eps=1e-12)
     d_an = F.pairwise_distance(anchor, negative, eps=1e-12)
     return _hinge(d_ap, d_an, margin, soft).mean(), {"active": (d_ap - d_an + margin > 0).float().mean()}
+
+
+# A distilled student is still within this cosine of its teacher on a row: that row counts as
+# "active" (still being pulled), the distillation analogue of a triplet that violates its margin.
+DISTILL_ACTIVE_COSINE = 0.9
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Embedding distillation: mean ``1 - cos(student_i, teacher_i)`` over the batch's rows.
+
+    The student learns to place each face where the teacher does (direction only: both
+    are searched by cosine, and a normalised student cannot match a length anyway). For
+    unit vectors it is half the squared L2 distance. ``active``: share of rows whose cosine
+    is still below :data:`DISTILL_ACTIVE_COSINE`.
+    """
+    cos = F.cosine_similarity(student.float(), teacher.float(), dim=1, eps=1e-12)
+    return (1.0 - cos).mean(), {"active": (cos < DISTILL_ACTIVE_COSINE).float().mean()}
 
 
 MINING = {"batch_hard": batch_hard_loss, "semi_hard": semi_hard_loss}

@@ -38,10 +38,19 @@ def to_model_input(
     The uint8 batch is moved first (4x fewer bytes than float), then converted.
     """
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    mean, std = _normaliser(x.device)
+    return resized((resized(x, size) - mean) / std, size, channels_last)
+
+
+def resized(x: torch.Tensor, size: int, channels_last: bool = False) -> torch.Tensor:
+    """A float (N, 3, H, W) batch at ``size`` x ``size``: bilinear with antialiasing, as every input is resized.
+
+    Linear, so it commutes with the per-channel normalisation: a normalised (and augmented)
+    batch resized here is the batch :func:`to_model_input` would give at ``size`` (distillation
+    gives its student the teacher's augmented view this way).
+    """
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    mean, std = _normaliser(x.device)
-    x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

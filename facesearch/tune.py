@@ -10,6 +10,9 @@ among the *validation* identities (disjoint from train and test). The untrained
 network's validation score is reported beside them as ``zero-shot``. Test
 identities (query/gallery) are never read here: the chosen recipe goes into
 ``params.yaml`` and is scored once, by ``dvc repro`` (evaluate).
+
+Distillation recipes are chosen the same way: ``--teacher models/dlib_resnet.pt``
+with recipes of ``loss: distill`` (see ``stages/train.py``).
 """
 
 from __future__ import annotations
@@ -71,7 +74,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune(backbone: str, grid: dict[str, dict], seeds: list[int], params_path: str, split: str, arrays: str) -> dict:
+def tune(
+    backbone: str, grid: dict[str, dict], seeds: list[int], params_path: str, split: str, arrays: str,
+    teacher: str | None = None,
+) -> dict:  # fmt: skip
     """Train every recipe of ``grid`` with every seed; returns the per-run and summary scores."""
     from stages import train  # the stage itself, so a recipe trains exactly as dvc repro trains it
 
@@ -94,7 +100,8 @@ def tune(backbone: str, grid: dict[str, dict], seeds: list[int], params_path: st
                 with contextlib.redirect_stderr(io.StringIO()):  # tqdm bars of every run: noise here
                     train.main(["--backbone", backbone, "--split", split, "--arrays", arrays,
                                 "--out", str(run_dir / "model.pt"), "--checkpoint", str(run_dir / "ckpt"),
-                                "--live", str(run_dir / "live"), "--params", str(run_dir / "params.yaml")])  # fmt: skip
+                                "--live", str(run_dir / "live"), "--params", str(run_dir / "params.yaml"),
+                                *(["--teacher", teacher] if teacher else [])])  # fmt: skip
                 payload = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
                 scores = run_scores(payload)
                 runs.setdefault(name, []).append(scores["best"])
@@ -103,7 +110,7 @@ def tune(backbone: str, grid: dict[str, dict], seeds: list[int], params_path: st
                     zero_shot.append(scores["zero_shot"])
                 log.info("  val %s", {k: round(v, 4) for k, v in scores["best"].items()})
     summary = summarise({**runs, ZERO_SHOT: zero_shot})
-    return {"backbone": backbone, "seeds": seeds, "grid": grid, "runs": per_run, "summary": summary,
+    return {"backbone": backbone, "teacher": teacher, "seeds": seeds, "grid": grid, "runs": per_run, "summary": summary,
             "chosen": next(r["recipe"] for r in summary)}  # fmt: skip
 
 
@@ -117,6 +124,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="data/split")
     p.add_argument("--arrays", default="data/arrays")
     p.add_argument("--out", required=True, help="JSON with every run and the summary")
+    p.add_argument("--teacher", help="recipes of loss: distill distil this saved model (e.g. models/dlib_resnet.pt)")
 
 
 def main(args) -> None:
@@ -125,7 +133,8 @@ def main(args) -> None:
     grid = yaml.safe_load(Path(args.grid).read_text())
     if not isinstance(grid, dict) or not all(isinstance(v, dict) for v in grid.values()):
         raise SystemExit("tune: --grid must map recipe names to mappings of train params")
-    result = tune(args.backbone, grid, [int(s) for s in args.seeds.split(",")], args.params, args.split, args.arrays)
+    result = tune(args.backbone, grid, [int(s) for s in args.seeds.split(",")], args.params, args.split, args.arrays,
+                  args.teacher)  # fmt: skip
     write_json_atomic(args.out, result)
     print(markdown(result["summary"]), end="")
     print(f"chosen on validation identities: {result['chosen']}")

@@ -6,7 +6,12 @@
 
 Reads ``params.yaml: train.<backbone>``. Losses: the report's offline triplets
 (``loss: triplet``) or P x K batches with online ``semi_hard`` / ``batch_hard``
-mining. GPU first (bf16 autocast, channels_last, optional ``torch.compile``),
+mining, or ``loss: distill`` with ``--teacher models/dlib_resnet.pt``: the
+backbone (the student) learns to embed each augmented training crop where a
+saved model (the teacher) embeds the same view, on P x K batches of the train
+crops (:func:`facesearch.losses.distillation_loss`). The teacher's validation
+score is recorded beside the student's, and the student counts as having seen
+every identity its teacher saw. GPU first (bf16 autocast, channels_last, optional ``torch.compile``),
 CPU for small runs; several GPUs with ``torchrun --nproc_per_node N -m
 stages.train ...`` (DDP; gloo on CPU), where an epoch of ``steps_per_epoch: 0``
 is still one pass over the data: each of the N processes takes every Nth batch.
@@ -51,11 +56,19 @@ from tqdm import tqdm
 
 from facesearch import manifest as M
 from facesearch.augment import AugmentConfig, augment
-from facesearch.contract import crop_params, identities_record, preprocessing_record
+from facesearch.contract import crop_params, identities_record, model_preprocessing, preprocessing_record
 from facesearch.faces import FaceConfig
 from facesearch.inference import embed_array
-from facesearch.losses import MINING, offline_triplet_loss, pairwise_distances
-from facesearch.models import ModelConfig, resolve_device, save_model, seeded_model, trainable_parameters
+from facesearch.losses import MINING, distillation_loss, offline_triplet_loss, pairwise_distances
+from facesearch.models import (
+    EmbeddingNet,
+    ModelConfig,
+    load_model,
+    resolve_device,
+    save_model,
+    seeded_model,
+    trainable_parameters,
+)
 from facesearch.packing import load_array
 from facesearch.params import load_params
 from facesearch.provenance import code_fingerprint
@@ -81,7 +94,7 @@ from facesearch.training import (
     set_deterministic,
     triplet_batches,
 )
-from facesearch.transforms import to_model_input
+from facesearch.transforms import resized, to_model_input
 from facesearch.verification import calibrate
 
 log = logging.getLogger("facesearch.train")
@@ -119,7 +132,7 @@ class TrainConfig:
     img_size: int
     flip_tta: bool  # embed as the mean of the face and its mirror image (validation included)
     tta_jitters: int  # and of this many dlib-style jitters (validation included)
-    loss: str  # triplet | semi_hard | batch_hard
+    loss: str  # triplet | semi_hard | batch_hard | distill (with --teacher)
     margin: float
     soft_margin: bool
     semi_hard_epochs: int  # batch_hard only: semi-hard mining for these first epochs
@@ -177,14 +190,54 @@ def check_crops(table: pd.DataFrame, face: FaceConfig) -> None:
                          f"{face.alignment!r}: re-run crop and pack (dvc repro)")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """A saved model a student is distilled from (``--teacher``), frozen, with what it was trained on."""
+
+    model: EmbeddingNet
+    img_size: int
+    record: dict  # the student's payload["teacher"]: file, fingerprint, backbone, identities
+
+
+def load_teacher(path: str, face: FaceConfig, cfg: TrainConfig, device: torch.device) -> Teacher:
+    """The frozen teacher, after checking it can teach on these crops (or a clear SystemExit).
+
+    Its crops must be the student's (the targets would describe other pixels otherwise),
+    and its embedding as long as the student's.
+    """
+    if not Path(path).is_file():
+        raise SystemExit(f"train: teacher model {path} does not exist (train it first: dvc repro train@dlib_resnet)")
+    model, payload = load_model(path, map_location="cpu")
+    teacher_face, size = model_preprocessing(payload, fallback=face)
+    if crop_params(teacher_face) != crop_params(face):
+        raise SystemExit(f"train: teacher {path} was trained on crops cut otherwise than params.yaml: crop "
+                         "says; distil on the crops the teacher expects")  # fmt: skip
+    if model.config.embedding_dim != cfg.embedding_dim:
+        raise SystemExit(f"train: teacher {path} embeds in {model.config.embedding_dim} dimensions, the student "
+                         f"in {cfg.embedding_dim}: set embedding_dim to {model.config.embedding_dim}")  # fmt: skip
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = model.to(device).eval()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    record = {"path": str(path), "fingerprint": input_fingerprint([Path(path)])[Path(path).name],
+              "backbone": model.config.backbone, "config": payload["config"],
+              "identities": payload.get("identities", {"train": [], "val": []})}  # fmt: skip
+    return Teacher(model, size, record)
+
+
 # ---------------------------------------------------------------- training ---
-def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: bool):
+def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: bool, target=None):
     """Loss and stats for one batch: ``active`` triplets, embedding ``spread``, ``fallback`` step.
 
-    All stay device tensors (or Python constants): a step has no host sync.
+    ``target``: the teacher's embeddings of ``x`` (``loss: distill``). All stay device
+    tensors (or Python constants): a step has no host sync.
     """
     emb = model(x)
     spread = pairwise_distances(emb.detach().float()).mean()
+    if target is not None:
+        loss, stats = distillation_loss(emb, target)
+        return loss, {**stats, "spread": spread, "fallback": 0.0}
     if triplet_mode:
         a, p, n = emb.chunk(3)
         loss, stats = offline_triplet_loss(a, p, n, cfg.margin, cfg.soft_margin)
@@ -215,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="resumable per-epoch checkpoint")
     parser.add_argument("--live", required=True, help="dvclive folder for metrics and curves")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--teacher", help="loss distill: the saved model to distil, e.g. models/dlib_resnet.pt")
     return parser.parse_args(argv)
 
 
@@ -248,8 +302,13 @@ def train(
     split, arrays = Path(args.split), Path(args.arrays)
     train_df = pd.read_parquet(split / "train.parquet")
     val_df = pd.read_parquet(split / "val.parquet")
-    train_img = load_array(arrays / "train.npy", len(train_df), crop_side=face.size, min_side=cfg.img_size)
-    val_img = load_array(arrays / "val.npy", len(val_df), crop_side=face.size, min_side=cfg.img_size)
+    if (cfg.loss == "distill") != bool(args.teacher):
+        raise SystemExit("train: loss distill needs --teacher MODEL, and --teacher needs loss: distill")
+    teacher = load_teacher(args.teacher, face, cfg, device) if args.teacher else None
+    # The teacher reads the arrays at its own side: they must hold both.
+    min_side = max(cfg.img_size, teacher.img_size if teacher else 0)
+    train_img = load_array(arrays / "train.npy", len(train_df), crop_side=face.size, min_side=min_side)
+    val_img = load_array(arrays / "val.npy", len(val_df), crop_side=face.size, min_side=min_side)
     check_crops(train_df, face)
     labels = train_df[M.IDENTITY].to_numpy(dtype=np.int64)
     aligned = train_df[M.ALIGN].str.startswith("landmarks").all()
@@ -262,13 +321,13 @@ def train(
         row = {p: i for i, p in enumerate(train_df[M.CROP_PATH])}
         triplets = np.stack([trip[c].map(row).to_numpy(dtype=np.int64) for c in (M.ANCHOR, M.POSITIVE, M.NEGATIVE)], 1)
         steps = epoch_steps(len(triplets), cfg.batch_triplets, ctx.world, cfg.steps_per_epoch)
-    elif cfg.loss in MINING:
+    elif cfg.loss in MINING or cfg.loss == "distill":
         groups = identity_groups(labels)
         if len(groups) < 2:
             raise SystemExit("train: P x K sampling needs at least two identities with two images")
         steps = epoch_steps(len(train_df), cfg.p_identities * cfg.k_images, ctx.world, cfg.steps_per_epoch)
     else:
-        raise SystemExit(f"train: unknown loss {cfg.loss!r}; choose triplet, semi_hard or batch_hard")
+        raise SystemExit(f"train: unknown loss {cfg.loss!r}; choose triplet, semi_hard, batch_hard or distill")
 
     # ---- model and optimiser ----
     # Seeded build: the untrained network ("before fine-tuning") is reproducible
@@ -297,6 +356,8 @@ def train(
     ckpt_path = Path(args.checkpoint)
     inputs = input_fingerprint([split / "train.parquet", split / "val.parquet", split / "triplets.parquet",
                                 arrays / "train.npy", arrays / "val.npy"])  # fmt: skip
+    if teacher is not None:
+        inputs["teacher"] = teacher.record["fingerprint"]  # another teacher: another run
     resume_params = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_KEYS}
     digest = run_digest(resume_params, inputs, code_fingerprint(SCRIPT, CODE_ROOT), crop_params(face))
     ckpt = load_checkpoint(ckpt_path, digest)
@@ -336,6 +397,14 @@ def train(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the start is a candidate
         for record in history:
             log_record(live, record)
+    teacher_val = None
+    if teacher is not None and ctx.main:
+        # What the student is measured against: the teacher on the same validation identities.
+        teacher_val = leave_one_out_metrics(
+            embed_array(teacher.model, val_img, teacher.img_size, device, cfg.eval_batch, cfg.amp, channels_last),
+            val_labels)  # fmt: skip
+        log.info("teacher %s: validation %s", teacher.record["backbone"],
+                 {k: round(v, 4) for k, v in teacher_val.items()})  # fmt: skip
 
     # ---- the loop ----
     use_amp = cfg.amp and device.type == "cuda"
@@ -357,11 +426,19 @@ def train(
             bar = tqdm(loader, total=steps, desc=f"{args.backbone} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not ctx.main, unit="step")  # fmt: skip
             for step, (images, batch_labels) in enumerate(bar):
-                x = augment(to_model_input(images, cfg.img_size, device, channels_last), cfg.augment, gen)
+                target = None
+                if teacher is None:
+                    x = augment(to_model_input(images, cfg.img_size, device, channels_last), cfg.augment, gen)
+                else:
+                    # One augmented view, at the teacher's side, for both: the student reads it resized.
+                    view = augment(to_model_input(images, teacher.img_size, device, channels_last), cfg.augment, gen)
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        target = teacher.model(view).float()
+                    x = resized(view, cfg.img_size, channels_last)
                 if batch_labels is not None:  # None: offline triplets, rows in anchor/positive/negative thirds
                     batch_labels = batch_labels.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, step_stats = compute_loss(net, x, batch_labels, cfg, epoch, triplet_mode)
+                    loss, step_stats = compute_loss(net, x, batch_labels, cfg, epoch, triplet_mode, target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -398,13 +475,24 @@ def train(
         elif not threshold["resolved"]:
             log.warning("%d validation impostor pairs cannot measure a FAR of %g: the threshold %.4f rejects every "
                         "one", threshold["n_impostor"], threshold["far"], threshold["similarity"])  # fmt: skip
+        seen = {"train": list(train_df[M.IDENTITY]), "val": list(val_df[M.IDENTITY])}
+        if teacher is not None:
+            # What the teacher learnt from, the student learnt from too: no score may count those people.
+            for key in seen:
+                seen[key] += teacher.record["identities"].get(key, [])
         save_model(args.out, model, extra={
             "train_config": asdict(cfg), "history": history, "trainable_parameters": n_trainable,
             "best_epoch": best, "preprocessing": preprocessing_record(face, cfg.img_size),
-            "identities": identities_record(train_df[M.IDENTITY], val_df[M.IDENTITY]),
+            "identities": identities_record(seen["train"], seen["val"]),
             **({"threshold": threshold} if threshold is not None else {}),
+            **({"teacher": {**teacher.record, "val": teacher_val}} if teacher is not None else {}),
         })  # fmt: skip
         live.summary["best"] = {"epoch": best, "val": {k[4:]: v for k, v in best_val.items()}}
+        if teacher_val is not None:
+            live.summary["teacher"] = {"backbone": teacher.record["backbone"], "val": teacher_val}
+            log.info("the student keeps %.1f%% of its teacher's validation mAP (%.4f of %.4f)",
+                     100 * best_val.get("val_mAP", math.nan) / teacher_val["mAP"], best_val.get("val_mAP", math.nan),
+                     teacher_val["mAP"])  # fmt: skip
         live.end()
         # The model is safe: a checkpoint left behind would only be stale state.
         ckpt_path.unlink(missing_ok=True)

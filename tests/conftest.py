@@ -208,9 +208,13 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
 
 
 def run_train(
-    work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2", params: dict | None = None
-) -> Path:
-    """Train ``backbone`` on ``work``'s arrays: ``overrides`` of its train block, ``params`` dotted ones elsewhere."""
+    work: Path, name: str, overrides: dict | None = None, backbone: str = "mobilenet_v2", params: dict | None = None,
+    args: tuple[str, ...] = (),
+) -> Path:  # fmt: skip
+    """Train ``backbone`` on ``work``'s arrays: ``overrides`` of its train block, ``params`` dotted ones elsewhere.
+
+    ``args``: more command-line arguments of the stage (``--teacher``).
+    """
     train_block = {f"train.{backbone}.{k}": v for k, v in (TINY | (overrides or {})).items()}
     params = write_params(work / f"{name}.yaml", TINY_CROP | train_block | (params or {}))
     from stages import train
@@ -221,7 +225,7 @@ def run_train(
     try:
         train.main(["--backbone", backbone, "--split", "data/split", "--arrays", "data/arrays",
                     "--out", f"{name}/model.pt", "--checkpoint", f"{name}/ckpt/last.ckpt", "--live", f"{name}/live",
-                    "--params", str(params)])  # fmt: skip
+                    "--params", str(params), *args])  # fmt: skip
     finally:
         os.chdir(cwd)
     return out

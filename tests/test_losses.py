@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facesearch.losses import batch_hard_loss, offline_triplet_loss, pairwise_distances, semi_hard_loss
+from facesearch.losses import (
+    DISTILL_ACTIVE_COSINE,
+    batch_hard_loss,
+    distillation_loss,
+    offline_triplet_loss,
+    pairwise_distances,
+    semi_hard_loss,
+)
 
 
 @pytest.fixture
@@ -108,3 +115,18 @@ def test_masked_losses_skip_anchors_without_partners_and_handle_ties():
     assert torch.isfinite(emb.grad).all()
     for value in (stats["active"], hard_stats["active"]):
         assert isinstance(value, torch.Tensor) and 0 <= float(value) <= 1  # a tensor: read once per epoch
+
+
+def test_distillation_loss_is_one_minus_the_mean_cosine(batch):
+    student, _ = batch
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(student.shape, generator=g) * 3  # not unit length: only the direction counts
+    loss, stats = distillation_loss(student, teacher)
+    cos = [float(s @ t / (s.norm() * t.norm())) for s, t in zip(student, teacher, strict=True)]
+    assert loss.item() == pytest.approx(1 - sum(cos) / len(cos), abs=1e-6)
+    assert stats["active"].item() == pytest.approx(sum(c < DISTILL_ACTIVE_COSINE for c in cos) / len(cos))
+    same, same_stats = distillation_loss(student, 2 * student)
+    assert same.item() == pytest.approx(0.0, abs=1e-6) and same_stats["active"].item() == 0.0
+    student = student.clone().requires_grad_(True)
+    distillation_loss(student, teacher)[0].backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0

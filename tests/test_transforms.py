@@ -9,6 +9,7 @@ from facesearch.transforms import (
     JITTER_MAX_DEGREES,
     jitter_thetas,
     jittered,
+    resized,
     to_model_input,
 )
 
@@ -19,6 +20,16 @@ def test_model_input_normalises_and_resizes():
     assert x.shape == (2, 3, 4, 4)
     expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(x[0, :, 0, 0], expected, atol=1e-5)
+
+
+def test_a_normalised_batch_resized_is_the_model_input_at_that_side():
+    # Distillation resizes the teacher's normalised, augmented view for its student: it must
+    # be the pixels the student gets on every other path (resizing and normalising commute).
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8))
+    direct = to_model_input(batch, 24, "cpu")
+    via_teacher_side = resized(to_model_input(batch, 40, "cpu"), 24)
+    assert torch.allclose(direct, via_teacher_side, atol=1e-5)
+    assert resized(direct, 24, channels_last=True).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_jitters_are_dlib_sized_fixed_and_prefixes_of_each_other():

@@ -7,7 +7,7 @@ import os
 import shutil
 
 import yaml
-from conftest import TINY, write_params
+from conftest import TINY, run_train, write_params
 
 from facesearch.cli import main as cli_main
 from facesearch.tune import summarise
@@ -67,3 +67,21 @@ def test_on_a_tie_no_fine_tuning_is_chosen():
 
     same = [{"mAP": 0.9, "rank1": 1.0, "rank5": 1.0}]
     assert summarise({"a": same, ZERO_SHOT: same})[0]["recipe"] == ZERO_SHOT
+
+
+def test_tune_chooses_distillation_recipes_with_the_teacher(prepared, tmp_path):
+    teacher = run_train(prepared, "tune_teacher", {"epochs": 1, "seed": 1, "keep": "last"}) / "model.pt"
+    recipe = TINY | {"epochs": 1, "keep": "last", "img_size": 24}
+    params = write_params(tmp_path / "params.yaml", {f"train.mobilenet_v2.{k}": v for k, v in recipe.items()}
+                          | {"crop.size": 40})  # fmt: skip
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"distil": {"loss": "distill", "lr": 3e-3}}))
+    cwd = os.getcwd()
+    os.chdir(prepared)
+    try:
+        # A distill recipe trains only with a teacher (train exits otherwise): the run is the proof it got one.
+        cli_main(["tune", "--backbone", "mobilenet_v2", "--grid", str(tmp_path / "grid.yaml"), "--seeds", "0",
+                  "--params", str(params), "--teacher", str(teacher), "--out", str(tmp_path / "t.json")])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["teacher"] == str(teacher) and [r["recipe"] for r in result["runs"]] == ["distil"]

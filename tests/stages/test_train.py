@@ -25,6 +25,7 @@ from facesearch.models import load_model
 from facesearch.packing import load_array
 from facesearch.params import load_params
 from facesearch.provenance import module_closure
+from facesearch.transforms import to_model_input
 from stages import embed, train
 
 
@@ -279,3 +280,64 @@ def test_train_params_read_exponent_floats_yaml_leaves_as_strings(tmp_path):
     assert train.TrainConfig.from_params(load_params(tmp_path / "p.yaml")["train"]).lr == 1e-5
     with pytest.raises(ValueError, match="lr: 'fast' is not a number"):
         train.TrainConfig.from_params(shipped_block() | {"lr": "fast"})
+
+
+# ------------------------------------------------------------- distillation ---
+DISTILL = {"loss": "distill", "img_size": 24, "epochs": 3, "steps_per_epoch": 4, "lr": 0.003, "keep": "last"}
+
+
+@pytest.fixture(scope="module")
+def teacher_file(prepared) -> Path:
+    """A trained tiny model, its identity record widened by one person the split does not hold."""
+    # Another seed than the students' and its trained weights: a teacher equal to the
+    # student's start would leave nothing to learn.
+    path = run_train(prepared, "teacher", {"epochs": 1, "seed": 1, "keep": "last"}) / "model.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["identities"]["train"] = [*payload["identities"]["train"], 999_999]
+    torch.save(payload, path)
+    return path
+
+
+def agreement(student, teacher, images: torch.Tensor) -> float:
+    """Mean cosine of the student's and the teacher's raw embeddings (each at its own side)."""
+    with torch.no_grad():
+        s = student.eval()(to_model_input(images, student.config.img_size, "cpu"))
+        t = teacher.eval()(to_model_input(images, teacher.config.img_size, "cpu"))
+    return float(torch.nn.functional.cosine_similarity(s, t).mean())
+
+
+def test_a_distilled_student_learns_its_teacher_and_inherits_whom_it_saw(prepared, teacher_file):
+    out = run_train(prepared, "student", DISTILL, args=("--teacher", str(teacher_file)))
+    student, payload = load_model(out / "model.pt")
+    teacher, teacher_payload = load_model(teacher_file)
+    record = payload["teacher"]
+    assert record["backbone"] == "mobilenet_v2" and record["path"] == str(teacher_file)
+    assert record["config"] == teacher_payload["config"] and set(record["val"]) >= {"mAP", "rank1"}
+    assert student.config.img_size == 24 and teacher.config.img_size == 32
+    # It was pulled toward the teacher: its embeddings of the training crops agree with the
+    # teacher's more than those of the same network before training.
+    images = torch.from_numpy(load_array(prepared / "data" / "arrays" / "train.npy")[:16].copy())
+    start = embed.untrained_twin(payload)
+    assert agreement(student, teacher, images) > agreement(start, teacher, images) + 0.05
+    losses = [h["loss"] for h in payload["history"] if h["epoch"] >= 0]
+    assert losses[-1] < losses[0]
+    # Whom the teacher saw, the student saw: no score may count them as unseen.
+    assert 999_999 in seen_identities(payload) and seen_identities(teacher_payload) <= seen_identities(payload)
+    metrics = json.loads((out / "live" / "metrics.json").read_text())
+    assert metrics["teacher"]["val"]["mAP"] == pytest.approx(record["val"]["mAP"])
+
+
+def test_distillation_fails_clearly_without_a_teacher_it_can_use(prepared, teacher_file, tmp_path):
+    with pytest.raises(SystemExit, match="needs --teacher"):
+        run_train(prepared, "no_teacher", DISTILL)
+    with pytest.raises(SystemExit, match="needs loss: distill"):
+        run_train(prepared, "teacher_unused", {"epochs": 1}, args=("--teacher", str(teacher_file)))
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_train(prepared, "missing", DISTILL, args=("--teacher", str(tmp_path / "none.pt")))
+    with pytest.raises(SystemExit, match="embeds in 16 dimensions"):
+        run_train(prepared, "wide", DISTILL | {"embedding_dim": 8}, args=("--teacher", str(teacher_file)))
+    other = torch.load(teacher_file, map_location="cpu", weights_only=True)
+    other["preprocessing"]["crop"]["size"] = 64  # a teacher of other crops would describe other pixels
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="crops cut otherwise"):
+        run_train(prepared, "other_crops", DISTILL, args=("--teacher", str(tmp_path / "other.pt")))
