@@ -325,6 +325,19 @@ def test_a_distilled_student_learns_its_teacher_and_inherits_whom_it_saw(prepare
     assert 999_999 in seen_identities(payload) and seen_identities(teacher_payload) <= seen_identities(payload)
     metrics = json.loads((out / "live" / "metrics.json").read_text())
     assert metrics["teacher"]["val"]["mAP"] == pytest.approx(record["val"]["mAP"])
+    # distill_centre (params.yaml's default): the targets' centre is the mean of the teacher's
+    # raw embeddings of every train crop, here against a plain forward pass of all of them.
+    every = torch.from_numpy(load_array(prepared / "data" / "arrays" / "train.npy").copy())
+    with torch.no_grad():
+        mean = teacher(to_model_input(every, teacher.config.img_size, "cpu")).mean(0)
+    assert torch.allclose(torch.tensor(record["centre"]), mean, atol=1e-5)
+
+
+def test_distillation_without_the_centre_records_none(prepared, teacher_file):
+    out = run_train(prepared, "uncentred", DISTILL | {"epochs": 1, "distill_centre": False},
+                    args=("--teacher", str(teacher_file)))  # fmt: skip
+    payload = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert payload["teacher"]["centre"] is None
 
 
 def test_distillation_fails_clearly_without_a_teacher_it_can_use(prepared, teacher_file, tmp_path):
