@@ -283,7 +283,15 @@ def test_train_params_read_exponent_floats_yaml_leaves_as_strings(tmp_path):
 
 
 # ------------------------------------------------------------- distillation ---
-DISTILL = {"loss": "distill", "img_size": 24, "epochs": 3, "steps_per_epoch": 4, "lr": 0.003, "keep": "last"}
+DISTILL = {
+    "loss": "distill",
+    "img_size": 24,
+    "epochs": 3,
+    "steps_per_epoch": 4,
+    "lr": 0.003,
+    "keep": "last",
+    "distill_centre": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +333,7 @@ def test_a_distilled_student_learns_its_teacher_and_inherits_whom_it_saw(prepare
     assert 999_999 in seen_identities(payload) and seen_identities(teacher_payload) <= seen_identities(payload)
     metrics = json.loads((out / "live" / "metrics.json").read_text())
     assert metrics["teacher"]["val"]["mAP"] == pytest.approx(record["val"]["mAP"])
-    # distill_centre (params.yaml's default): the targets' centre is the mean of the teacher's
+    # distill_centre: the targets' centre is the mean of the teacher's
     # raw embeddings of every train crop, here against a plain forward pass of all of them.
     every = torch.from_numpy(load_array(prepared / "data" / "arrays" / "train.npy").copy())
     with torch.no_grad():
