@@ -45,9 +45,10 @@ def to_model_input(
 def resized(x: torch.Tensor, size: int, channels_last: bool = False) -> torch.Tensor:
     """A float (N, 3, H, W) batch at ``size`` x ``size``: bilinear with antialiasing, as every input is resized.
 
-    Linear, so it commutes with the per-channel normalisation: a normalised (and augmented)
-    batch resized here is the batch :func:`to_model_input` would give at ``size`` (distillation
-    gives its student the teacher's augmented view this way).
+    Linear, so it commutes with the per-channel normalisation: a batch normalised at the
+    arrays' own side and resized here is the batch :func:`to_model_input` would give at
+    ``size`` (distillation augments one view at the arrays' side and gives each network it
+    resized this way).
     """
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

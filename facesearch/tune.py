@@ -74,6 +74,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_grid(grid: dict[str, dict], base: dict, backbone: str, teacher: str | None) -> None:
+    """Every recipe can run (or a SystemExit naming it), checked before the first of hours of training."""
+    for name, overrides in grid.items():
+        unknown = set(overrides) - set(base)
+        if unknown:
+            raise SystemExit(f"tune: recipe {name}: unknown train.{backbone} keys {sorted(unknown)}")
+        if (overrides.get("loss", base.get("loss")) == "distill") != bool(teacher):
+            raise SystemExit(f"tune: recipe {name}: " + ("--teacher trains only recipes of loss: distill" if teacher
+                             else "loss: distill needs --teacher MODEL"))  # fmt: skip
+
+
 def tune(
     backbone: str, grid: dict[str, dict], seeds: list[int], params_path: str, split: str, arrays: str,
     teacher: str | None = None,
@@ -85,11 +96,9 @@ def tune(
     runs: dict[str, list[dict[str, float]]] = {}
     zero_shot: list[dict[str, float]] = []
     per_run = []
+    check_grid(grid, base["train"][backbone], backbone, teacher)
     with tempfile.TemporaryDirectory(prefix="facesearch-tune-") as tmp:
         for name, overrides in grid.items():
-            unknown = set(overrides) - set(base["train"][backbone])
-            if unknown:
-                raise SystemExit(f"tune: recipe {name}: unknown train.{backbone} keys {sorted(unknown)}")
             for seed in seeds:
                 params = copy.deepcopy(base)
                 params["train"][backbone].update(overrides, seed=seed)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -226,11 +227,15 @@ def teacher_centre(teacher: Teacher, images: np.ndarray, device: torch.device, b
     return (total / max(1, len(images))).float()
 
 
-def load_teacher(path: str, face: FaceConfig, cfg: TrainConfig, device: torch.device) -> Teacher:
+def load_teacher(
+    path: str, face: FaceConfig, cfg: TrainConfig, device: torch.device, val_identities: Iterable[int]
+) -> Teacher:
     """The frozen teacher, after checking it can teach on these crops (or a clear SystemExit).
 
     Its crops must be the student's (the targets would describe other pixels otherwise),
-    and its embedding as long as the student's.
+    its embedding as long as the student's, and none of the student's validation people
+    among those it was trained on: the student's epochs, recipes and "keeps X%" would be
+    chosen on people the teacher has already learnt.
     """
     if not Path(path).is_file():
         raise SystemExit(f"train: teacher model {path} does not exist (train it first: dvc repro train@dlib_resnet)")
@@ -242,6 +247,15 @@ def load_teacher(path: str, face: FaceConfig, cfg: TrainConfig, device: torch.de
     if model.config.embedding_dim != cfg.embedding_dim:
         raise SystemExit(f"train: teacher {path} embeds in {model.config.embedding_dim} dimensions, the student "
                          f"in {cfg.embedding_dim}: set embedding_dim to {model.config.embedding_dim}")  # fmt: skip
+    identities = payload.get("identities")
+    if identities is None:
+        log.warning("teacher %s records no identities (saved by an older version): the student cannot say whom it "
+                    "saw, and scores of it may count the teacher's training people as unseen", path)  # fmt: skip
+        identities = {"train": [], "val": []}
+    leaked = sorted(set(identities.get("train", [])) & {int(i) for i in val_identities})
+    if leaked:
+        raise SystemExit(f"train: teacher {path} was trained on {len(leaked)} of the student's validation identities "
+                         f"(e.g. {leaked[:5]}): distil a teacher trained on this split, or split again")  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
     model = model.to(device).eval()
@@ -249,7 +263,7 @@ def load_teacher(path: str, face: FaceConfig, cfg: TrainConfig, device: torch.de
         model = model.to(memory_format=torch.channels_last)
     record = {"path": str(path), "fingerprint": input_fingerprint([Path(path)])[Path(path).name],
               "backbone": model.config.backbone, "config": payload["config"],
-              "identities": payload.get("identities", {"train": [], "val": []})}  # fmt: skip
+              "identities": identities}  # fmt: skip
     return Teacher(model, size, record)
 
 
@@ -331,7 +345,7 @@ def train(
     val_df = pd.read_parquet(split / "val.parquet")
     if (cfg.loss == "distill") != bool(args.teacher):
         raise SystemExit("train: loss distill needs --teacher MODEL, and --teacher needs loss: distill")
-    teacher = load_teacher(args.teacher, face, cfg, device) if args.teacher else None
+    teacher = load_teacher(args.teacher, face, cfg, device, val_df[M.IDENTITY]) if args.teacher else None
     # The teacher reads the arrays at its own side: they must hold both.
     min_side = max(cfg.img_size, teacher.img_size if teacher else 0)
     train_img = load_array(arrays / "train.npy", len(train_df), crop_side=face.size, min_side=min_side)
@@ -460,9 +474,11 @@ def train(
                 if teacher is None:
                     x = augment(to_model_input(images, cfg.img_size, device, channels_last), cfg.augment, gen)
                 else:
-                    # One augmented view, at the teacher's side, for both: the student reads it resized.
-                    view = augment(to_model_input(images, teacher.img_size, device, channels_last), cfg.augment, gen)
-                    target = teacher.targets(view, centre, use_amp)
+                    # One augmented view for both, at the arrays' side: each network reads it resized
+                    # once to its own side, as evaluate resizes a crop once (flip and erasing are
+                    # relative to the side, so the view is the same at any side).
+                    view = augment(to_model_input(images, images.shape[1], device, channels_last), cfg.augment, gen)
+                    target = teacher.targets(resized(view, teacher.img_size, channels_last), centre, use_amp)
                     x = resized(view, cfg.img_size, channels_last)
                 if batch_labels is not None:  # None: offline triplets, rows in anchor/positive/negative thirds
                     batch_labels = batch_labels.to(device, non_blocking=True)

@@ -23,8 +23,8 @@ def test_model_input_normalises_and_resizes():
 
 
 def test_a_normalised_batch_resized_is_the_model_input_at_that_side():
-    # Distillation resizes the teacher's normalised, augmented view for its student: it must
-    # be the pixels the student gets on every other path (resizing and normalising commute).
+    # Distillation augments one view at the arrays' side and resizes it for teacher and student:
+    # each must get the pixels it gets on every other path (resizing and normalising commute).
     batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8))
     direct = to_model_input(batch, 24, "cpu")
     via_teacher_side = resized(to_model_input(batch, 40, "cpu"), 24)

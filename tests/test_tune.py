@@ -6,11 +6,12 @@ import json
 import os
 import shutil
 
+import pytest
 import yaml
 from conftest import TINY, run_train, write_params
 
 from facesearch.cli import main as cli_main
-from facesearch.tune import summarise
+from facesearch.tune import check_grid, summarise
 
 
 def test_summary_is_mean_and_sd_best_first():
@@ -85,3 +86,26 @@ def test_tune_chooses_distillation_recipes_with_the_teacher(prepared, tmp_path):
         os.chdir(cwd)
     result = json.loads((tmp_path / "t.json").read_text())
     assert result["teacher"] == str(teacher) and [r["recipe"] for r in result["runs"]] == ["distil"]
+
+
+def test_a_grid_that_cannot_run_is_refused_before_any_training():
+    base = {"loss": "batch_hard", "lr": 1e-3}
+    check_grid({"a": {"lr": 3e-3}}, base, "mobilenet_v2", None)
+    check_grid({"d": {"loss": "distill"}}, base, "mobilenet_v2", "teacher.pt")
+    with pytest.raises(SystemExit, match=r"recipe b: unknown train\.mobilenet_v2 keys"):
+        check_grid({"a": {}, "b": {"lrr": 1}}, base, "mobilenet_v2", None)
+    # A grid mixing distillation and plain recipes would stop at the first one it cannot train.
+    with pytest.raises(SystemExit, match="recipe plain: --teacher trains only"):
+        check_grid({"d": {"loss": "distill"}, "plain": {"lr": 3e-3}}, base, "mobilenet_v2", "teacher.pt")
+    with pytest.raises(SystemExit, match="recipe d: loss: distill needs --teacher"):
+        check_grid({"d": {"loss": "distill"}}, base, "mobilenet_v2", None)
+
+
+def test_the_documented_distillation_grid_runs_on_params_yaml():
+    # README's distillation result comes from docs/distill_grid.yaml: it must stay a grid tune can train.
+    from conftest import REPO
+
+    from facesearch.params import load_params
+
+    grid = yaml.safe_load((REPO / "docs" / "distill_grid.yaml").read_text())
+    check_grid(grid, load_params(REPO / "params.yaml")["train"]["mobilenet_v2"], "mobilenet_v2", "teacher.pt")

@@ -362,3 +362,11 @@ def test_distillation_fails_clearly_without_a_teacher_it_can_use(prepared, teach
     torch.save(other, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="crops cut otherwise"):
         run_train(prepared, "other_crops", DISTILL, args=("--teacher", str(tmp_path / "other.pt")))
+    # A teacher trained on the student's validation people would make every validation score of
+    # the student (kept epoch, recipe choice, "keeps X%") a score on people already learnt.
+    leaky = torch.load(teacher_file, map_location="cpu", weights_only=True)
+    val_ids = pd.read_parquet(prepared / "data" / "split" / "val.parquet")[M.IDENTITY]
+    leaky["identities"]["train"] = [*leaky["identities"]["train"], int(val_ids.iloc[0])]
+    torch.save(leaky, tmp_path / "leaky.pt")
+    with pytest.raises(SystemExit, match="trained on 1 of the student's validation identities"):
+        run_train(prepared, "leaky", DISTILL, args=("--teacher", str(tmp_path / "leaky.pt")))
