@@ -39,11 +39,6 @@ def throughput(model, images, size: int, batch: int, repeats: int) -> float:
     return len(images) / best
 
 
-def kept_val_map(payload: dict) -> float | None:
-    best = payload.get("best_epoch")
-    return next((r["val_mAP"] for r in payload.get("history", []) if r["epoch"] == best), None)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="saved model files; the first is the baseline")
@@ -59,6 +54,7 @@ def main() -> None:
 
     from facesearch.models import load_model
     from facesearch.packing import load_array
+    from facesearch.training import validation_at
 
     torch.set_num_threads(args.cpu_threads)
     loaded = [(path, *load_model(path)) for path in args.models]
@@ -77,7 +73,7 @@ def main() -> None:
         base = base or ips
         views = 1 + int(cfg.flip_tta) + cfg.tta_jitters
         params = sum(p.numel() for p in model.parameters())
-        val = kept_val_map(payload)
+        val = validation_at(payload.get("history", []), payload.get("best_epoch")).get("val_mAP")
         print(f"{Path(path).name:28s} {cfg.backbone:13s} {cfg.img_size:4d} px  {views:2d} views  "
               f"{params / 1e6:5.1f}M params  {ips:7.1f} img/s  {ips / base:5.2f}x the first"
               + ("" if val is None else f"  val mAP {val:.4f}"))  # fmt: skip

@@ -199,6 +199,11 @@ def best_epoch(history: list[dict], keep: str = "best") -> int:
     return epochs[best]["epoch"]
 
 
+def validation_at(history: list[dict], epoch: int | None) -> dict[str, float]:
+    """The ``val_*`` scores an epoch's history record holds (the kept one's, say); empty if none has it."""
+    return {k: v for r in history if r["epoch"] == epoch for k, v in r.items() if k.startswith("val_")}
+
+
 # ------------------------------------------------------------- step stats ---
 class StepStats:
     """One epoch's per-step scalars, stored where the step computed them.

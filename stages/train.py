@@ -94,6 +94,7 @@ from facesearch.training import (
     save_checkpoint,
     set_deterministic,
     triplet_batches,
+    validation_at,
 )
 from facesearch.transforms import resized, to_model_input
 from facesearch.verification import calibrate
@@ -511,7 +512,7 @@ def train(
     if ctx.main:
         best = best_epoch(history, cfg.keep)
         model.load_state_dict(best_state)
-        best_val = {k: v for r in history if r["epoch"] == best for k, v in r.items() if k.startswith("val_")}
+        best_val = validation_at(history, best)
         # The verdict threshold of these weights, chosen on people the loss never saw.
         threshold = calibrate(val_embeddings(), val_labels, verification["far"], verification["fars"],
                               verification["impostor_pairs"], verification["seed"])  # fmt: skip

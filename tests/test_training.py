@@ -184,6 +184,12 @@ def test_lr_factor_warms_up_linearly_then_decays_to_zero():
     assert all(a >= b for a, b in itertools.pairwise(factors))
 
 
+def test_validation_at_reads_one_epochs_val_scores():
+    h = [{"epoch": -1, "val_mAP": 0.4}, {"epoch": 0, "loss": 1.2, "val_mAP": 0.5, "val_rank1": 0.6}]
+    assert T.validation_at(h, 0) == {"val_mAP": 0.5, "val_rank1": 0.6}  # the loss is no validation score
+    assert T.validation_at(h, 7) == {} and T.validation_at([], None) == {}
+
+
 def test_best_epoch_rule():
     h = [{"epoch": -1, "val_mAP": 1.0}, {"epoch": 0, "val_mAP": 0.5}, {"epoch": 1, "val_mAP": 0.7},
          {"epoch": 2, "val_mAP": 0.7}]  # fmt: skip
