@@ -14,6 +14,7 @@ package (see :mod:`facesearch.dlib_resnet`), so it needs no download.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ from torchvision import models as tvm
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights are not cached and could not be downloaded."""
+
+
+class ModelFileError(ValueError):
+    """A file that is no model :func:`save_model` wrote: empty, truncated, another format, another network."""
 
 
 @dataclass(frozen=True)
@@ -259,10 +264,21 @@ def save_model(path: str | os.PathLike, model: EmbeddingNet, extra: dict | None 
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[EmbeddingNet, dict]:
-    """Load a model saved by :func:`save_model`; returns (model in eval mode, the saved payload)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    config = ModelConfig(**payload["config"])
-    model = _build(config, pretrained=False)  # weights come from the file
-    model.load_state_dict(payload["state_dict"])
+    """Load a model saved by :func:`save_model`; returns (model in eval mode, the saved payload).
+
+    A file that exists but holds no such model raises :class:`ModelFileError` naming it, one
+    type for every way it can fail (torch's unpickler, a missing key, weights of another shape),
+    so each command that takes a model file can turn it into its message.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        config = ModelConfig(**payload["config"])
+        model = _build(config, pretrained=False)  # weights come from the file
+        model.load_state_dict(payload["state_dict"])
+    except FileNotFoundError:
+        raise
+    except (EOFError, pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path} is not a facesearch model file ({reason[:200]})") from exc
     freeze_all_but_last(model, config.trainable_layers)
     return model.eval(), payload

@@ -64,6 +64,7 @@ from facesearch.losses import MINING, distillation_loss, offline_triplet_loss, p
 from facesearch.models import (
     EmbeddingNet,
     ModelConfig,
+    ModelFileError,
     load_model,
     resolve_device,
     save_model,
@@ -240,7 +241,10 @@ def load_teacher(
     """
     if not Path(path).is_file():
         raise SystemExit(f"train: teacher model {path} does not exist (train it first: dvc repro train@dlib_resnet)")
-    model, payload = load_model(path, map_location="cpu")
+    try:
+        model, payload = load_model(path, map_location="cpu")
+    except ModelFileError as exc:
+        raise SystemExit(f"train: teacher {exc}") from exc
     teacher_face, size = model_preprocessing(payload, fallback=face)
     if crop_params(teacher_face) != crop_params(face):
         raise SystemExit(f"train: teacher {path} was trained on crops cut otherwise than params.yaml: crop "

@@ -8,6 +8,7 @@ from torch import nn
 
 from facesearch import models
 from facesearch.models import (
+    ModelFileError,
     WeightsUnavailable,
     get_model,
     load_model,
@@ -108,6 +109,22 @@ def test_save_load_roundtrip_and_seeded_init(tmp_path):
     again = get_model("mobilenet_v2", weights="none", embedding_dim=8, img_size=40, trainable_layers=5).eval()
     with torch.no_grad():
         assert torch.equal(again(x), model(x))  # the untrained network is reproducible from its seed
+
+
+def test_a_file_that_is_no_model_is_named_in_one_error(tmp_path):
+    # Each command that takes a model file turns this one type into its message, not a traceback.
+    model = get_model("mobilenet_v2", weights="none", embedding_dim=8, img_size=40).eval()
+    save_model(tmp_path / "m.pt", model)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    torch.save({"state_dict": payload["state_dict"]}, tmp_path / "no_config.pt")
+    torch.save({**payload, "config": {**payload["config"], "embedding_dim": 16}}, tmp_path / "other_shape.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("not a model")
+    for name in ("empty", "text", "no_config", "other_shape"):
+        with pytest.raises(ModelFileError, match=rf"{name}\.pt is not a facesearch model file \(."):
+            load_model(tmp_path / f"{name}.pt")
+    with pytest.raises(FileNotFoundError):  # a missing file stays what it is
+        load_model(tmp_path / "absent.pt")
 
 
 def test_each_backbone_gets_its_own_defaults(monkeypatch):

@@ -357,6 +357,9 @@ def test_distillation_fails_clearly_without_a_teacher_it_can_use(prepared, teach
         run_train(prepared, "missing", DISTILL, args=("--teacher", str(tmp_path / "none.pt")))
     with pytest.raises(SystemExit, match="embeds in 16 dimensions"):
         run_train(prepared, "wide", DISTILL | {"embedding_dim": 8}, args=("--teacher", str(teacher_file)))
+    (tmp_path / "broken.pt").write_bytes(b"half a download")
+    with pytest.raises(SystemExit, match=r"teacher .*broken\.pt is not a facesearch model file"):
+        run_train(prepared, "broken", DISTILL, args=("--teacher", str(tmp_path / "broken.pt")))
     other = torch.load(teacher_file, map_location="cpu", weights_only=True)
     other["preprocessing"]["crop"]["size"] = 64  # a teacher of other crops would describe other pixels
     torch.save(other, tmp_path / "other.pt")
