@@ -98,9 +98,11 @@ def choose_gallery() -> core.Gallery | None:
         version = pointer.read_text().strip() if pointer.is_file() else ""
         gallery = index_gallery(str(folder.resolve()), version, THRESHOLD)
     st.sidebar.markdown(f"Searching {gallery.title}: **{gallery.counts_text}**.")
-    source = "set by $FACESEARCH_THRESHOLD" if THRESHOLD is not None else gallery.threshold_source
     st.sidebar.markdown(f"Model: **{gallery.model_label}**. Same person at similarity ≥ "
-                        f"**{gallery.threshold:.3f}** ({source}).")  # fmt: skip
+                        f"**{gallery.threshold:.3f}** ({gallery.threshold_source}).")  # fmt: skip
+    st.sidebar.caption(gallery.verdict.meaning())
+    if gallery.verdict.warning():
+        st.sidebar.warning(gallery.verdict.warning())
     st.sidebar.caption(SIMILARITY_TEXT)
     return gallery
 

@@ -8,7 +8,7 @@ in a :class:`Gallery`: the test gallery the pipeline built
 (``data/embeddings/<backbone>/<state>_gallery.npy``, :func:`load_gallery`) or a
 photo index (``python -m facesearch index build``, :func:`load_index_gallery`).
 Each result carries its cosine similarity and a verdict against the gallery's
-model's own threshold (:func:`facesearch.index.verdict_threshold`), and the
+model's own verdict for a gallery of that size (:func:`facesearch.contract.verdict`), and the
 answer says whether anything is the same person (:attr:`Answer.match`).
 Finding, cutting and embedding are :mod:`facesearch.photos`' (shared with the
 photo index, :mod:`facesearch.index`); this module adds the upload checks, the
@@ -242,11 +242,19 @@ class Gallery:
     index: SearchIndex
     table: pd.DataFrame  # NAME, CROP_FILE, SOURCE_FILE, SOURCE_WIDTH, BOX, attributes; row i <-> embeddings[i]
     attributes: np.ndarray | None  # (N, 40) float, NaN where unknown; None: the gallery has no labels
-    threshold: float  # cosine similarity at which a result is the same person (this model and state's own)
-    threshold_source: str  # where it came from (facesearch.index.verdict_threshold)
+    verdict: contract.Verdict  # when a result is the same person, and what that promises at this gallery's size
     people: int
     faces: int
     photos: int
+
+    @property
+    def threshold(self) -> float:
+        """Cosine similarity at which a result is the same person (this model and state's own, at this size)."""
+        return self.verdict.similarity
+
+    @property
+    def threshold_source(self) -> str:
+        return self.verdict.source
 
     @property
     def counts_text(self) -> str:
@@ -282,14 +290,14 @@ def find_indexes(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and (p / X.POINTER).is_file())
 
 
-def state_threshold(payload: dict, state: str, override: float | None) -> tuple[float, str]:
-    """The verdict threshold of one model state (:func:`facesearch.index.verdict_threshold`).
+def state_verdict(payload: dict, state: str, faces: int, override: float | None) -> contract.Verdict:
+    """The verdict of one model state in a gallery of ``faces`` faces (:func:`facesearch.contract.verdict`).
 
     A model file's threshold was calibrated on its own (fine-tuned) embeddings;
     the untrained twin ("before") embeds on another scale, so it gets the
     fallback, labelled as such, rather than a threshold measured for another model.
     """
-    return X.verdict_threshold(payload if state == "after" else {}, override)
+    return contract.verdict(payload if state == "after" else {}, faces, override, "$FACESEARCH_THRESHOLD")
 
 
 def load_gallery(root: Path, backbone: str, state: str, threshold: float | None = None) -> Gallery:
@@ -304,15 +312,15 @@ def load_gallery(root: Path, backbone: str, state: str, threshold: float | None 
     table[CROP_FILE] = [str(root / p) for p in table[M.CROP_PATH]]
     table = table.merge(_sources(root), on=M.CROP_PATH, how="left")
     model, payload = _load_state(root, backbone, state)
-    cut, source = state_threshold(payload, state, threshold)
     search_index = gallery_index(root / "data" / "rerank" / backbone / state, embeddings)
     photos_known = table[SOURCE_FILE].notna()
     n_photos = int(table.loc[photos_known, SOURCE_FILE].nunique() + (~photos_known).sum())
     return Gallery(
         title="the pipeline's test gallery", model_label=model_label(backbone, state), model=model,
         settings=crop_settings(root, backbone), size=int(model.config.img_size), embeddings=embeddings,
-        index=search_index, table=table, attributes=attribute_matrix(table), threshold=cut,
-        threshold_source=source, people=int(table[M.IDENTITY].nunique()), faces=len(table), photos=n_photos,
+        index=search_index, table=table, attributes=attribute_matrix(table),
+        verdict=state_verdict(payload, state, len(table), threshold), people=int(table[M.IDENTITY].nunique()),
+        faces=len(table), photos=n_photos,
     )  # fmt: skip
 
 
@@ -376,11 +384,11 @@ def load_index_gallery(folder: Path, threshold: float | None = None) -> Gallery:
                           SOURCE_FILE: sources, SOURCE_WIDTH: widths.reindex(f[X.SHA256]).to_numpy()})  # fmt: skip
     for col in BOX:
         table[col] = f[col].to_numpy()
-    cut, source = X.verdict_threshold(embedder.payload, threshold)
     return Gallery(
         title=f"the photo index {folder.name}", model_label=model_label(embedder.model.config.backbone),
         model=embedder.model.eval(), settings=embedder.settings, size=embedder.size, embeddings=index.embeddings,
-        index=structure, table=table, attributes=None, threshold=cut, threshold_source=source,
+        index=structure, table=table, attributes=None,
+        verdict=contract.verdict(embedder.payload, len(f), threshold, "$FACESEARCH_THRESHOLD"),
         people=int(f[X.PERSON].nunique()), faces=len(f), photos=int((p[X.N_FACES] > 0).sum()),
     )  # fmt: skip
 

@@ -30,10 +30,11 @@ cannot be compared.
 
 ``search`` answers, for each face of each query photo, the ``--top`` most
 similar indexed faces (cosine similarity of L2-normalised embeddings) and a
-verdict: ``match`` when the best similarity reaches the model's threshold
-(``payload["threshold"]["similarity"]``, chosen at a false-accept rate on
-validation identities; see :mod:`facesearch.verification`), else ``no_match``.
-A model without one gets :data:`FALLBACK_THRESHOLD` and a warning;
+verdict: ``match`` when the best similarity reaches the model's threshold for a
+gallery of this index's size (:func:`facesearch.contract.verdict`: calibrated so
+that a search for someone not in the index matches at most at the model's target
+FPIR, see :mod:`facesearch.verification`), else ``no_match``. A model without a
+calibration gets :data:`facesearch.contract.FALLBACK_THRESHOLD` and a warning;
 ``--threshold`` overrides either. With ``--json``, one line per face::
 
     {"photo": "me.jpg", "box": [x, y, w, h], "verdict": "match" | "no_match",
@@ -92,7 +93,7 @@ import torch
 from facesearch import manifest as M
 from facesearch import photos
 from facesearch.celeba import DatasetError
-from facesearch.contract import model_preprocessing, preprocessing_record
+from facesearch.contract import Verdict, model_preprocessing, preprocessing_record, verdict
 from facesearch.cropping import CropLimits, read_photo, shape_reason
 from facesearch.faces import FaceConfig
 from facesearch.images import ImageRejected, decode_image
@@ -116,10 +117,6 @@ RECORD, GRAPH = "index.json", "hnsw.faiss"
 # the true top 10; it pays off beyond a million faces.
 DEFAULT_HNSW_THRESHOLD = 1_000_000
 HNSW_M, EF_SEARCH = 32, 64  # FaissIndex's defaults: graph links per node, candidates explored per search
-# Verdict threshold for a model file without payload["threshold"]: FaceNet's (Schroff et al. 2015)
-# squared-L2 threshold of 1.1 between unit embeddings, as a cosine (1 - 1.1 / 2). A guess for any
-# other model, hence the warning; measure one (threshold_at_far on validation identities) instead.
-FALLBACK_THRESHOLD = 0.45
 EMBED_BATCH = 256  # crops gathered across photos before a forward pass (~36 MB at 218 px)
 # The crop stage's file and image limits (crop.max_file_bytes, max_pixels, min_image_side, max_aspect).
 LIMITS = CropLimits()
@@ -262,18 +259,6 @@ def unit(x: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1, float32 (a model saved with normalize false has longer ones)."""
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def verdict_threshold(payload: dict, override: float | None = None) -> tuple[float, str]:
-    """(similarity threshold for "match", where it came from): ``override``, the model's, or the fallback."""
-    if override is not None:
-        return float(override), "--threshold"
-    record = payload.get("threshold") or {}
-    if record.get("similarity") is not None:
-        return float(record["similarity"]), f"model ({record.get('source', 'unknown')}, FAR {record.get('far')})"
-    log.warning("the model carries no verdict threshold (payload['threshold']): using the fallback %.2f; "
-                "pass --threshold to choose one", FALLBACK_THRESHOLD)  # fmt: skip
-    return FALLBACK_THRESHOLD, "fallback (the model has none)"
 
 
 def read_file(path: bytes | str, limits: CropLimits) -> tuple[bytes, str]:
@@ -697,8 +682,7 @@ def info(index_dir: str | os.PathLike) -> dict:
         embedder = Embedder.load(own["path"])
         model["file_matches"] = embedder.fingerprint == own["fingerprint"]
         if model["file_matches"]:
-            similarity, source = verdict_threshold(embedder.payload)
-            threshold = {"similarity": similarity, "source": source}
+            threshold = verdict_record(verdict(embedder.payload, len(index.faces)))
     except PhotoIndexError:
         model["file_matches"] = None  # the file is gone
     p = index.photos
@@ -723,6 +707,7 @@ def info_lines(d: dict) -> list[str]:
         f"photos: {d['photos']} with faces" + (f"; without: {without}" if without else ""),
         f"model: {m['backbone']} {m['path']}{state[m['file_matches']]}, fingerprint {m['fingerprint'][:12]}",
         "threshold: " + (f"{t['similarity']:.4f} ({t['source']})" if t else "unknown (the model file is not there)"),
+        *([t["meaning"]] + ([t["warning"]] if t["warning"] else []) if t else []),
         f"search: {d['search']['structure']} (HNSW from {d['search']['hnsw_threshold']} faces)",
     ]
 
@@ -734,8 +719,11 @@ def search(index_dir: str | os.PathLike, queries: Sequence[str], top: int = 9, t
         raise PhotoIndexError(f"--top must be at least 1, not {top}")
     index = load_index(index_dir)
     embedder = index.embedder(model)
-    cut, source = verdict_threshold(embedder.payload, threshold)
-    log.info("verdict threshold %.4f from %s", cut, source)
+    answer = verdict(embedder.payload, len(index.faces), threshold)
+    cut = answer.similarity
+    log.info("%s", answer.meaning())
+    if answer.warning():
+        log.warning("%s", answer.warning())
     structure = index.structure()
     f = index.faces
     where = [os.path.join(r, p) for r, p in zip(f[ROOT], f[PHOTO], strict=True)]
@@ -762,8 +750,15 @@ def search(index_dir: str | os.PathLike, queries: Sequence[str], top: int = 9, t
                         "name": None if pd.isna(f.at[i, PERSON]) else str(f.at[i, PERSON])}
                        for rank, (s, i) in enumerate(zip(sims, ix.tolist(), strict=True), start=1)]  # fmt: skip
             # "match" at similarity >= threshold: facesearch.verification's acceptance rule.
-            verdict = "match" if len(sims) and sims[0] >= cut else "no_match"
-            yield {"photo": query, "box": list(box), "verdict": verdict, "results": results}
+            said = "match" if len(sims) and sims[0] >= cut else "no_match"
+            yield {"photo": query, "box": list(box), "verdict": said, "results": results}
+
+
+def verdict_record(v: Verdict) -> dict:
+    """A verdict as ``index info --json`` and ``search --json`` report it."""
+    return {"similarity": v.similarity, "source": v.source, "fpir": v.fpir, "gallery_faces": v.gallery_faces,
+            "calibrated_on": v.calibrated_on, "synthetic": v.synthetic, "meaning": v.meaning(),
+            "warning": v.warning()}  # fmt: skip
 
 
 def _box(faces: pd.DataFrame, i: int) -> list[int]:

@@ -35,14 +35,19 @@ def genuine_pairs(labels: np.ndarray) -> np.ndarray:
 
 
 def impostor_pairs(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``n`` distinct (i, j), i < j, of different labels, drawn with ``rng``: shape (P, 2).
+    """Up to ``n`` distinct (i, j), i < j, of different labels, drawn with ``rng``: shape (P, 2), sorted.
 
-    With few images every impostor pair is taken instead (no duplicates either way).
+    Every impostor pair when there are at most ``n``; a uniform draw of ``n`` of them otherwise.
+    Terminates for every mix of labels: the number of impostor pairs is counted first, and a
+    draw that would mostly hit same-label pairs (one dominant identity) draws impostor pairs
+    directly instead of rejecting.
     """
     labels = np.asarray(labels)
     m = len(labels)
     total = m * (m - 1) // 2
-    if total == 0:
+    _, counts = np.unique(labels, return_counts=True)
+    n_impostor = total - int((counts.astype(np.int64) * (counts - 1) // 2).sum())
+    if n_impostor == 0 or n <= 0:
         return np.zeros((0, 2), np.int64)
     if total <= 4 * n:  # small: enumerate every pair, keep the impostors, subsample
         i, j = np.triu_indices(m, k=1)
@@ -51,14 +56,49 @@ def impostor_pairs(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.n
         if len(pairs) > n:
             pairs = pairs[np.sort(rng.choice(len(pairs), size=n, replace=False))]
         return pairs.astype(np.int64)
+    if n_impostor <= 4 * n:  # few impostor pairs among many pairs: enumerate the impostors alone
+        pairs = _all_impostor_pairs(labels)
+        if len(pairs) > n:
+            pairs = pairs[np.sort(rng.choice(len(pairs), size=n, replace=False))]
+        return pairs
     seen: set[tuple[int, int]] = set()
+    if 2 * n_impostor >= total:  # most pairs are impostors: draw pairs, reject the few genuine ones
+        while len(seen) < n:
+            a = rng.integers(m, size=2 * (n - len(seen)))
+            b = rng.integers(m, size=len(a))
+            for x, y in zip(a.tolist(), b.tolist(), strict=True):
+                if labels[x] != labels[y] and len(seen) < n:
+                    seen.add((min(x, y), max(x, y)))
+        return np.array(sorted(seen), dtype=np.int64)
+    # One dominant identity: draw an image by how many impostor partners it has, then a partner of
+    # another label uniformly (uniform over impostor pairs). At most a quarter of draws repeat.
+    order = np.argsort(labels, kind="stable")
+    _, start, count = np.unique(labels[order], return_index=True, return_counts=True)
+    group = np.repeat(np.arange(len(count)), count)  # group of order[k]
+    partners = (m - count[group]).astype(np.float64)
     while len(seen) < n:
-        a = rng.integers(m, size=2 * (n - len(seen)))
-        b = rng.integers(m, size=len(a))
-        for x, y in zip(a.tolist(), b.tolist(), strict=True):
-            if labels[x] != labels[y] and len(seen) < n:
+        need = n - len(seen)
+        k = rng.choice(m, size=need, p=partners / partners.sum())
+        r = rng.integers(m - count[group[k]])  # the r-th image outside k's group
+        r = r + np.where(r >= start[group[k]], count[group[k]], 0)
+        for x, y in zip(order[k].tolist(), order[r].tolist(), strict=True):
+            if len(seen) < n:
                 seen.add((min(x, y), max(x, y)))
     return np.array(sorted(seen), dtype=np.int64)
+
+
+def _all_impostor_pairs(labels: np.ndarray) -> np.ndarray:
+    """Every (i, j), i < j, of different labels, sorted: built group by group, never all pairs at once."""
+    order = np.argsort(labels, kind="stable")
+    _, starts = np.unique(labels[order], return_index=True)
+    bounds = [*starts.tolist(), len(labels)]
+    out = [np.zeros((0, 2), np.int64)]
+    for g in range(len(starts) - 1):
+        mine, rest = order[bounds[g] : bounds[g + 1]], order[bounds[g + 1] :]
+        a, b = np.repeat(mine, len(rest)), np.tile(rest, len(mine))
+        out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
+    pairs = np.concatenate(out).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
 
 def pair_similarity(emb: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -276,3 +316,164 @@ def open_set_half(
     keep = np.isin(g_labels, enrolled)
     g_emb, g_labels = np.asarray(g_emb)[keep], np.asarray(g_labels)[keep]
     return open_set_identification(q_emb, q_labels, g_emb, g_labels, threshold, top1=top1)
+
+
+# --- identification: a "no match" that holds for a gallery of any size ------------------------
+#
+# A verification threshold (above) bounds the share of impostor *pairs* that pass. A search of a
+# stranger (someone not in the gallery) against N faces is N impostor comparisons, and it ends in
+# a false match when any one of them passes: the false-positive identification rate (FPIR, NIST
+# FRVT 1:N) grows with N. The threshold of an identification verdict is therefore a function of
+# the gallery's size, chosen so that the FPIR stays at a target for that size.
+#
+# The model of it, fitted on stranger searches of calibration identities (people the model never
+# trained on): each calibration image q, searched against the images of every *other* identity,
+# gives impostor similarities whose mean mu_q and spread sd_q differ from image to image (some
+# faces look like many people). Standardised, z = (s - mu_q) / sd_q, their exceedance S(z) is
+# pooled over all queries: empirical in its body, a generalised Pareto tail (peaks over threshold,
+# Pickands-Balkema-de Haan) beyond, where pairs run out. A stranger like q then passes a search
+# of N faces at threshold t with probability 1 - (1 - S((t - mu_q) / sd_q))^N, and
+#
+#     FPIR(t, N) = mean over q of 1 - (1 - S((t - mu_q) / sd_q))^N,
+#
+# which :func:`identification_threshold` solves for t at the target FPIR and the gallery's N.
+# Averaging over the queries keeps the hard strangers hard (a single pooled pair rate would
+# spread their risk over everyone and understate the FPIR at large N).
+
+IDENTIFICATION_QUERIES = 1000  # calibration images searched as strangers (a seeded subsample above this)
+IDENTIFICATION_COHORT = 10000  # images each is compared with (a seeded subsample above this)
+TAIL_SHARE = 0.005  # the pooled scores above the tail threshold u: the top half percent ...
+TAIL_MIN, TAIL_MAX = 50, 20000  # ... but at least and at most this many exceedances for the Pareto fit
+BODY_POINTS = 64  # points of the empirical exceedance curve below u kept in the record
+
+
+def stranger_scores(
+    emb: np.ndarray, labels: np.ndarray, seed: int, max_queries: int = IDENTIFICATION_QUERIES,
+    max_cohort: int = IDENTIFICATION_COHORT, per_query: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(mu, sd, pooled z): per stranger query its impostor similarities' mean and spread, and all of
+    them standardised by those, pooled and sorted in descending order.
+
+    ``emb``: L2-normalised embeddings of the calibration images; ``labels`` their identities.
+    Each query (up to ``max_queries``, seeded) is compared with every cohort image (up to
+    ``max_cohort``, seeded) of another identity. ``per_query=False`` keeps raw similarities
+    (mu 0, sd 1): the pooled pair model.
+    """
+    emb, labels = np.asarray(emb, np.float32), np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("identification calibration needs at least two identities")
+    rng = np.random.default_rng(seed)
+    n = len(emb)
+    queries = np.sort(rng.choice(n, size=max_queries, replace=False)) if n > max_queries else np.arange(n)
+    cohort = np.sort(rng.choice(n, size=max_cohort, replace=False)) if n > max_cohort else np.arange(n)
+    mu, sd, pooled = [], [], []
+    for start in range(0, len(queries), 256):
+        q = queries[start : start + 256]
+        sims = emb[q] @ emb[cohort].T
+        for row, label in zip(sims, labels[q], strict=True):
+            scores = row[labels[cohort] != label].astype(np.float64)
+            if len(scores) < 2:
+                continue
+            m, s = (float(scores.mean()), float(scores.std())) if per_query else (0.0, 1.0)
+            s = max(s, 1e-6)
+            mu.append(m)
+            sd.append(s)
+            pooled.append(((scores - m) / s).astype(np.float32))
+    if not pooled:
+        raise ValueError("identification calibration found no stranger comparisons")
+    z = np.sort(np.concatenate(pooled))[::-1]
+    return np.array(mu), np.array(sd), z
+
+
+def fit_tail(z: np.ndarray) -> dict:
+    """The pooled exceedance curve of descending scores ``z``: its body as points, a Pareto tail beyond u.
+
+    ``body``: [score, log10 S(score)] from the median up to u, ascending in score; ``tail``:
+    ``u`` (the score above which the fit holds), ``p_u`` (S(u)), ``xi`` and ``sigma`` of the
+    generalised Pareto distribution of the exceedances ``z - u``.
+    """
+    from scipy.stats import genpareto
+
+    z = np.asarray(z, np.float64)
+    total = len(z)
+    k = int(min(max(TAIL_SHARE * total, TAIL_MIN), TAIL_MAX, total - 1))
+    if k < 10:
+        raise ValueError(f"identification calibration needs more stranger comparisons than {total}")
+    u = float(z[k])  # k scores lie strictly above (ties aside)
+    exceed = z[:k] - u
+    exceed = exceed[exceed > 0]
+    xi, _, sigma = genpareto.fit(exceed, floc=0.0)
+    # The body: S at log-spaced levels from 1/2 down to S(u), as (score, log10 S) points.
+    levels = np.geomspace(0.5, k / total, BODY_POINTS)
+    scores = z[np.minimum((levels * total).astype(np.int64), total - 1)]
+    body = sorted(zip(scores.tolist(), np.log10(levels).tolist(), strict=True))
+    return {"u": u, "p_u": k / total, "xi": float(xi), "sigma": float(sigma), "exceedances": len(exceed),
+            "body": body, "comparisons": total}  # fmt: skip
+
+
+def exceedance(z: np.ndarray, tail: dict) -> np.ndarray:
+    """S(z): the modelled share of (standardised) stranger comparisons at or above ``z``."""
+    z = np.asarray(z, np.float64)
+    body = np.asarray(tail["body"], np.float64)
+    log_s = np.interp(z, body[:, 0], body[:, 1], left=0.0, right=np.log10(tail["p_u"]))
+    out = np.minimum(10.0**log_s, 1.0)
+    above = z > tail["u"]
+    if above.any():
+        y = (z[above] - tail["u"]) / tail["sigma"]
+        xi = tail["xi"]
+        if abs(xi) < 1e-9:
+            s = np.exp(-y)
+        else:
+            base = 1.0 + xi * y
+            s = np.where(base > 0, np.maximum(base, 1e-300) ** (-1.0 / xi), 0.0)  # xi < 0: a finite end point
+        out[above] = tail["p_u"] * s
+    return out
+
+
+def fpir_at(record: dict, thresholds, n_gallery: int) -> np.ndarray:
+    """The modelled FPIR at each similarity threshold for a gallery of ``n_gallery`` faces."""
+    t = np.atleast_1d(np.asarray(thresholds, np.float64))
+    mu, sd = np.asarray(record["mu"]), np.asarray(record["sd"])
+    s = exceedance((t[:, None] - mu[None, :]) / sd[None, :], record["tail"])
+    # 1 - (1 - s)^N without losing small s to rounding.
+    return (-np.expm1(n_gallery * np.log1p(-np.minimum(s, 1 - 1e-16)))).mean(1)
+
+
+def identification_threshold(record: dict, n_gallery: int, fpir: float | None = None) -> float:
+    """The lowest similarity at which a stranger's search of ``n_gallery`` faces matches at rate ``fpir``.
+
+    ``record``: :func:`identification_record`'s; ``fpir`` defaults to its target. Solved by
+    bisection (FPIR falls as the threshold rises); an answer above every similarity the model
+    can produce (1) means no search of that size can keep the promise, and 1 is returned.
+    """
+    target = float(record["fpir"] if fpir is None else fpir)
+    n = max(int(n_gallery), 1)
+    lo, hi = -1.0, 1.0 + 1e-6
+    if fpir_at(record, hi, n)[0] > target:
+        return hi
+    for _ in range(60):  # 2 / 2^60: far below float32 resolution
+        mid = (lo + hi) / 2
+        if fpir_at(record, mid, n)[0] > target:
+            lo = mid
+        else:
+            hi = mid
+    return float(hi)
+
+
+def identification_record(
+    emb: np.ndarray, labels: np.ndarray, fpir: float, seed: int, per_query: bool = True,
+    max_queries: int = IDENTIFICATION_QUERIES, max_cohort: int = IDENTIFICATION_COHORT,
+) -> dict:  # fmt: skip
+    """What :func:`identification_threshold` needs, fitted on the calibration images ``emb``/``labels``.
+
+    JSON-simple (it lives in the model file): the target ``fpir``, per-query ``mu`` and ``sd``
+    (rounded to 6 digits), the pooled ``tail`` (:func:`fit_tail`), and how many queries and
+    identities it rests on.
+    """
+    mu, sd, z = stranger_scores(emb, labels, seed, max_queries, max_cohort, per_query)
+    method = "per-query standardised, Pareto tail" if per_query else "pooled pairs, Pareto tail"
+    return {
+        "fpir": float(fpir), "method": method, "queries": len(mu), "identities": len(np.unique(labels)),
+        "images": len(labels),
+        "mu": np.round(mu, 6).tolist(), "sd": np.round(sd, 6).tolist(), "tail": fit_tail(z),
+    }  # fmt: skip

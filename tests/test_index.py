@@ -20,7 +20,7 @@ from facesearch import index as X
 from facesearch import manifest as M
 from facesearch import photos
 from facesearch.cli import main as cli
-from facesearch.contract import preprocessing_record
+from facesearch.contract import FALLBACK_THRESHOLD, preprocessing_record, verdict
 from facesearch.faces import FaceConfig
 from facesearch.images import ImageRejected, decode_image
 from facesearch.manifest import SchemaError
@@ -380,14 +380,15 @@ def test_search_json_lines(models, people, tmp_path, capsys):
 
 def test_the_threshold_comes_from_the_model(models, people, tmp_path, caplog, capsys):
     payload = torch.load(models["a"], weights_only=True)
-    assert X.verdict_threshold(payload, 0.3) == (0.3, "--threshold")
+    v = verdict(payload, 10, 0.3)
+    assert (v.similarity, v.source, v.fpir) == (0.3, "--threshold", None)
     with caplog.at_level(logging.WARNING):
-        assert X.verdict_threshold(payload)[0] == X.FALLBACK_THRESHOLD
+        assert verdict(payload, 10).similarity == FALLBACK_THRESHOLD
     assert "no verdict threshold" in caplog.text
     payload["threshold"] = {"similarity": 1.5, "far": 1e-3, "source": "validation identities"}
     torch.save(payload, tmp_path / "strict.pt")  # same weights and crops: the index's model
-    similarity, source = X.verdict_threshold(payload)
-    assert similarity == 1.5 and "validation identities" in source
+    v = verdict(payload, 10)
+    assert v.similarity == 1.5 and v.source == "model (1:1)" and "grows with the gallery" in v.meaning()
     X.build(str(tmp_path / "strict.pt"), str(people), tmp_path / "idx")
     lines = search_lines(capsys, "--index", str(tmp_path / "idx"), str(all_files(people)[0]))
     assert lines and {line["verdict"] for line in lines} == {"no_match"}  # 1.5 is out of reach
@@ -433,7 +434,8 @@ def test_info(models, people, tmp_path, capsys):
     assert d["people"] == len(named(people)) and d["names"] == sorted(named(people))
     assert d["faces"] == len(index.faces) and d["photos"] == int((index.photos[X.N_FACES] > 0).sum())
     assert d["model"]["path"] == str(models["a"]) and d["model"]["file_matches"] is True
-    assert d["threshold"] == {"similarity": X.FALLBACK_THRESHOLD, "source": "fallback (the model has none)"}
+    assert (d["threshold"]["similarity"], d["threshold"]["source"]) == (FALLBACK_THRESHOLD, "fallback")
+    assert d["threshold"]["gallery_faces"] == d["faces"] and "nothing is promised" in d["threshold"]["meaning"]
     assert d["search"] == {"structure": "exact", "hnsw_threshold": X.DEFAULT_HNSW_THRESHOLD}
     capsys.readouterr()
     cli(["index", "info", "--index", str(tmp_path / "idx")])
