@@ -4,13 +4,13 @@
 
 ``DIR`` is in either labelled layout (facesearch.layouts): CelebA, or one folder
 per person (LFW, VGGFace2, CASIA-WebFace), detected or forced with ``--layout``.
-The protocol is the pipeline's own: leave out the identities the model was
-trained or validated on (the model file numbers them; counted as
-``n_identities_excluded_seen``, and named in ``excluded_seen_people`` under the
-folder layout). Those numbers mean the same people only in the data the model
-was trained on (CelebA ids, or the sorted person folders of that same folder):
-for a model trained on other data pass ``--trained-elsewhere`` and nobody is
-left out. Then crop every other photo as the model's own
+The protocol is the pipeline's own: leave out the people the model was
+trained or validated on, where this folder names people as the model's data
+did (:mod:`facesearch.labelled`: by number for data of the same CelebA
+identity file, by person name for person folders; otherwise nobody, and
+``seen_rule`` says which rule applied; counted as
+``n_identities_excluded_seen``, named in ``excluded_seen_people`` under the
+folder layout); ``--trained-elsewhere`` leaves nobody out. Then crop every other photo as the model's own
 training crops were cut (its recorded preprocessing; ``--crop-params FILE``
 overrides it with that file's ``crop`` block), keep identities with at least
 two kept photos, pick one query per identity (seeded), put every other kept
@@ -33,52 +33,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from joblib import Parallel, delayed
-from tqdm import tqdm
 
-from facesearch import choose, index, tune
+from facesearch import calibrate, choose, index, tune
 from facesearch import manifest as M
 from facesearch import rerank as R
 from facesearch.celeba import DatasetError
-from facesearch.contract import crop_settings, seen_identities
-from facesearch.cropping import crop_names, image_guards, process_image
-from facesearch.inference import embed_array
+from facesearch.contract import crop_settings
+from facesearch.cropping import image_guards
 from facesearch.io import write_bytes_atomic, write_json_atomic
+from facesearch.labelled import crop_entries, embed_crops, unseen_entries
 from facesearch.layouts import AUTO, FOLDERS, LABELLED_LAYOUTS, read_dataset
 from facesearch.models import load_model, resolve_device
-from facesearch.packing import load_array, pack_crops
 from facesearch.params import load_params
 from facesearch.protocol import choose_queries, eligible_images
 from facesearch.retrieval import attribute_matrix, evaluate, readable
 
 log = logging.getLogger("facesearch.cli")
-
-# Packed images embedded per memory map: a map is dropped after its chunk, so the pages
-# read stay out of this process's memory (1024 images at 150 px: 69 MB).
-EMBED_CHUNK = 1024
-
-
-def embed_packed(model, path: Path, size: int, device, desc: str, chunk: int = EMBED_CHUNK) -> np.ndarray:
-    """Embeddings of the packed array at ``path``, ``chunk`` rows per memory map.
-
-    A memory map keeps every page it has read resident (and counted in this
-    process's RSS) until it is closed; one map per chunk keeps that to a chunk.
-    """
-    n = len(load_array(path))
-    out = [np.zeros((0, model.config.embedding_dim), np.float32)]
-    for start in range(0, n, chunk):
-        images = load_array(path)
-        out.append(embed_array(model, images[start : start + chunk], size, device, desc=desc))
-        del images
-    return np.concatenate(out)
 
 
 def evaluate_folder(
@@ -97,47 +73,22 @@ def evaluate_folder(
     crop_block, face, size = crop_settings(payload, crop_params, override=True)
     crop = image_guards(crop_block)
     dataset = read_dataset(data, layout)  # entry paths are absolute: a joblib worker may sit elsewhere
-    ids = dataset.annotations.identities
-    labelled = [e for e in dataset.entries if e.problem is None and e.name in ids]
     # A score on people the model was trained or selected on would flatter it.
-    seen = set() if trained_elsewhere else seen_identities(payload)
-    excluded = {ids[e.name] for e in labelled} & seen
-    excluded_people = sorted({e.person for e in labelled if ids[e.name] in seen and e.person is not None})
-    entries = [e for e in labelled if ids[e.name] not in seen]
-    if labelled and not entries:
-        raise SystemExit(f"evaluate: all {len(excluded)} identities in {data} were seen by the model in training "
-                         "or validation; nothing unseen is left to score (if the model was trained on other data, "
-                         "its identity numbers mean other people here: pass --trained-elsewhere)")  # fmt: skip
-    files = [e.name for e in entries]
-    n_all = len(files)
-    # The crop stage's guards and chip format (--crop-params' or the defaults), so the chips are
-    # written as the pipeline writes them.
-    names = crop_names(files, fmt=crop["format"])
+    unseen = unseen_entries(payload, dataset, data, trained_elsewhere)
+    entries = unseen.entries
+    if not entries and unseen.excluded_ids:
+        raise SystemExit(f"evaluate: all {len(unseen.excluded_ids)} identities in {data} were seen by the model in "
+                         f"training or validation ({unseen.seen.rule}); nothing unseen is left to score")  # fmt: skip
+    n_all = len(entries)
     with tempfile.TemporaryDirectory(prefix="facesearch-eval-") as tmp:
-        jobs = (delayed(process_image)(os.fsdecode(e.path), str(Path(tmp) / names[e.name]), face,
-                                       crop["jpeg_quality"], crop["max_pixels"], crop["min_image_side"],
-                                       max_file_bytes=crop["max_file_bytes"], max_aspect=crop["max_aspect"],
-                                       fmt=crop["format"])
-                for e in entries)  # fmt: skip
-        rows = list(tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(files), desc="crop"))
-        table = pd.DataFrame({
-            M.FILE_NAME: files,
-            M.IDENTITY: pd.array([ids[n] for n in files], dtype="Int64"),
-            M.PERSON: pd.array([e.person for e in entries], dtype="string"),
-            M.STATUS: [r[M.STATUS] for r in rows],
-            M.CROP_PATH: [str(Path(tmp) / names[n]) for n in files],
-        })  # fmt: skip
-        table = table.join(dataset.annotations.attributes.reindex(table[M.FILE_NAME]).reset_index(drop=True))
+        table = crop_entries(entries, dataset, face, crop, Path(tmp), n_jobs)
         images = eligible_images(table, 2)
         if images.empty:
             raise SystemExit(f"evaluate: no identity in {data} has two photos with a usable face")
         query, gallery = choose_queries(images, np.random.default_rng(seed))
         model.to(dev)
-        emb = {}
-        for name, t in (("query", query), ("gallery", gallery)):
-            # The model's own input side: the pixels it trained on (see facesearch.packing).
-            pack_crops(list(t[M.CROP_PATH]), Path(tmp) / f"{name}.npy", side=size, n_jobs=n_jobs, desc=name)
-            emb[name] = embed_packed(model, Path(tmp) / f"{name}.npy", size, dev, f"embed {name}", EMBED_CHUNK)
+        emb = {name: embed_crops(model, t[M.CROP_PATH], Path(tmp), name, size, dev, n_jobs)
+               for name, t in (("query", query), ("gallery", gallery))}  # fmt: skip
     q_emb, g_emb = emb["query"], emb["gallery"]
 
     q_labels, g_labels = query[M.IDENTITY].to_numpy(), gallery[M.IDENTITY].to_numpy()
@@ -151,10 +102,10 @@ def evaluate_folder(
     kept = int((table[M.STATUS] == M.Status.KEPT).sum())
     metrics.update({
         "keep_rate": round(kept / n_all, 4) if n_all else 0.0, "n_images": n_all, "n_kept": kept,
-        "n_identities": int(images[M.IDENTITY].nunique()), "n_identities_excluded_seen": len(excluded),
+        "n_identities": int(images[M.IDENTITY].nunique()), "n_identities_excluded_seen": len(unseen.excluded_ids),
         "model": str(model_path), "data": str(data), "layout": dataset.layout,
-        "excluded_seen_people": excluded_people if dataset.layout == FOLDERS else None,
-        "backbone": model.config.backbone, "seed": seed,
+        "excluded_seen_people": unseen.excluded_people if dataset.layout == FOLDERS else None,
+        "seen_rule": unseen.seen.rule, "backbone": model.config.backbone, "seed": seed,
         "crop": asdict(face), "crop_source": crop_params or "model",
     })  # fmt: skip
     return readable(metrics)
@@ -250,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     chk.add_argument("--json", action="store_true", help="print the full report as JSON")
     tune.add_parser(sub)
     choose.add_parser(sub)
+    calibrate.add_parser(sub)
     index.add_parsers(sub)  # index build|add|remove|info, search: your own photos (facesearch.index)
     res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
     res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
@@ -269,6 +221,8 @@ def _run(args: argparse.Namespace) -> None:
         return tune.main(args)
     if args.command == "choose":
         return choose.main(args)
+    if args.command == "calibrate":
+        return calibrate.main(args)
     if args.command in ("index", "search"):
         return index.main(args)
     if args.command == "check-data":

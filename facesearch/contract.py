@@ -53,9 +53,20 @@ def preprocessing_record(face: FaceConfig, img_size: int) -> dict:
     return {"crop": crop_params(face), "img_size": int(img_size)}
 
 
-def identities_record(train: Iterable[int], val: Iterable[int]) -> dict:
-    """The ``payload["identities"]`` entry: sorted, de-duplicated plain ints (JSON- and torch-safe)."""
-    return {"train": sorted({int(i) for i in train}), "val": sorted({int(i) for i in val})}
+def identities_record(train: Iterable[int], val: Iterable[int], source: dict | None = None,
+                      people: dict[str, Iterable[str]] | None = None) -> dict:  # fmt: skip
+    """The ``payload["identities"]`` entry: sorted, de-duplicated plain ints (JSON- and torch-safe).
+
+    ``source``: where the numbers come from (:func:`facesearch.layouts.dataset_source`);
+    ``people``: under the folder layout, the person names of ``train`` and ``val``, which is
+    what identifies a person across folders.
+    """
+    out: dict = {"train": sorted({int(i) for i in train}), "val": sorted({int(i) for i in val})}
+    if source is not None:
+        out["source"] = dict(source)
+    if people is not None:
+        out["people"] = {k: sorted({str(p) for p in v}) for k, v in people.items()}
+    return out
 
 
 def model_preprocessing(payload: dict, fallback: FaceConfig | None = None) -> tuple[FaceConfig, int]:
@@ -111,6 +122,41 @@ def seen_identities(payload: dict) -> set[int]:
     """Identities a saved model was trained on or selected on (train + val); empty for older models."""
     record = payload.get("identities") or {}
     return {int(i) for key in ("train", "val") for i in record.get(key, [])}
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Whom to leave out when scoring a model on a folder: people it trained or was selected on."""
+
+    ids: frozenset[int]  # identity numbers (CelebA data of the same identity file)
+    people: frozenset[str]  # person names (folder layouts)
+    rule: str  # why, in a sentence, for the output and the log
+
+
+def seen_in(payload: dict, source: dict) -> Seen:
+    """Who counts as seen in data from ``source`` (:func:`facesearch.layouts.dataset_source`).
+
+    Only when the data names people the way the model's training data did
+    (:func:`facesearch.layouts.same_source`): the same CelebA identity file (by number), or a
+    folder layout (by person name). Otherwise numbers mean other people here, and everyone is
+    scored: the rule says so, never silently.
+    """
+    from facesearch.layouts import same_source  # the data room, only when deciding
+
+    record = payload.get("identities") or {}
+    mine = record.get("source")
+    if mine is None:
+        return Seen(frozenset(), frozenset(), "the model does not record where its identities come from (an older "
+                    "file): everyone is scored")  # fmt: skip
+    if not same_source(mine, source):
+        return Seen(frozenset(), frozenset(), f"the model's identities come from {mine.get('layout')} data "
+                    f"{mine.get('name')!r}, not this data's identity source: everyone is scored")  # fmt: skip
+    if source.get("layout") == "folders":
+        people = record.get("people") or {}
+        names = frozenset(p for key in ("train", "val") for p in people.get(key, []))
+        return Seen(frozenset(), names, "folder layout: the model's train and validation people are left out by name")
+    return Seen(frozenset(seen_identities(payload)), frozenset(), "the same CelebA identity file: the model's train "
+                "and validation identities are left out by number")  # fmt: skip
 
 
 def model_threshold(payload: dict) -> dict | None:
@@ -190,13 +236,12 @@ def verdict(payload: dict, gallery_faces: int, override: float | None = None, ov
     calibrated_on, synthetic = data.get("description"), bool(data.get("synthetic", False))
     if override is not None:
         return Verdict(float(override), int(gallery_faces), None, override_name)
-    ident = record.get("identification")
-    if ident:
-        t = V.identification_threshold(ident, gallery_faces, fpir)
-        return Verdict(t, int(gallery_faces), float(ident["fpir"] if fpir is None else fpir), "model", calibrated_on,
-                       synthetic)  # fmt: skip
-    if record.get("similarity") is not None:
-        return Verdict(float(record["similarity"]), int(gallery_faces), None, "model (1:1)", calibrated_on, synthetic)
+    found = V.verdict_threshold(record, gallery_faces, fpir)
+    if found is not None and found[1] == "identification":
+        target = float(record["identification"]["fpir"] if fpir is None else fpir)
+        return Verdict(found[0], int(gallery_faces), target, "model", calibrated_on, synthetic)
+    if found is not None:
+        return Verdict(found[0], int(gallery_faces), None, "model (1:1)", calibrated_on, synthetic)
     log.warning("the model carries no verdict threshold (payload['threshold']): using the fallback %.2f; calibrate "
                 "it with python -m facesearch calibrate, or pass --threshold", FALLBACK_THRESHOLD)  # fmt: skip
     return Verdict(FALLBACK_THRESHOLD, int(gallery_faces), None, "fallback")

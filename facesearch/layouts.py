@@ -9,11 +9,11 @@ Labelled layouts (the pipeline needs identities; ``params.yaml: data.layout``, `
 ``folders``
     One folder per person, ``<root>/<person>/*.jpg|png|...``, as LFW, VGGFace2 and
     CASIA-WebFace ship. The person is the top folder's name, kept in the manifest's ``person``
-    column; identities number the person folders in sorted order of their names, 1..N (so the
-    same folder always gives the same numbers; adding a person renumbers those sorted after
-    it). Photos in sub-folders of a person folder are that person's: the walk recurses into
-    the person (``<root>/<person>/session2/x.jpg`` is ``<person>``). No attributes, no
-    partitions. A photo directly in the root is rejected ``not_in_a_person_folder``.
+    column; a person's identity number is a function of the name alone
+    (:func:`person_identity`), so the same name is the same number in any folder, and adding or
+    removing a person never changes anyone else's. Photos in sub-folders of a person folder
+    are that person's: the walk recurses into the person (``<root>/<person>/session2/x.jpg``
+    is ``<person>``). No attributes, no partitions. A photo directly in the root is rejected ``not_in_a_person_folder``.
 ``auto``
     ``celeba`` when the CelebA files are there, else ``folders`` when every photo sits in a
     person folder, else a :class:`~facesearch.celeba.DatasetError` naming the layouts.
@@ -31,6 +31,7 @@ or holds control characters or a backslash (a stored path must open its file).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -62,6 +63,71 @@ log = logging.getLogger("facesearch.layouts")
 AUTO, CELEBA, FOLDERS, PLAIN = "auto", "celeba", "folders", "plain"
 LABELLED_LAYOUTS = (AUTO, CELEBA, FOLDERS)  # data.layout, evaluate/check-data --layout
 GALLERY_LAYOUTS = (AUTO, FOLDERS, PLAIN)  # index build|add --layout
+
+
+# A file the built-in sample generator (facesearch.synth) writes at its root: the photos are synthetic.
+SAMPLE_MARKER = "facesearch-sample.json"
+
+
+def person_identity(name: str) -> int:
+    """The identity number of the person folder ``name``: 63 bits of its SHA-256, never 0.
+
+    A function of the name alone, so a person keeps their number whatever other folders
+    exist (sorted numbering 1..N renumbered everyone after an added folder); 63 bits keep it
+    a positive Int64, and two of a million names collide with probability ~1e-7.
+    """
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()[:8], "big") >> 1 or 1
+
+
+def is_synthetic(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is the built-in synthetic sample (its generator's marker file is there)."""
+    return (Path(root) / SAMPLE_MARKER).is_file()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_source(root: str | os.PathLike, layout: str) -> dict:
+    """Where a labelled folder's identities come from, as a model records it (``identities["source"]``).
+
+    CelebA: the identity file's SHA-256 (a partial download of CelebA shares the official file,
+    so its numbers mean the same people); folders: nothing more, a person *is* their folder's
+    name there. ``synthetic``: the built-in sample's cartoon faces. ``name``: the folder's name,
+    for people to read (never compared).
+    """
+    root = Path(root)
+    out: dict = {"layout": layout, "name": root.resolve().name, "synthetic": is_synthetic(root)}
+    if layout == CELEBA:
+        from facesearch.celeba import IDENTITY_FILE
+
+        out["identity_file_sha256"] = file_sha256(root / IDENTITY_FILE)
+    return out
+
+
+def source_description(source: dict, identities: int, images: int) -> str:
+    """E.g. "395 photos of 20 people of celeba-dev (real photos)" for a threshold's record."""
+    kind = "the synthetic sample's cartoon faces" if source.get("synthetic") else "real photos"
+    return f"{images:,} photos of {identities:,} people of {source.get('name', 'unknown data')} ({kind})"
+
+
+def same_source(a: dict | None, b: dict | None) -> bool:
+    """Whether two :func:`dataset_source` records name people the same way (ids or names mean the same people).
+
+    CelebA: the same identity file; folders: any folder layout (a person is a name). Unknown
+    (None, older models): never.
+    """
+    if not a or not b or a.get("layout") != b.get("layout"):
+        return False
+    if a["layout"] == CELEBA:
+        return a.get("identity_file_sha256") is not None and a.get("identity_file_sha256") == b.get(
+            "identity_file_sha256"
+        )
+    return a["layout"] == FOLDERS
 
 
 @dataclass(frozen=True)
@@ -189,7 +255,7 @@ def read_folders(root: str | os.PathLike, listing: tuple[list, list] | None = No
             person = f.rel.split("/")[0]
         entries.append(Entry(f.rel, f.path, problem, detail, image_path=f.rel, person=person))
     entries.sort(key=lambda e: e.image_path)
-    numbers = {p: i for i, p in enumerate(sorted({e.person for e in entries if e.person is not None}), 1)}
+    numbers = {p: person_identity(p) for p in {e.person for e in entries if e.person is not None}}
     nested = sum(e.person is not None and e.image_path.count("/") > 1 for e in entries)
     if nested:
         log.info("%d photos sit in sub-folders of their person folder: they count as that person's", nested)

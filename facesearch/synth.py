@@ -20,7 +20,9 @@ the same whatever the size of the data set.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from facesearch.celeba import (
     IDENTITY_FILE,
     PARTITION_FILE,
 )
+from facesearch.layouts import SAMPLE_MARKER
 
 # Attributes whose value is decided by what is drawn (per identity or per photo).
 DRAWN_ATTRIBUTES = frozenset({
@@ -580,4 +583,8 @@ def generate_sample(spec: SampleSpec, out_dir: str | Path, n_jobs: int = 1, chun
     header = f"{len(attr_rows)}\n" + " ".join(ATTRIBUTE_NAMES) + "\n"
     (out / ATTRIBUTE_FILE).write_text(header + "\n".join(attr_rows) + "\n")
     (out / PARTITION_FILE).write_text("\n".join(part_rows) + "\n")
+    # Says "synthetic" to everything downstream: a threshold calibrated on these cartoon faces is
+    # flagged wherever it would be used on real photos (facesearch.layouts.is_synthetic).
+    (out / SAMPLE_MARKER).write_text(json.dumps({"generator": "facesearch.synth", "synthetic": True,
+                                                 "spec": dataclasses.asdict(spec)}, sort_keys=True) + "\n")  # fmt: skip
     return {"identities": spec.identities, "images": len(jobs), "images_with_face": faces}

@@ -15,6 +15,8 @@ Conventions (one home for each):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.stats import rankdata
 
@@ -241,60 +243,28 @@ def threshold_record(genuine: np.ndarray, impostor: np.ndarray, far: float, fars
     }
 
 
-def calibrate(emb: np.ndarray, labels: np.ndarray, far: float, fars, n_impostors: int, seed: int) -> dict | None:
-    """:func:`threshold_record` of ``emb`` (images of identities the model never trained on).
+def calibrate(emb: np.ndarray, labels: np.ndarray, far: float, fars, n_impostors: int, seed: int,
+              fpir: float | None = None, data: dict | None = None) -> dict | None:  # fmt: skip
+    """The verdict record of ``emb`` (images of identities the model never trained on), or None.
 
-    None when the identities give no impostor pair (fewer than two of them): there is
+    :func:`threshold_record` (the 1:1 threshold at ``far``), plus with ``fpir`` the
+    ``identification`` record (:func:`identification_record`: the threshold for a search of
+    any gallery size at that FPIR), plus ``data`` (what the images are: a description, whether
+    synthetic). Similarities are cosines: ``emb`` is L2-normalised here whatever the model
+    outputs. None when the identities give no impostor pair (fewer than two of them): there is
     nothing to choose a threshold against.
     """
+    emb = np.asarray(emb, np.float64)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     genuine, impostor = verification_scores(emb, labels, n_impostors, seed)
     if not len(impostor):
         return None
-    return threshold_record(genuine, impostor, far, fars)
-
-
-def open_set_identification(
-    q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray, threshold: float,
-    chunk: int = 1 << 24, top1=None,
-) -> dict:  # fmt: skip
-    """Open-set identification at ``threshold`` against a gallery of *enrolled* identities.
-
-    A query of an enrolled identity is found when its top-1 result is of its identity and
-    clears the threshold (TPIR, true-positive identification rate); a query of a stranger
-    (identity not in the gallery) is answered correctly when nothing clears it (1 - FPIR).
-    The similarities are computed ``chunk`` entries (queries x gallery) at a time.
-
-    ``top1(q_emb, g_emb) -> (Q,) gallery indices``: another search's first result (e.g. the
-    re-ranked one of ``evaluate.rerank``, built on this gallery); the verdict is still that
-    result's plain cosine similarity against the threshold. Default: the most similar.
-    """
-    q_emb, g_emb = np.asarray(q_emb, np.float64), np.asarray(g_emb, np.float64)
-    q_labels, g_labels = np.asarray(q_labels), np.asarray(g_labels)
-    if not len(g_emb):
-        raise ValueError("open-set identification needs an enrolled gallery")
-    top = np.empty(len(q_emb), np.int64)
-    top_sim = np.empty(len(q_emb))
-    if top1 is not None:
-        top[:] = top1(q_emb, g_emb)
-        top_sim[:] = np.einsum("ij,ij->i", q_emb, g_emb[top])
-    else:
-        step = max(1, chunk // len(g_emb))
-        for start in range(0, len(q_emb), step):
-            sims = q_emb[start : start + step] @ g_emb.T
-            # Ties at the top go to the lowest gallery index, the rule of every search backend here.
-            best = np.argmax(sims, axis=1)
-            top[start : start + step] = best
-            top_sim[start : start + step] = sims[np.arange(len(sims)), best]
-    enrolled = np.isin(q_labels, np.unique(g_labels))
-    found = (g_labels[top] == q_labels) & (top_sim >= threshold)
-    false_alarm = top_sim >= threshold
-    return {
-        "tpir": float(found[enrolled].mean()) if enrolled.any() else None,
-        "fpir": float(false_alarm[~enrolled].mean()) if (~enrolled).any() else None,
-        "enrolled_queries": int(enrolled.sum()),
-        "stranger_queries": int((~enrolled).sum()),
-        "gallery": len(g_emb),
-    }
+    record = threshold_record(genuine, impostor, far, fars)
+    if fpir is not None:
+        record["identification"] = identification_record(emb, labels, fpir, seed)
+    if data is not None:
+        record["data"] = dict(data)
+    return record
 
 
 def enrolled_half(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -303,19 +273,101 @@ def enrolled_half(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(ids, size=len(ids) // 2, replace=False))
 
 
-def open_set_half(
-    q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray, threshold: float, seed: int,
-    top1=None,
-) -> dict:  # fmt: skip
-    """:func:`open_set_identification` with half the identities (:func:`enrolled_half`) enrolled.
+def open_set_galleries(labels: np.ndarray, sizes, seed: int) -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
+    """(galleries, strangers): seeded open-set galleries of the identities in ``labels``, NIST FRVT 1:N style.
 
-    The gallery keeps only the enrolled identities' images; every query is asked, so the
-    other half's queries are strangers, whose right answer is "no match".
+    A seeded half of the identities may be enrolled (:func:`enrolled_half`), the other half are
+    the strangers every gallery is searched by. Each gallery is ``(name, enrolled ids)``: for each
+    of ``sizes`` smaller than the half, that many people drawn (seeded) from it, named by the
+    size; then ``"all"``, the whole half.
     """
-    enrolled = enrolled_half(np.concatenate([np.asarray(q_labels), np.asarray(g_labels)]), seed)
-    keep = np.isin(g_labels, enrolled)
-    g_emb, g_labels = np.asarray(g_emb)[keep], np.asarray(g_labels)[keep]
-    return open_set_identification(q_emb, q_labels, g_emb, g_labels, threshold, top1=top1)
+    half = enrolled_half(labels, seed)
+    strangers = np.setdiff1d(np.unique(np.asarray(labels)), half)
+    rng = np.random.default_rng([seed, 1])
+    galleries = [(str(n), np.sort(rng.choice(half, size=n, replace=False))) for n in sizes if 0 < n < len(half)]
+    return [*galleries, ("all", half)], strangers
+
+
+@dataclass(frozen=True)
+class Searches:
+    """Open-set searches of one gallery: every mated search's best similarity and whether it was the
+    right person, every non-mated (stranger) search's best similarity."""
+
+    mated: np.ndarray  # (M,) best similarity of each search by an enrolled person's photo
+    correct: np.ndarray  # (M,) bool: that best result is the searched person
+    nonmated: np.ndarray  # (S,) best similarity of each search by a stranger's photo
+    faces: int  # gallery size, faces
+
+
+def open_set_searches(emb: np.ndarray, labels: np.ndarray, enrolled, strangers, chunk: int = 1 << 24) -> Searches:
+    """Search a gallery of every photo of the ``enrolled`` people with every photo (NIST FRVT 1:N).
+
+    A mated search is a photo of an enrolled person against the gallery without that photo
+    (its other photos are there; a person with one photo gives none); a non-mated one a photo
+    of one of ``strangers``. Ties at the
+    top go to the lowest gallery index, the rule of every search backend here.
+    """
+    emb, labels = np.asarray(emb, np.float64), np.asarray(labels)
+    in_gallery = np.flatnonzero(np.isin(labels, enrolled))
+    if not len(in_gallery):
+        raise ValueError("open-set identification needs an enrolled gallery")
+    probes = np.flatnonzero(np.isin(labels, enrolled) | np.isin(labels, strangers))
+    g = emb[in_gallery]
+    best = np.empty(len(probes), np.int64)
+    best_sim = np.empty(len(probes))
+    step = max(1, chunk // len(in_gallery))
+    for start in range(0, len(probes), step):
+        rows = probes[start : start + step]
+        sims = emb[rows] @ g.T
+        sims[rows[:, None] == in_gallery[None, :]] = -np.inf  # a photo never finds itself
+        top = np.argmax(sims, axis=1)
+        best[start : start + step] = in_gallery[top]
+        best_sim[start : start + step] = sims[np.arange(len(rows)), top]
+    mated = np.isin(labels[probes], enrolled)
+    # A person's only photo leaves them out of the gallery it searches: neither mated nor a stranger.
+    ids, counts = np.unique(labels[in_gallery], return_counts=True)
+    lone = np.isin(labels[probes], ids[counts < 2])
+    keep = ~lone & np.isfinite(best_sim)
+    mated, best, best_sim, probes = mated[keep], best[keep], best_sim[keep], probes[keep]
+    return Searches(best_sim[mated], labels[best[mated]] == labels[probes[mated]], best_sim[~mated], len(in_gallery))
+
+
+def identification_metrics(searches: Searches, threshold: float, fpirs=(0.01, 0.1)) -> dict:
+    """TPIR at each FPIR of ``fpirs`` and FNIR/FPIR at ``threshold`` (a verdict's), NIST FRVT 1:N style.
+
+    ``tpir@fpir1e-2``: the share of mated searches whose best result is the right person and
+    clears the threshold at which at most 1% of stranger searches clear it (None when the
+    strangers cannot resolve that FPIR, :func:`resolvable`). ``fnir``/``fpir``: the mated
+    searches missed and the stranger searches matched at ``threshold``.
+    """
+    mated, nonmated = searches.mated, searches.nonmated
+    out: dict = {"faces": searches.faces, "mated": len(mated), "nonmated": len(nonmated),
+                 "threshold": float(threshold)}  # fmt: skip
+    if len(nonmated):
+        for fpir, t in zip(fpirs, thresholds_at_fars(nonmated, fpirs), strict=True):
+            ok = resolvable(fpir, len(nonmated))
+            out[f"tpir@fpir{far_key(fpir)}"] = float(_tpir(searches, [t])[0]) if ok else None
+    out["fnir"] = 1 - float(_tpir(searches, [threshold])[0]) if len(mated) else None
+    out["fpir"] = accept_rate(nonmated, threshold) if len(nonmated) else None
+    return out
+
+
+def det_curve(searches: Searches, points: int = 200) -> dict[str, np.ndarray]:
+    """FNIR at ``points`` FPIR targets (log-spaced over what the stranger searches resolve): the DET curve."""
+    n = len(searches.nonmated)
+    if not n or not len(searches.mated):
+        raise ValueError("a DET curve needs mated and stranger searches")
+    grid = np.geomspace(1.0 / n, 1.0, points)
+    thresholds = thresholds_at_fars(searches.nonmated, grid)
+    return {"fpir": grid, "fnir": 1 - _tpir(searches, thresholds), "threshold": thresholds}
+
+
+def _tpir(searches: Searches, thresholds) -> np.ndarray:
+    """Share of mated searches whose best result is the right person *and* clears each threshold."""
+    right = searches.mated[searches.correct]
+    if not len(right):
+        return np.zeros(len(thresholds))
+    return accept_rates(right, np.asarray(thresholds, np.float64)) * len(right) / len(searches.mated)
 
 
 # --- identification: a "no match" that holds for a gallery of any size ------------------------
@@ -326,38 +378,39 @@ def open_set_half(
 # FRVT 1:N) grows with N. The threshold of an identification verdict is therefore a function of
 # the gallery's size, chosen so that the FPIR stays at a target for that size.
 #
-# The model of it, fitted on stranger searches of calibration identities (people the model never
-# trained on): each calibration image q, searched against the images of every *other* identity,
-# gives impostor similarities whose mean mu_q and spread sd_q differ from image to image (some
-# faces look like many people). Standardised, z = (s - mu_q) / sd_q, their exceedance S(z) is
-# pooled over all queries: empirical in its body, a generalised Pareto tail (peaks over threshold,
-# Pickands-Balkema-de Haan) beyond, where pairs run out. A stranger like q then passes a search
-# of N faces at threshold t with probability 1 - (1 - S((t - mu_q) / sd_q))^N, and
+# The model of it, fitted on stranger comparisons of calibration identities (people the model
+# never trained on: every image against the images of every *other* identity): their similarities'
+# exceedance S(t), empirical in its body and a generalised Pareto tail (peaks over threshold,
+# Pickands-Balkema-de Haan) beyond, where pairs run out, and
 #
-#     FPIR(t, N) = mean over q of 1 - (1 - S((t - mu_q) / sd_q))^N,
+#     FPIR(t, N) = 1 - (1 - S(t))^N,
 #
 # which :func:`identification_threshold` solves for t at the target FPIR and the gallery's N.
-# Averaging over the queries keeps the hard strangers hard (a single pooled pair rate would
-# spread their risk over everyone and understate the FPIR at large N).
+# Counting every face as an independent chance is conservative where a gallery holds several
+# photos of a person (a look-alike's photos pass together): on celeba-dev's validation people
+# (20 to calibrate, galleries of 30 others with ~20 photos each) it predicted FPIR 0.076 where
+# 0.065 happened at similarity 0.94, and 0.008 for 0.002 at 0.95. Standardising each query's
+# scores by its own mean and spread first (so hard strangers stay hard) was tried there too: four
+# times too conservative (TPIR 0.22 at FPIR 0.01 in a 600-face gallery, against 0.95 possible).
 
 IDENTIFICATION_QUERIES = 1000  # calibration images searched as strangers (a seeded subsample above this)
 IDENTIFICATION_COHORT = 10000  # images each is compared with (a seeded subsample above this)
 TAIL_SHARE = 0.005  # the pooled scores above the tail threshold u: the top half percent ...
 TAIL_MIN, TAIL_MAX = 50, 20000  # ... but at least and at most this many exceedances for the Pareto fit
 BODY_POINTS = 64  # points of the empirical exceedance curve below u kept in the record
+TAIL_XI_Z = 1.645  # the tail's shape is taken at its one-sided 95% upper confidence bound (see fit_tail)
+TAIL_XI_MIN = -0.05  # ... and never below this (see fit_tail)
 
 
 def stranger_scores(
     emb: np.ndarray, labels: np.ndarray, seed: int, max_queries: int = IDENTIFICATION_QUERIES,
-    max_cohort: int = IDENTIFICATION_COHORT, per_query: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """(mu, sd, pooled z): per stranger query its impostor similarities' mean and spread, and all of
-    them standardised by those, pooled and sorted in descending order.
+    max_cohort: int = IDENTIFICATION_COHORT,
+) -> np.ndarray:  # fmt: skip
+    """Similarities of stranger comparisons, sorted in descending order.
 
     ``emb``: L2-normalised embeddings of the calibration images; ``labels`` their identities.
     Each query (up to ``max_queries``, seeded) is compared with every cohort image (up to
-    ``max_cohort``, seeded) of another identity. ``per_query=False`` keeps raw similarities
-    (mu 0, sd 1): the pooled pair model.
+    ``max_cohort``, seeded) of another identity.
     """
     emb, labels = np.asarray(emb, np.float32), np.asarray(labels)
     if len(np.unique(labels)) < 2:
@@ -366,23 +419,12 @@ def stranger_scores(
     n = len(emb)
     queries = np.sort(rng.choice(n, size=max_queries, replace=False)) if n > max_queries else np.arange(n)
     cohort = np.sort(rng.choice(n, size=max_cohort, replace=False)) if n > max_cohort else np.arange(n)
-    mu, sd, pooled = [], [], []
+    scores = []
     for start in range(0, len(queries), 256):
         q = queries[start : start + 256]
         sims = emb[q] @ emb[cohort].T
-        for row, label in zip(sims, labels[q], strict=True):
-            scores = row[labels[cohort] != label].astype(np.float64)
-            if len(scores) < 2:
-                continue
-            m, s = (float(scores.mean()), float(scores.std())) if per_query else (0.0, 1.0)
-            s = max(s, 1e-6)
-            mu.append(m)
-            sd.append(s)
-            pooled.append(((scores - m) / s).astype(np.float32))
-    if not pooled:
-        raise ValueError("identification calibration found no stranger comparisons")
-    z = np.sort(np.concatenate(pooled))[::-1]
-    return np.array(mu), np.array(sd), z
+        scores.append(sims[labels[q][:, None] != labels[cohort][None, :]])
+    return np.sort(np.concatenate(scores))[::-1]
 
 
 def fit_tail(z: np.ndarray) -> dict:
@@ -402,13 +444,34 @@ def fit_tail(z: np.ndarray) -> dict:
     u = float(z[k])  # k scores lie strictly above (ties aside)
     exceed = z[:k] - u
     exceed = exceed[exceed > 0]
-    xi, _, sigma = genpareto.fit(exceed, floc=0.0)
-    # The body: S at log-spaced levels from 1/2 down to S(u), as (score, log10 S) points.
-    levels = np.geomspace(0.5, k / total, BODY_POINTS)
-    scores = z[np.minimum((levels * total).astype(np.int64), total - 1)]
-    body = sorted(zip(scores.tolist(), np.log10(levels).tolist(), strict=True))
+    body = _body(z, k)
+    if len(exceed) < TAIL_MIN // 5:
+        # Ties at the top (a collapsed model scores different people alike): no tail to fit. An
+        # exponential of the exceedances' own scale keeps the threshold just above them.
+        sigma = float(exceed.mean()) if len(exceed) else 1e-6
+        return {"u": u, "p_u": k / total, "xi": 0.0, "sigma": max(sigma, 1e-6), "exceedances": len(exceed),
+                "body": body, "comparisons": total}  # fmt: skip
+    xi, _, _ = genpareto.fit(exceed, floc=0.0)
+    # The shape, raised to its one-sided 95% upper confidence bound (standard error (1 + xi) /
+    # sqrt(k)) and floored at TAIL_XI_MIN, and the scale refitted at it. Similarity tails of
+    # high-dimensional embeddings are near-Gaussian, whose tail shape tends to 0 but fits
+    # clearly negative at any level reachable with calibration pairs (about -1 / (2 ln(1/p)),
+    # -0.1 at p = 0.005): extrapolated with that shape, the tail ends too soon and a stranger
+    # searching a million faces matched 2-5x more often than promised in synthetic checks. Chosen
+    # on celeba-dev's non-test identities (10 draws of 20 people to calibrate, galleries of 10 and
+    # 30 others): shape unbounded, FPIR 0.024 for a promised 0.01 at ~600 faces; floored at
+    # -0.05, 0.008 (TPIR 0.930); floored at 0 (an exponential tail), 0.004 (TPIR 0.906).
+    xi = max(float(xi + TAIL_XI_Z * (1 + xi) / np.sqrt(len(exceed))), TAIL_XI_MIN)
+    _, _, sigma = genpareto.fit(exceed, fc=xi, floc=0.0)
     return {"u": u, "p_u": k / total, "xi": float(xi), "sigma": float(sigma), "exceedances": len(exceed),
             "body": body, "comparisons": total}  # fmt: skip
+
+
+def _body(z: np.ndarray, k: int) -> list[list[float]]:
+    """S at log-spaced levels from 1/2 down to S(u) = k / len(z), as [score, log10 S] points, ascending."""
+    levels = np.geomspace(0.5, k / len(z), BODY_POINTS)
+    scores = z[np.minimum((levels * len(z)).astype(np.int64), len(z) - 1)]
+    return [list(p) for p in sorted(zip(scores.tolist(), np.log10(levels).tolist(), strict=True))]
 
 
 def exceedance(z: np.ndarray, tail: dict) -> np.ndarray:
@@ -432,11 +495,9 @@ def exceedance(z: np.ndarray, tail: dict) -> np.ndarray:
 
 def fpir_at(record: dict, thresholds, n_gallery: int) -> np.ndarray:
     """The modelled FPIR at each similarity threshold for a gallery of ``n_gallery`` faces."""
-    t = np.atleast_1d(np.asarray(thresholds, np.float64))
-    mu, sd = np.asarray(record["mu"]), np.asarray(record["sd"])
-    s = exceedance((t[:, None] - mu[None, :]) / sd[None, :], record["tail"])
+    s = exceedance(np.atleast_1d(np.asarray(thresholds, np.float64)), record["tail"])
     # 1 - (1 - s)^N without losing small s to rounding.
-    return (-np.expm1(n_gallery * np.log1p(-np.minimum(s, 1 - 1e-16)))).mean(1)
+    return -np.expm1(n_gallery * np.log1p(-np.minimum(s, 1 - 1e-16)))
 
 
 def identification_threshold(record: dict, n_gallery: int, fpir: float | None = None) -> float:
@@ -461,19 +522,29 @@ def identification_threshold(record: dict, n_gallery: int, fpir: float | None = 
 
 
 def identification_record(
-    emb: np.ndarray, labels: np.ndarray, fpir: float, seed: int, per_query: bool = True,
-    max_queries: int = IDENTIFICATION_QUERIES, max_cohort: int = IDENTIFICATION_COHORT,
+    emb: np.ndarray, labels: np.ndarray, fpir: float, seed: int, max_queries: int = IDENTIFICATION_QUERIES,
+    max_cohort: int = IDENTIFICATION_COHORT,
 ) -> dict:  # fmt: skip
     """What :func:`identification_threshold` needs, fitted on the calibration images ``emb``/``labels``.
 
-    JSON-simple (it lives in the model file): the target ``fpir``, per-query ``mu`` and ``sd``
-    (rounded to 6 digits), the pooled ``tail`` (:func:`fit_tail`), and how many queries and
-    identities it rests on.
+    JSON-simple (it lives in the model file): the target ``fpir``, the stranger comparisons'
+    ``tail`` (:func:`fit_tail`), and how many images and identities it rests on.
     """
-    mu, sd, z = stranger_scores(emb, labels, seed, max_queries, max_cohort, per_query)
-    method = "per-query standardised, Pareto tail" if per_query else "pooled pairs, Pareto tail"
-    return {
-        "fpir": float(fpir), "method": method, "queries": len(mu), "identities": len(np.unique(labels)),
-        "images": len(labels),
-        "mu": np.round(mu, 6).tolist(), "sd": np.round(sd, 6).tolist(), "tail": fit_tail(z),
-    }  # fmt: skip
+    z = stranger_scores(emb, labels, seed, max_queries, max_cohort)
+    return {"fpir": float(fpir), "method": "stranger comparisons, Pareto tail", "images": len(labels),
+            "identities": len(np.unique(labels)), "tail": fit_tail(z)}  # fmt: skip
+
+
+def verdict_threshold(record: dict | None, n_gallery: int, fpir: float | None = None) -> tuple[float, str] | None:
+    """(similarity threshold, kind) of a model's verdict record for a gallery of ``n_gallery`` faces.
+
+    ``kind`` "identification": the calibrated threshold at this size (:func:`identification_threshold`);
+    "1:1": a record from before identification calibration, its pair threshold (which promises
+    nothing about a search). None: no record.
+    """
+    record = record or {}
+    if record.get("identification"):
+        return identification_threshold(record["identification"], n_gallery, fpir), "identification"
+    if record.get("similarity") is not None:
+        return float(record["similarity"]), "1:1"
+    return None

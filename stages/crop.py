@@ -2,7 +2,7 @@
 
     python -m stages.crop --data data/sample --crops data/crops \
         --manifest data/manifest.parquet --metrics metrics/crop.json --sheet reports/crops.png \
-        --timing reports/crop_timing.json
+        --timing reports/crop_timing.json --source data/source.json
 
 Reads ``params.yaml: data.root`` (passed as ``--data``), ``data.layout`` (CelebA or
 one folder per person, or ``auto``: see facesearch.layouts) and ``crop``. Every
@@ -14,7 +14,10 @@ the ``execution.backend`` backend, on the cluster at ``execution.address`` for
 dask/ray: how the stage runs, not what it produces, so no stage lists them in
 dvc.yaml); each worker writes its crops into a temporary folder that replaces
 ``--crops`` only when the whole run succeeded. ``--metrics`` holds only results
-that compare across runs; speed goes to the log and ``--timing``.
+that compare across runs; speed goes to the log and ``--timing``. ``--source``
+says where the identities come from (:func:`facesearch.layouts.dataset_source`:
+the layout, the CelebA identity file's fingerprint, whether the photos are the
+synthetic sample's), for the model files trained on them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from facesearch.cropping import CropLimits, check_format, crop_names, pre_reason
 from facesearch.faces import FaceConfig
 from facesearch.images import decode_image
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
-from facesearch.layouts import Dataset, read_dataset
+from facesearch.layouts import Dataset, dataset_source, read_dataset
 from facesearch.params import load_params
 from facesearch.viz import grid, tile
 
@@ -265,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics", required=True, help="JSON metrics to write")
     parser.add_argument("--sheet", required=True, help="contact sheet PNG to write")
     parser.add_argument("--timing", default=None, help="JSON with this run's speed (not a metric), optional")
+    parser.add_argument("--source", default=None, help="JSON of where the identities come from (layout, identity "
+                        "file fingerprint, synthetic or real), which train records in the model; optional")  # fmt: skip
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     write_parquet_atomic(args.manifest, df)
     metrics = crop_metrics(df, dataset)
     write_json_atomic(args.metrics, metrics)
+    if args.source:
+        write_json_atomic(args.source, dataset_source(data_root, dataset.layout))
     timing = crop_timing(len(df), seconds, execution["n_jobs"], execution["backend"])
     if args.timing:
         write_json_atomic(args.timing, timing)

@@ -2,7 +2,7 @@
 
     python -m stages.evaluate --backbone resnet50 --embeddings data/embeddings/resnet50 --split data/split \
         --arrays data/arrays --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv \
-        --roc metrics/roc/resnet50.csv --figure reports/retrieval_resnet50.png \
+        --roc metrics/roc/resnet50.csv --det metrics/det/resnet50.csv --figure reports/retrieval_resnet50.png \
         --timing reports/timing/resnet50.json --rerank data/rerank/resnet50
 
 Reads ``params.yaml: evaluate`` and ``verification``. Every query (one photo of each held-out
@@ -17,13 +17,17 @@ against all the others (more queries than identities, so finer-grained);
 ``ver_*``: verification ("same person?") on the *validation* identities' pairs
 (all genuine pairs, ``verification.impostor_pairs`` seeded impostor pairs):
 ROC AUC, and TAR and the similarity threshold at each of ``verification.fars``;
-``openset_*``: open-set identification on the test identities, half of them
-enrolled (seeded; their gallery images), every query asked: ``openset_tpir@rank1``
-is the share of enrolled people whose top-1 is right and clears the threshold,
-``openset_1-fpir`` the share of strangers answered "no match". "after" uses the
-model's own threshold (``threshold.json`` from embed, chosen by train on the
-validation identities), "before" the one this run calibrates on them at
-``verification.far``: nothing is chosen on the test identities. Metrics only,
+``open<gallery>_*``: open-set identification on the test identities as NIST FRVT 1:N
+reports it: a seeded half of them may be enrolled, the other half are strangers;
+galleries of ``verification.open_set_sizes`` people and of the whole half (``openall``)
+are searched by every photo of their people (mated searches) and of the strangers.
+``tpir@fpir1e-2`` is the share of mated searches whose top result is right and clears the
+threshold that lets 1% of stranger searches through; ``fnir``/``fpir`` are what the
+verdict a user is told does at that gallery's size: "after" the model's own record
+(``threshold.json`` from embed, calibrated by train on the validation identities),
+"before" one calibrated here on the validation identities the same way. Nothing is
+chosen on the test identities. ``--det`` gets the DET curve (FNIR at each FPIR) of the
+largest gallery. Metrics only,
 so ``dvc metrics diff`` shows quality changes and nothing else.
 ``--timing`` gets the search timings (index build, batch search, one-query
 p50/p99), which differ on every run and machine;
@@ -62,7 +66,7 @@ from facesearch.viz import grid, tile
 log = logging.getLogger("facesearch.evaluate")
 
 # Logged per state: the headline retrieval, verification and open-set figures.
-SUMMARY = ("rank1", "mAP", "ver_auc", "openset_tpir@rank1", "openset_1-fpir")
+SUMMARY = ("rank1", "mAP", "ver_auc", "openall_tpir@fpir1e-2", "openall_fnir", "openall_fpir")
 
 
 def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tuple[float, float]:
@@ -111,34 +115,38 @@ def evaluate_state(
 
 
 def verification_state(val, val_labels, params: dict) -> tuple[dict, dict, dict]:
-    """``ver_*`` metrics, the ROC curve and the threshold record at ``params["far"]`` of one state's val embeddings."""
+    """``ver_*`` metrics, the ROC curve and the verdict record (1:1 at ``far``, identification at ``fpir``)
+    of one state's val embeddings."""
     genuine, impostor = V.verification_scores(val, val_labels, params["impostor_pairs"], params["seed"])
     fars = tuple(params["fars"])
     metrics = V.verification_metrics(genuine, impostor, fars)
     metrics["auc"] = metrics.pop("roc_auc")
     roc = V.roc_curve(genuine, impostor, params["roc_points"], fars)
-    return {f"ver_{k}": v for k, v in metrics.items()}, roc, V.threshold_record(genuine, impostor, params["far"], fars)
+    record = V.calibrate(val, val_labels, params["far"], fars, params["impostor_pairs"], params["seed"], params["fpir"])
+    return {f"ver_{k}": v for k, v in metrics.items()}, roc, record
 
 
-def open_set_metrics(
-    query, q_table, gallery, g_table, threshold: float, seed: int, rerank: R.RerankParams | None = None
-) -> dict:
-    """``openset_*``: half the test identities enrolled, every query asked, at ``threshold``.
+def open_set_metrics(emb, labels, record: dict, params: dict) -> tuple[dict, dict]:
+    """``open<gallery>_*`` metrics of the test identities and the DET curve of the largest gallery (NIST FRVT 1:N).
 
-    The top-1 is the ``rerank`` search's, over a structure of the enrolled gallery alone.
+    Galleries of ``verification.open_set_sizes`` people and of all the enrolled half
+    (:func:`facesearch.verification.open_set_galleries`, seeded), searched by every photo of their
+    people (mated) and of the other half (strangers): TPIR at each ``open_set_fpirs`` (the
+    curve's own points), and FNIR / FPIR at the verdict ``record`` gives for that gallery's
+    size (:func:`facesearch.verification.verdict_threshold`): what a user of this model is told.
+    Nothing is chosen on these people.
     """
-
-    def top1(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-        return R.build_rerank_index(R.prepare(g, rerank)).search(q, 1)[1][:, 0]
-
-    use = top1 if rerank is not None and rerank.method != "none" else None
-    m = V.open_set_half(query, q_table[M.IDENTITY].to_numpy(), gallery, g_table[M.IDENTITY].to_numpy(), threshold,
-                        seed, top1=use)  # fmt: skip
-    return {
-        "openset_tpir@rank1": m["tpir"], "openset_1-fpir": None if m["fpir"] is None else 1 - m["fpir"],
-        "openset_threshold": float(threshold), "openset_enrolled_queries": m["enrolled_queries"],
-        "openset_stranger_queries": m["stranger_queries"], "openset_gallery": m["gallery"],
-    }  # fmt: skip
+    galleries, strangers = V.open_set_galleries(labels, params["open_set_sizes"], params["seed"])
+    out, det = {}, None
+    for name, enrolled in galleries:
+        searches = V.open_set_searches(emb, labels, enrolled, strangers)
+        threshold, kind = V.verdict_threshold(record, searches.faces)
+        m = V.identification_metrics(searches, threshold, tuple(params["open_set_fpirs"]))
+        out |= {f"open{name}_{k}": v for k, v in m.items()}
+        out[f"open{name}_verdict"] = kind
+        if name == "all" and len(searches.nonmated) and len(searches.mated):
+            det = V.det_curve(searches, params["roc_points"])
+    return out, det
 
 
 def retrieval_figure(
@@ -164,6 +172,17 @@ def retrieval_figure(
     return grid(tiles, cols=10)
 
 
+def det_table(dets: dict) -> pd.DataFrame:
+    """The DET curves of both states on one FPIR axis (each state's own grid; NaN where a state has none)."""
+    frames = [pd.DataFrame({"fpir": d["fpir"], s: d["fnir"]}) for s, d in dets.items() if d is not None]
+    if not frames:
+        return pd.DataFrame(columns=["fpir", *M.STATES])
+    table = frames[0]
+    for f in frames[1:]:
+        table = table.merge(f, on="fpir", how="outer")
+    return table.reindex(columns=["fpir", *M.STATES]).sort_values("fpir")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True, help="whose evaluate.rerank.method_by_backbone entry applies")
@@ -173,6 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--cmc", required=True, help="CSV of the CMC curves (rank, before, after)")
     parser.add_argument("--roc", required=True, help="CSV of the ROC curves (far, before, after: TAR)")
+    parser.add_argument("--det", required=True, help="CSV of the DET curves (fpir, before, after: FNIR) of the "
+                        "largest open-set gallery")  # fmt: skip
     parser.add_argument("--figure", required=True, help="PNG of seeded queries and their top 9")
     parser.add_argument("--timing", required=True, help="JSON of the search timings (not a metrics file)")
     parser.add_argument("--rerank", required=True, help="folder for each state's gallery re-ranking structure")
@@ -195,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"evaluate: {emb_dir}/{name} embeddings are not of the current split; re-run embed")
     model_threshold = json.loads((emb_dir / "threshold.json").read_text())
     val_labels = tables["val"][M.IDENTITY].to_numpy()
-    results, timings, curves, rocs, tops, embeddings, structures = {}, {}, {}, {}, {}, {}, {}
+    results, timings, curves, rocs, tops, embeddings, structures, dets = {}, {}, {}, {}, {}, {}, {}, {}
     for state in M.STATES:
         query = np.load(emb_dir / f"{state}_query.npy")
         gallery = np.load(emb_dir / f"{state}_gallery.npy")
@@ -203,14 +224,15 @@ def main(argv: list[str] | None = None) -> None:
         results[state], timings[state], curves[state], tops[state], structures[state] = evaluate_state(
             query, q_table, gallery, g_table, params, rerank
         )
-        ver, rocs[state], calibrated = verification_state(np.load(emb_dir / f"{state}_val.npy"), val_labels, ver_params)
-        threshold = calibrated["similarity"]
+        ver, rocs[state], record = verification_state(np.load(emb_dir / f"{state}_val.npy"), val_labels, ver_params)
         if state == "after" and model_threshold is not None:
-            threshold = model_threshold["similarity"]  # the one `facesearch search` gives verdicts at
+            record = model_threshold  # the verdict `facesearch search` and the app give
         elif state == "after":
             log.warning("the model carries no verdict threshold: open-set uses the one calibrated here")
-        results[state] |= ver | open_set_metrics(query, q_table, gallery, g_table, threshold, ver_params["seed"],
-                                                 rerank)  # fmt: skip
+        test = np.concatenate([query, gallery])
+        test_labels = np.concatenate([q_table[M.IDENTITY].to_numpy(), g_table[M.IDENTITY].to_numpy()])
+        open_set, dets[state] = open_set_metrics(test, test_labels, record, ver_params)
+        results[state] |= ver | open_set
         log.info("%s: %s", state, {k: results[state][k] for k in SUMMARY})
     write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})
     with atomic_dir(args.rerank) as tmp:
@@ -225,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     roc = pd.DataFrame({"far": rocs["after"]["far"], **{s: rocs[s]["tar"] for s in M.STATES}})
     with atomic_path(args.roc) as tmp:
         roc.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(args.det) as tmp:
+        det_table(dets).to_csv(tmp, index=False, float_format="%.6g")
     arrays = Path(args.arrays)
     images = [load_array(arrays / f"{name}.npy", len(t)) for name, t in (("query", q_table), ("gallery", g_table))]
     figure = retrieval_figure(q_table, g_table, *images, *embeddings["after"], tops["after"], params["figure_queries"],

@@ -43,6 +43,7 @@ anti-collapse guard chooses its loss on the device). The sampling, schedule, che
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from collections.abc import Iterable
@@ -60,6 +61,7 @@ from facesearch.augment import AugmentConfig, augment
 from facesearch.contract import crop_params, identities_record, model_preprocessing, preprocessing_record
 from facesearch.faces import FaceConfig
 from facesearch.inference import embed_array
+from facesearch.layouts import source_description
 from facesearch.losses import MINING, distillation_loss, offline_triplet_loss, pairwise_distances
 from facesearch.models import (
     EmbeddingNet,
@@ -315,6 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--live", required=True, help="dvclive folder for metrics and curves")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--teacher", help="loss distill: the saved model to distil, e.g. models/dlib_resnet.pt")
+    parser.add_argument("--source", default=None, help="the crop stage's data/source.json: where the identities "
+                        "come from (recorded in the model: evaluate knows whom it has seen in other data)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -518,14 +522,22 @@ def train(
         model.load_state_dict(best_state)
         best_val = validation_at(history, best)
         # The verdict threshold of these weights, chosen on people the loss never saw.
+        source = json.loads(Path(args.source).read_text()) if args.source else None
+        data = {"description": source_description(source or {}, val_df[M.IDENTITY].nunique(), len(val_df)),
+                "synthetic": bool(source and source.get("synthetic")), "identities": "validation"}  # fmt: skip
         threshold = calibrate(val_embeddings(), val_labels, verification["far"], verification["fars"],
-                              verification["impostor_pairs"], verification["seed"])  # fmt: skip
+                              verification["impostor_pairs"], verification["seed"], verification["fpir"],
+                              data)  # fmt: skip
         if threshold is None:
             log.warning("fewer than two validation identities: the model gets no verdict threshold")
         elif not threshold["resolved"]:
             log.warning("%d validation impostor pairs cannot measure a FAR of %g: the threshold %.4f rejects every "
                         "one", threshold["n_impostor"], threshold["far"], threshold["similarity"])  # fmt: skip
         seen = {"train": list(train_df[M.IDENTITY]), "val": list(val_df[M.IDENTITY])}
+        # Under the folder layout a person is a name: what evaluate matches in another folder.
+        people = None
+        if source and source.get("layout") == "folders":
+            people = {k: list(df[M.PERSON].dropna()) for k, df in (("train", train_df), ("val", val_df))}
         if teacher is not None:
             # What the teacher learnt from, the student learnt from too: no score may count those people.
             for key in seen:
@@ -533,7 +545,7 @@ def train(
         save_model(args.out, model, extra={
             "train_config": asdict(cfg), "history": history, "trainable_parameters": n_trainable,
             "best_epoch": best, "preprocessing": preprocessing_record(face, cfg.img_size),
-            "identities": identities_record(seen["train"], seen["val"]),
+            "identities": identities_record(seen["train"], seen["val"], source, people),
             **({"threshold": threshold} if threshold is not None else {}),
             **({"teacher": {**teacher.record, "val": teacher_val,
                             "centre": None if centre is None else centre.cpu().tolist()}} if teacher else {}),

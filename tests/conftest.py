@@ -150,7 +150,8 @@ def run_crop(workdir: Path, data: Path, overrides: dict | None = None) -> tuple[
     try:
         crop.main(
             ["--data", str(data), "--crops", "data/crops", "--manifest", "data/manifest.parquet",
-             "--metrics", "metrics/crop.json", "--sheet", "reports/crops.png", "--params", str(params)]
+             "--metrics", "metrics/crop.json", "--sheet", "reports/crops.png", "--source", "data/source.json",
+             "--params", str(params)]
         )  # fmt: skip
     finally:
         os.chdir(cwd)
@@ -225,7 +226,7 @@ def run_train(
     try:
         train.main(["--backbone", backbone, "--split", "data/split", "--arrays", "data/arrays",
                     "--out", f"{name}/model.pt", "--checkpoint", f"{name}/ckpt/last.ckpt", "--live", f"{name}/live",
-                    "--params", str(params), *args])  # fmt: skip
+                    "--source", "data/source.json", "--params", str(params), *args])  # fmt: skip
     finally:
         os.chdir(cwd)
     return out

@@ -9,12 +9,14 @@ import pytest
 import torch
 from conftest import person_folders, write_params
 
-from facesearch import cli
+from facesearch import cli, labelled
 from facesearch.celeba import read_annotations
-from facesearch.cli import embed_packed, evaluate_folder
+from facesearch.cli import evaluate_folder
 from facesearch.contract import identities_record, model_preprocessing, preprocessing_record
 from facesearch.faces import FaceConfig
 from facesearch.inference import embed_array
+from facesearch.labelled import embed_packed
+from facesearch.layouts import dataset_source, person_identity
 from facesearch.models import get_model, save_model
 
 
@@ -23,23 +25,38 @@ def folder(sample_factory):
     return sample_factory(identities=6, images_per_identity=4, seed=3)
 
 
-def tiny_model(path, seen: list[int], size: int = 48, record: bool = True):
+def tiny_model(path, seen: list[int], size: int = 48, record: bool = True, source: dict | None = None,
+               people: dict | None = None):  # fmt: skip
     torch.manual_seed(0)
     model = get_model("mobilenet_v2", weights="none", embedding_dim=8, img_size=32)
     extra = {"preprocessing": preprocessing_record(FaceConfig(size=size), 32),
-             "identities": identities_record(seen[:1], seen[1:])} if record else {}  # fmt: skip
+             "identities": identities_record(seen[:1], seen[1:], source, people)} if record else {}  # fmt: skip
     save_model(path, model, extra=extra)
     return str(path)
 
 
 def test_seen_identities_are_excluded_and_counted(folder, tmp_path):
     ids = sorted(set(read_annotations(folder).identities.values()))
-    m = evaluate_folder(tiny_model(tmp_path / "m.pt", ids[:2]), str(folder), n_jobs=1)
+    source = dataset_source(folder, "celeba")  # trained on this very identity file
+    m = evaluate_folder(tiny_model(tmp_path / "m.pt", ids[:2], source=source), str(folder), n_jobs=1)
     assert m["n_identities_excluded_seen"] == 2 and m["n_identities"] <= len(ids) - 2
+    assert "same CelebA identity file" in m["seen_rule"]
     assert m["crop"]["size"] == 48 and m["crop_source"] == "model"
     assert 0 <= m["loo_mAP"] <= 1 and m["loo_queries"] == m["n_queries"] + m["n_gallery"]
     with pytest.raises(SystemExit, match=r"all 6 identities .* were seen"):
-        evaluate_folder(tiny_model(tmp_path / "all.pt", ids), str(folder), n_jobs=1)
+        evaluate_folder(tiny_model(tmp_path / "all.pt", ids, source=source), str(folder), n_jobs=1)
+
+
+def test_numbers_from_another_source_or_none_exclude_nobody_and_say_so(folder, tmp_path, caplog):
+    ids = sorted(set(read_annotations(folder).identities.values()))
+    other = dataset_source(folder, "celeba") | {"identity_file_sha256": "0" * 64, "name": "elsewhere"}
+    caplog.set_level(logging.INFO)
+    m = evaluate_folder(tiny_model(tmp_path / "o.pt", ids, source=other), str(folder), n_jobs=1)
+    assert m["n_identities_excluded_seen"] == 0 and m["n_identities"] == len(ids)
+    assert "'elsewhere'" in m["seen_rule"] and "everyone is scored" in m["seen_rule"]
+    assert m["seen_rule"] in caplog.text  # in the log too, never silent
+    old = evaluate_folder(tiny_model(tmp_path / "n.pt", ids), str(folder), n_jobs=1)  # no source recorded
+    assert old["n_identities_excluded_seen"] == 0 and "does not record" in old["seen_rule"]
 
 
 def test_crop_params_file_overrides_the_model(folder, tmp_path):
@@ -52,13 +69,13 @@ def test_crop_params_file_overrides_the_model(folder, tmp_path):
 
 def test_chips_are_written_and_guarded_as_the_crop_stage_does(folder, tmp_path, monkeypatch):
     # crop.format and the file/shape guards of the params file reach every chip, not only the face settings.
-    seen, process = [], cli.process_image
+    seen, process = [], labelled.process_image
 
     def spy(src, dst, *args, **kw):
         seen.append((dst, kw))
         return process(src, dst, *args, **kw)
 
-    monkeypatch.setattr(cli, "process_image", spy)
+    monkeypatch.setattr(labelled, "process_image", spy)
     params = write_params(tmp_path / "p.yaml", {"crop.format": "png", "crop.max_aspect": 3.0,
                                                 "crop.max_file_bytes": 10**6})  # fmt: skip
     m = evaluate_folder(tiny_model(tmp_path / "m.pt", []), str(folder), crop_params=str(params), n_jobs=1)
@@ -87,7 +104,7 @@ def test_workers_and_chunks_change_nothing(folder, tmp_path, monkeypatch):
     # Crops packed by 2 workers, embedded 3 at a time (a fresh memory map each): the same scores.
     model = tiny_model(tmp_path / "m.pt", [])
     one = evaluate_folder(model, str(folder), n_jobs=1)
-    monkeypatch.setattr(cli, "EMBED_CHUNK", 3)
+    monkeypatch.setattr(labelled, "EMBED_CHUNK", 3)
     assert evaluate_folder(model, str(folder), n_jobs=2) == one
 
 
@@ -114,14 +131,21 @@ def test_folder_layout_scores_like_celeba_and_names_people(folder, tmp_path):
     same = ("n_queries", "n_gallery", "n_kept", "keep_rate", "n_identities", "n_images", "loo_queries")
     assert {k: folders[k] for k in same} == {k: celeba[k] for k in same}
     assert folders["attr_queries"] == 0 < celeba["attr_queries"]  # no attributes in the folder layout
-    # Folder identities number the sorted person folders: 1 and 2 are the two lowest CelebA ids here.
-    seen = evaluate_folder(tiny_model(tmp_path / "s.pt", [1, 2]), str(people), n_jobs=1, layout="folders")
-    assert seen["excluded_seen_people"] == [f"Person_{i:05d}" for i in celeba_ids[:2]]
-    assert seen["n_identities_excluded_seen"] == 2
-    elsewhere = evaluate_folder(tiny_model(tmp_path / "s.pt", [1, 2]), str(people), n_jobs=1, trained_elsewhere=True)
+    # Under the folder layout a person is a name: a model trained on person folders left out by name.
+    names = [f"Person_{i:05d}" for i in celeba_ids[:2]]
+    by_name = tiny_model(tmp_path / "s.pt", [person_identity(n) for n in names], source={"layout": "folders"},
+                         people={"train": names[:1], "val": names[1:]})  # fmt: skip
+    seen = evaluate_folder(by_name, str(people), n_jobs=1, layout="folders")
+    assert seen["excluded_seen_people"] == names and seen["n_identities_excluded_seen"] == 2
+    assert "by name" in seen["seen_rule"]
+    elsewhere = evaluate_folder(by_name, str(people), n_jobs=1, trained_elsewhere=True)
     assert elsewhere["n_identities_excluded_seen"] == 0 and elsewhere["excluded_seen_people"] == []
-    with pytest.raises(SystemExit, match="--trained-elsewhere"):
-        evaluate_folder(tiny_model(tmp_path / "all.pt", list(range(1, 7))), str(people), n_jobs=1)
+    # The same model on the CelebA layout of these photos: numbers of another source, nobody left out.
+    assert evaluate_folder(by_name, str(folder), n_jobs=1)["n_identities_excluded_seen"] == 0
+    everyone = [f"Person_{i:05d}" for i in celeba_ids]
+    with pytest.raises(SystemExit, match="were seen"):
+        evaluate_folder(tiny_model(tmp_path / "all.pt", [], source={"layout": "folders"},
+                                   people={"train": everyone, "val": []}), str(people), n_jobs=1)  # fmt: skip
 
 
 def test_cli_refuses_unlabelled_folder(tmp_path):

@@ -40,7 +40,7 @@ def test_only_pack_hashes_the_crop_folder(repo_root):
     assert {name for name, stage in stages.items() if "data/crops" in stage["deps"]} == {"pack"}
 
 
-@pytest.mark.parametrize("folder, x", [("metrics/cmc", "rank"), ("metrics/roc", "far")])
+@pytest.mark.parametrize("folder, x", [("metrics/cmc", "rank"), ("metrics/roc", "far"), ("metrics/det", "fpir")])
 def test_plots_follow_the_backbones_without_edits(repo_root, tmp_path, folder, x):
     # The top-level plots target folders: whatever evaluate wrote is charted.
     params = yaml.safe_load((repo_root / "params.yaml").read_text())

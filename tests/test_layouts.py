@@ -16,8 +16,11 @@ from facesearch.layouts import (
     PLAIN,
     PhotoFile,
     assign_people,
+    dataset_source,
     list_photo_files,
+    person_identity,
     read_dataset,
+    same_source,
 )
 
 JPEG = H.jpeg(H.photo(1))
@@ -34,11 +37,10 @@ def test_auto_detects_celeba_then_folders(sample_factory, tmp_path):
     assert read_dataset(celeba).layout == CELEBA
     folders = read_dataset(person_folders(celeba, tmp_path / "people"))
     assert folders.layout == FOLDERS and folders.image_dir == "."
-    # The same photos, the same grouping: CelebA id -> folder id is the rank of the CelebA id.
+    # The same photos, the same grouping: a folder's identity is its name's number.
     celeba_ids = read_annotations(celeba).identities
-    rank = {ident: i for i, ident in enumerate(sorted(set(celeba_ids.values())), 1)}
     got = {e.name.split("/")[1]: (folders.annotations.identities[e.name], e.person) for e in folders.entries}
-    assert got == {n: (rank[i], f"Person_{i:05d}") for n, i in celeba_ids.items()}
+    assert got == {n: (person_identity(f"Person_{i:05d}"), f"Person_{i:05d}") for n, i in celeba_ids.items()}
     assert folders.annotations.attributes.empty and folders.annotations.partitions == {}
     assert all(e.problem is None for e in folders.entries)
 
@@ -64,13 +66,19 @@ def test_folder_identities_sorted_names_nested_and_loose(tmp_path):
         put(root / rel)
     data = read_dataset(root, FOLDERS)  # forced: the loose photo is a reject row, not an error
     rows = {e.image_path: (e.problem, e.person, data.annotations.identities.get(e.name)) for e in data.entries}
+    ada, alice, bob = (person_identity(n) for n in ("Ada Lovelace", "alice", "bob"))
     assert rows == {
-        "Ada Lovelace/1.png": (None, "Ada Lovelace", 1),  # whitespace is fine without annotation files
-        "alice/1.jpg": (None, "alice", 2),
-        "alice/2019/2.jpg": (None, "alice", 2),  # a sub-folder of a person folder is that person's
-        "bob/1.jpg": (None, "bob", 3),
+        "Ada Lovelace/1.png": (None, "Ada Lovelace", ada),  # whitespace is fine without annotation files
+        "alice/1.jpg": (None, "alice", alice),
+        "alice/2019/2.jpg": (None, "alice", alice),  # a sub-folder of a person folder is that person's
+        "bob/1.jpg": (None, "bob", bob),
         "loose.jpg": (M.Reason.NOT_IN_A_PERSON_FOLDER, None, None),
     }
+    # A person's number is their name's: another person folder changes nobody's.
+    put(root / "Aaron" / "1.jpg")
+    again = read_dataset(root, FOLDERS).annotations.identities
+    assert {n: again[n] for n in data.annotations.identities} == data.annotations.identities
+    assert len({ada, alice, bob, person_identity("Aaron")}) == 4 and min(ada, alice, bob) > 0
     assert [e.image_path for e in data.entries] == sorted(rows)
     assert all(e.name == e.image_path and os.path.isabs(e.path) for e in data.entries)
     with pytest.raises(DatasetError, match=r"loose\.jpg"):
@@ -92,8 +100,8 @@ def test_hostile_person_folders_are_rows_not_crashes(tmp_path):
     data = read_dataset(tmp_path / "d")
     rows = {e.image_path: (e.problem, e.person, data.annotations.identities.get(e.name)) for e in data.entries}
     assert rows == {
-        "alice/1.jpg": (None, "alice", 1),
-        "alice/new\nline.jpg": ("bad_file_name", "alice", 1),
+        "alice/1.jpg": (None, "alice", person_identity("alice")),
+        "alice/new\nline.jpg": ("bad_file_name", "alice", person_identity("alice")),
         "alice/.DS_Store": ("hidden_file", None, None),
         "alice/pipe.jpg": ("not_a_file", None, None),
         "alias": ("not_a_file", None, None),
@@ -127,3 +135,15 @@ def test_partial_celeba_download_is_not_taken_for_one_person(tmp_path):
     with pytest.raises(DatasetError, match="identity file is required"):
         read_dataset(root)
     assert read_dataset(root, FOLDERS).entries[0].person == "img_celeba"  # unless forced
+
+
+def test_dataset_source_says_where_identities_come_from(sample_factory, tmp_path):
+    celeba = sample_factory(identities=6, images_per_identity=4, seed=3)
+    source = dataset_source(celeba, CELEBA)
+    assert source["synthetic"] is True and len(source["identity_file_sha256"]) == 64  # the generator's marker
+    people = dataset_source(person_folders(celeba, tmp_path / "people"), FOLDERS)
+    assert people == {"layout": FOLDERS, "name": "people", "synthetic": False}
+    # The same identity file is the same people; any folder layout names people alike; else never.
+    assert same_source(source, dict(source, name="copy")) and same_source(people, {"layout": FOLDERS})
+    assert not same_source(source, dict(source, identity_file_sha256="0" * 64))
+    assert not same_source(source, people) and not same_source(None, source)

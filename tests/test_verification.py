@@ -120,93 +120,152 @@ def test_too_few_impostor_pairs_reject_every_one():
     assert V.calibrate(emb[labels == 0], labels[labels == 0], 1e-3, (1e-2,), 1000, 0) is None  # one person
 
 
-def test_open_set_identification_brute_force():
-    emb, labels = clustered(10, 4, 0.2, seed=3)
-    enrolled = labels < 5
-    gallery, g_labels = emb[enrolled & (np.arange(40) % 4 != 0)], labels[enrolled & (np.arange(40) % 4 != 0)]
-    queries, q_labels = emb[np.arange(40) % 4 == 0], labels[np.arange(40) % 4 == 0]
-    t = 0.8
-    m = V.open_set_identification(queries, q_labels, gallery, g_labels, t)
-    found = alarms = 0
-    for q, lab in zip(queries, q_labels, strict=True):
-        sims = gallery @ q
-        best = int(np.argmax(sims))
-        if lab < 5:
-            found += g_labels[best] == lab and sims[best] >= t
+def brute_searches(emb, labels, enrolled, strangers):
+    """Every probe by hand: the gallery is every photo of the enrolled people but the probe itself."""
+    mated, correct, nonmated = [], [], []
+    gallery = [i for i in range(len(labels)) if labels[i] in enrolled]
+    for p in range(len(labels)):
+        if labels[p] not in enrolled and labels[p] not in strangers:
+            continue
+        others = [g for g in gallery if g != p]
+        if labels[p] in enrolled and not any(labels[g] == labels[p] for g in others):
+            continue
+        sims = [float(emb[p] @ emb[g]) for g in others]
+        best = others[int(np.argmax(sims))]  # the first of equals: the lowest gallery index
+        if labels[p] in enrolled:
+            mated.append(max(sims))
+            correct.append(labels[best] == labels[p])
         else:
-            alarms += sims[best] >= t
-    assert m["tpir"] == found / 5 and m["fpir"] == alarms / 5
-    assert m["enrolled_queries"] == m["stranger_queries"] == 5
+            nonmated.append(max(sims))
+    return np.array(mated), np.array(correct), np.array(nonmated), len(gallery)
+
+
+def test_open_set_searches_and_metrics_brute_force():
+    emb, labels = clustered(12, 4, 0.6, seed=3)
+    galleries, strangers = V.open_set_galleries(labels, (2, 3, 6, 50), seed=1)
+    assert [name for name, _ in galleries] == ["2", "3", "all"]  # 6 and 50 are not smaller than the half
+    half = galleries[-1][1]
+    assert len(half) == 6 and not set(half) & set(strangers) and set(half) | set(strangers) == set(range(12))
+    for name, enrolled in galleries:
+        assert set(enrolled) <= set(half) and (name == "all" or len(enrolled) == int(name))
+        s = V.open_set_searches(emb, labels, enrolled, strangers, chunk=7)
+        mated, correct, nonmated, faces = brute_searches(emb, labels, set(enrolled), set(strangers))
+        assert np.allclose(s.mated, mated) and np.array_equal(s.correct, correct)
+        assert np.allclose(s.nonmated, nonmated) and s.faces == faces
+        t = 0.3
+        m = V.identification_metrics(s, t, fpirs=(0.1, 0.5, 0.01))
+        assert m["fnir"] == pytest.approx(1 - np.mean(correct & (mated >= t)))
+        assert m["fpir"] == pytest.approx(np.mean(nonmated >= t))
+        assert m["tpir@fpir1e-2"] is None  # 24 stranger searches cannot resolve 1 in 100
+        for fpir in (0.1, 0.5):
+            # The lowest threshold letting at most that share of strangers through, by hand.
+            allowed = int(np.floor(fpir * len(nonmated) + 1e-9))
+            cut = np.nextafter(np.sort(nonmated)[::-1][allowed], np.inf)
+            assert np.mean(nonmated >= cut) <= fpir
+            assert m[f"tpir@fpir{V.far_key(fpir)}"] == pytest.approx(np.mean(correct & (mated >= cut)))
+    det = V.det_curve(s, points=30)
+    assert det["fpir"][-1] == 1.0 and (np.diff(det["fpir"]) > 0).all() and (np.diff(det["fnir"]) <= 1e-12).all()
+    assert det["fnir"][-1] == pytest.approx(1 - np.mean(correct))  # at FPIR 1 only a wrong top-1 is missed
 
 
 def test_open_set_by_hand():
-    # 2-d unit vectors: gallery of enrolled people 1 and 2; queries of 1, 2 (enrolled) and 3 (a stranger).
+    # 2-d unit vectors: persons 1 and 2 enrolled (two photos each), 3 a stranger.
     def unit(deg):
         return np.array([np.cos(np.radians(deg)), np.sin(np.radians(deg))])
 
-    gallery, g_labels = np.eye(2), np.array([1, 2])
-    tie = np.full(2, np.sqrt(0.5))  # exactly as similar to both gallery faces: the tie goes to row 0
-    queries = np.stack([unit(10), unit(50), [-1.0, 0.0], tie])
-    q_labels = np.array([1, 2, 3, 2])
-    # cos 10 = 0.985 (right, above 0.7), cos 40 = 0.766 to person 2 (right), 0 at best (stranger, no match),
-    # 0.707 to both: the tie goes to person 1, wrong for a query of person 2.
-    m = V.open_set_identification(queries, q_labels, gallery, g_labels, threshold=0.7)
-    assert m == {"tpir": 2 / 3, "fpir": 0.0, "enrolled_queries": 3, "stranger_queries": 1, "gallery": 2}
-    m = V.open_set_identification(queries, q_labels, gallery, g_labels, threshold=0.8)
-    assert m["tpir"] == 1 / 3 and m["fpir"] == 0.0  # only the 10-degree query clears 0.8
-    m = V.open_set_identification(queries, q_labels, gallery, g_labels, threshold=-1.0)
-    assert m["fpir"] == 1.0  # everything clears: the stranger gets a (false) match
-    # Chunking the similarities changes nothing.
-    assert V.open_set_identification(queries, q_labels, gallery, g_labels, 0.7, chunk=1) == V.open_set_identification(
-        queries, q_labels, gallery, g_labels, 0.7
-    )
+    emb = np.stack([unit(0), unit(10), unit(90), unit(130), unit(180)])
+    labels = np.array([1, 1, 2, 2, 3])
+    s = V.open_set_searches(emb, labels, [1, 2], [3])
+    # Person 1's photos find each other at cos 10 = 0.985; person 2's at cos 40 = 0.766; the stranger's best
+    # is person 2's 130-degree photo at cos 50 = 0.643.
+    assert np.allclose(s.mated, [np.cos(np.radians(10))] * 2 + [np.cos(np.radians(40))] * 2)
+    assert s.correct.all() and np.allclose(s.nonmated, [np.cos(np.radians(50))]) and s.faces == 4
+    m = V.identification_metrics(s, 0.8)
+    assert (m["fnir"], m["fpir"]) == (0.5, 0.0)  # person 2 is missed at 0.8, the stranger is no match
+    assert V.identification_metrics(s, 0.6)["fpir"] == 1.0
+    # A tie at the top goes to the lowest gallery index, as every search backend here.
+    tie = V.open_set_searches(np.stack([unit(0), unit(90), unit(45)]), np.array([1, 2, 2]), [1, 2], [])
+    # Person 1's only photo searches nobody of theirs (no mated search); photo 3 (person 2) ties photos 1 and 2 at
+    # cos 45: photo 1, person 1's, wins.
+    assert tie.correct.tolist() == [True, False]
+    # An enrolled person's only photo: without it they are not in the gallery, so it is no mated search.
+    lone = V.open_set_searches(np.stack([unit(0), unit(90), unit(100)]), np.array([1, 2, 2]), [1, 2], [])
+    assert len(lone.mated) == 2 and lone.correct.all()
 
 
-def test_open_set_half_enrols_half_the_identities_seeded():
-    emb, labels = clustered(10, 4, 0.2, seed=3)
-    is_query = np.arange(40) % 4 == 0
+def test_enrolled_half_is_seeded():
+    _, labels = clustered(10, 4, 0.2, seed=3)
     enrolled = V.enrolled_half(labels, seed=2)
     assert len(enrolled) == 5 and np.array_equal(enrolled, V.enrolled_half(labels, seed=2))
-    m = V.open_set_half(emb[is_query], labels[is_query], emb[~is_query], labels[~is_query], 0.5, seed=2)
-    keep = np.isin(labels[~is_query], enrolled)
-    assert m == V.open_set_identification(emb[is_query], labels[is_query], emb[~is_query][keep],
-                                          labels[~is_query][keep], 0.5)  # fmt: skip
-    assert m["enrolled_queries"] == m["stranger_queries"] == 5 and m["gallery"] == 15
     assert len(V.enrolled_half(np.arange(7), seed=0)) == 3
 
 
-def test_open_set_takes_another_searchs_top1_but_judges_its_plain_similarity():
-    rng = np.random.default_rng(5)
-    g = rng.normal(size=(12, 4))
-    g /= np.linalg.norm(g, axis=1, keepdims=True)
-    g_labels = np.arange(12) // 2
-    q, q_labels = g[::2] + 0.01, g_labels[::2]
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    plain = V.open_set_identification(q, q_labels, g, g_labels, 0.9)
-    same = V.open_set_identification(q, q_labels, g, g_labels, 0.9, top1=lambda a, b: np.argmax(a @ b.T, axis=1))
-    assert plain == same and plain["tpir"] == 1.0
-    # A search whose first result is always another person's: nobody is found, whatever it scores.
-    wrong = V.open_set_identification(
-        q, q_labels, g, g_labels, -1.0, top1=lambda a, b: (np.arange(len(a)) * 2 + 2) % 12
-    )
-    assert wrong["tpir"] == 0.0
+def faces_like(n_people: int, per_person: int, rng: np.random.Generator, d: int = 64, noise: float = 1.0):
+    """Unit embeddings of ``n_people`` people, ``per_person`` photos each (a centre plus noise), float32."""
+    centres = rng.normal(size=(n_people, d)).astype(np.float32)
+    emb = np.repeat(centres, per_person, 0) + noise * rng.normal(size=(n_people * per_person, d)).astype(np.float32)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True), np.repeat(np.arange(n_people), per_person)
 
 
-def test_open_set_right_person_below_threshold_is_not_found_and_a_quiet_stranger_is_no_match():
-    # Re-ranking may put a same-person photo first whose own cosine similarity is low: the
-    # verdict is that photo's plain similarity, so the person is not found at 0.9, though the
-    # plain top-1 (row 0, cos 10 degrees = 0.985) would have been a match.
-    def unit(deg):
-        return np.array([np.cos(np.radians(deg)), np.sin(np.radians(deg))])
+def test_identification_threshold_rises_with_the_gallery_and_is_exact_where_pairs_resolve_it():
+    rng = np.random.default_rng(0)
+    emb, labels = faces_like(60, 5, rng)
+    record = V.identification_record(emb, labels, fpir=0.01, seed=0)
+    sizes = [1, 10, 100, 10_000, 1_000_000]
+    thresholds = [V.identification_threshold(record, n) for n in sizes]
+    assert all(a < b for a, b in itertools.pairwise(thresholds)) and thresholds[-1] < 1
+    for n, t in zip(sizes, thresholds, strict=True):
+        assert V.fpir_at(record, t, n)[0] == pytest.approx(0.01, rel=1e-3)  # the promise, as modelled
+    # One face: the search is one pair, so the threshold is the pairs' own quantile at FAR 1%.
+    scores = V.stranger_scores(emb, labels, seed=0)
+    assert np.mean(scores >= thresholds[0]) == pytest.approx(0.01, abs=0.002)
+    # More comparisons than the caps: a seeded subsample, the same each time.
+    again = V.identification_record(emb, labels, fpir=0.01, seed=0, max_queries=50, max_cohort=100)
+    assert again == V.identification_record(emb, labels, fpir=0.01, seed=0, max_queries=50, max_cohort=100)
+    assert again["tail"]["comparisons"] < record["tail"]["comparisons"]
+    json.dumps(record)  # it lives in the model file
 
-    gallery, g_labels = np.stack([unit(0), unit(60), unit(180)]), np.array([1, 1, 2])
-    queries, q_labels = np.stack([unit(10), unit(170)]), np.array([1, 3])  # person 1; a stranger near person 2
 
-    def picks(q_emb, g_emb):  # person 1's far photo; for the stranger, person 1's near one
-        return np.array([1, 0])
+@pytest.mark.slow
+def test_no_match_holds_for_a_gallery_of_a_million_faces():
+    """Calibrated on 300 people, the verdict's FPIR holds for strangers searching 1,000 or 1,000,000 faces.
 
-    m = V.open_set_identification(queries, q_labels, gallery, g_labels, 0.9, top1=picks)
-    # cos 50 = 0.643 < 0.9: not found; the stranger's pick, cos 170 = -0.985: no false alarm
-    assert m["tpir"] == 0.0 and m["fpir"] == 0.0
-    plain = V.open_set_identification(queries, q_labels, gallery, g_labels, 0.9)
-    assert plain["tpir"] == 1.0 and plain["fpir"] == 1.0  # plain top-1s: row 0 (0.985) and row 2 (cos 10 = 0.985)
+    Searched for real: 400 strangers against galleries of new people (five photos each), made a
+    chunk at a time. The model extrapolates far beyond the calibration pairs (1e-8 per pair at a
+    million faces); the check allows twice the binomial noise of 400 searches.
+    """
+    rng = np.random.default_rng(1)
+    emb, labels = faces_like(300, 5, rng)
+    record = V.identification_record(emb, labels, fpir=0.01, seed=0)
+    strangers, _ = faces_like(400, 1, rng)
+    best, done = np.full(len(strangers), -2.0, np.float32), 0
+    for n in (1_000, 1_000_000):
+        while done < n:
+            chunk, _ = faces_like(min(200_000, n - done) // 5, 5, rng)
+            best = np.maximum(best, (strangers @ chunk.T).max(1))
+            done += len(chunk)
+        fpir = float(np.mean(best >= V.identification_threshold(record, n)))
+        assert fpir <= 0.01 + 2 * np.sqrt(0.01 * 0.99 / len(strangers)), (n, fpir)
+    # The 1:1 threshold at the same rate per pair lets most strangers through a million faces.
+    one_to_one = V.thresholds_at_fars(V.stranger_scores(emb, labels, seed=0), [0.01])[0]
+    assert np.mean(best >= one_to_one) > 0.9
+
+
+def test_a_collapsed_model_still_gets_a_threshold():
+    emb = np.tile([[1.0, 0.0, 0.0]], (40, 1))  # every face the same embedding: similarity 1 everywhere
+    labels = np.repeat(np.arange(8), 5)
+    record = V.identification_record(emb, labels, fpir=0.01, seed=0)
+    t = V.identification_threshold(record, 100)
+    assert 1.0 < t <= 1.0 + 1e-3  # nothing can clear it: every answer is "no match", never a false one
+
+
+def test_verdict_threshold_kinds():
+    emb, labels = clustered(10, 4, 0.3)
+    record = V.calibrate(emb, labels, 1e-2, (1e-2,), 1000, 0, fpir=0.05, data={"description": "x", "synthetic": True})
+    t, kind = V.verdict_threshold(record, 50)
+    assert kind == "identification" and t == V.identification_threshold(record["identification"], 50)
+    assert record["data"] == {"description": "x", "synthetic": True}
+    assert V.verdict_threshold({"similarity": 0.7}, 50) == (0.7, "1:1") and V.verdict_threshold(None, 5) is None
+    # Embeddings longer than 1 (a normalize: false model) are calibrated as cosines.
+    scaled = V.calibrate(emb * 7.0, labels, 1e-2, (1e-2,), 1000, 0, fpir=0.05)
+    assert scaled["similarity"] == pytest.approx(record["similarity"]) and -1 <= scaled["similarity"] <= 1

@@ -34,7 +34,7 @@ def evaluated(prepared):
         evaluate.main(["--backbone", "mobilenet_v2",
                        "--embeddings", "ev/emb", "--split", "data/split", "--arrays", "data/arrays",
                        "--metrics", "ev/metrics/m.json",
-                       "--cmc", "ev/cmc.csv", "--roc", "ev/roc.csv", "--figure", "ev/fig.png",
+                       "--cmc", "ev/cmc.csv", "--roc", "ev/roc.csv", "--det", "ev/det.csv", "--figure", "ev/fig.png",
                        "--timing", "ev/timing.json", "--rerank", "ev/rerank", "--params", str(params)])  # fmt: skip
     finally:
         os.chdir(cwd)
@@ -101,15 +101,23 @@ def test_verification_and_open_set_metrics_and_roc(evaluated, prepared):
         assert m["ver_auc"] == pytest.approx(wins.mean(), abs=1e-4)
         for key in ("tar@far1e-2", "tar@far1e-3", "threshold@far1e-2", "threshold@far1e-3"):
             assert m[f"ver_{key}"] is None  # a few dozen impostor pairs cannot measure 1e-2
-        assert m["openset_enrolled_queries"] == test_ids // 2
-        assert m["openset_enrolled_queries"] + m["openset_stranger_queries"] == m["n_queries"]
-        assert 0 <= m["openset_tpir@rank1"] <= m["rank1"] and 0 <= m["openset_1-fpir"] <= 1
-    # "after" at the model's own threshold, "before" at the one calibrated on val for the untrained twin.
-    assert metrics["after"]["openset_threshold"] == round(payload["threshold"]["similarity"], 4)
-    genuine, impostor = V.verification_scores(np.load(evaluated / "emb" / "before_val.npy"), val,
-                                              params["impostor_pairs"], params["seed"])  # fmt: skip
-    before = V.threshold_record(genuine, impostor, params["far"])["similarity"]
-    assert metrics["before"]["openset_threshold"] == round(before, 4)
+        # Open-set: the enrolled half of the test people (the sample's few: only the "all" gallery) searched
+        # by every photo of theirs and of the other half.
+        assert m["openall_mated"] + m["openall_nonmated"] == m["n_queries"] + m["n_gallery"]
+        assert 0 <= m["openall_fnir"] <= 1 and 0 <= m["openall_fpir"] <= 1 and m["openall_verdict"] == "identification"
+        assert not any(k.startswith("open10_") for k in m)  # no gallery of 10 people among test_ids // 2
+    assert test_ids // 2 < 10
+    # "after" at the model's own verdict for the gallery's size, "before" at one calibrated on val for the twin.
+    faces = metrics["after"]["openall_faces"]
+    assert metrics["after"]["openall_threshold"] == round(V.verdict_threshold(payload["threshold"], faces)[0], 4)
+    before = V.calibrate(np.load(evaluated / "emb" / "before_val.npy"), val, params["far"], params["fars"],
+                         params["impostor_pairs"], params["seed"], params["fpir"])  # fmt: skip
+    assert metrics["before"]["openall_threshold"] == round(V.verdict_threshold(before, faces)[0], 4)
+    det = pd.read_csv(evaluated / "det.csv")
+    assert list(det.columns) == ["fpir", "before", "after"] and (np.diff(det["fpir"]) > 0).all()
+    assert (
+        det["fpir"].iloc[-1] == 1.0 and ((det[["before", "after"]] >= 0) & (det[["before", "after"]] <= 1)).all().all()
+    )
     roc = pd.read_csv(evaluated / "roc.csv")
     assert list(roc.columns) == ["far", "before", "after"] and len(roc) > 10
     assert (np.diff(roc["far"]) > 0).all() and roc["far"].iloc[-1] == 1.0
@@ -133,6 +141,7 @@ def test_rerank_reaches_every_metric_leak_free(evaluated, prepared, tmp_path):
         evaluate.main(["--backbone", "mobilenet_v2",
                        "--embeddings", str(evaluated / "emb"), "--split", "data/split", "--arrays", "data/arrays",
                        "--metrics", str(out / "m.json"), "--cmc", str(out / "c.csv"), "--roc", str(out / "r.csv"),
+                       "--det", str(out / "d.csv"),
                        "--figure", str(out / "f.png"), "--timing", str(out / "t.json"), "--rerank", str(out / "rr"),
                        "--params", str(params)])  # fmt: skip
     finally:
@@ -158,16 +167,19 @@ def test_rerank_reaches_every_metric_leak_free(evaluated, prepared, tmp_path):
     assert json.loads((out / "t.json").read_text())["after"]["rerank"] == "dba_qe"
 
 
-def test_open_set_metrics_follow_the_threshold(prepared):
+def test_open_set_metrics_follow_the_verdict(prepared):
     q = pd.read_parquet(prepared / "data/split/query.parquet")
     g = pd.read_parquet(prepared / "data/split/gallery.parquet")
     rng = np.random.default_rng(0)
-    query, gallery = rng.normal(size=(len(q), 8)), rng.normal(size=(len(g), 8))
-    query, gallery = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (query, gallery))
-    lax = evaluate.open_set_metrics(query, q, gallery, g, -1.0, seed=0)
-    strict = evaluate.open_set_metrics(query, q, gallery, g, 1.01, seed=0)
-    assert lax["openset_1-fpir"] == 0.0 and strict["openset_1-fpir"] == 1.0  # every stranger matched / none
-    assert strict["openset_tpir@rank1"] == 0.0 and lax["openset_threshold"] == -1.0
+    emb = rng.normal(size=(len(q) + len(g), 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = np.concatenate([q[M.IDENTITY].to_numpy(), g[M.IDENTITY].to_numpy()])
+    params = {"open_set_sizes": [1], "open_set_fpirs": [0.5], "seed": 0, "roc_points": 20}
+    lax, det = evaluate.open_set_metrics(emb, labels, {"similarity": -1.0}, params)
+    strict, _ = evaluate.open_set_metrics(emb, labels, {"similarity": 1.01}, params)
+    assert lax["openall_fpir"] == 1.0 and strict["openall_fpir"] == 0.0  # every stranger matched / none
+    assert strict["openall_fnir"] == 1.0 and lax["openall_threshold"] == -1.0 and lax["openall_verdict"] == "1:1"
+    assert lax["open1_faces"] < lax["openall_faces"] and det["fpir"][-1] == 1.0
 
 
 def test_figure_draws_the_packed_faces(prepared):
@@ -217,7 +229,7 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
                        "--embeddings", str(bad), "--split", "data/split", "--arrays", "data/arrays",
                            "--metrics", str(tmp_path / "m.json"),
                            "--cmc", str(tmp_path / "c.csv"), "--roc", str(tmp_path / "r.csv"),
-                           "--figure", str(tmp_path / "f.png"),
+                           "--det", str(tmp_path / "d.csv"), "--figure", str(tmp_path / "f.png"),
                            "--timing", str(tmp_path / "t.json"), "--rerank", str(tmp_path / "rr"),
                            "--params", str(prepared / "ev.yaml")])  # fmt: skip
     finally:

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -17,9 +18,8 @@ from conftest import REPO, TINY, TINY_CROP, run_train, write_params
 from facesearch import manifest as M
 from facesearch import training
 from facesearch import verification as V
-from facesearch.contract import model_preprocessing, model_threshold, seen_identities
+from facesearch.contract import model_preprocessing, model_threshold, seen_identities, verdict
 from facesearch.faces import FaceConfig
-from facesearch.index import verdict_threshold
 from facesearch.inference import embed_array
 from facesearch.models import load_model
 from facesearch.packing import load_array
@@ -48,14 +48,21 @@ def test_outputs_curves_contract_and_no_leftover_checkpoint(prepared):
     split = prepared / "data" / "split"
     train_ids = sorted(pd.read_parquet(split / "train.parquet")[M.IDENTITY].unique().tolist())
     val_ids = sorted(pd.read_parquet(split / "val.parquet")[M.IDENTITY].unique().tolist())
-    assert payload["identities"] == {"train": train_ids, "val": val_ids} and val_ids
+    source = json.loads((prepared / "data" / "source.json").read_text())
+    assert payload["identities"] == {"train": train_ids, "val": val_ids, "source": source} and val_ids
+    assert source["layout"] == "celeba" and source["synthetic"] is True  # the sample generator's photos
     assert seen_identities(payload) == set(train_ids) | set(val_ids)
     assert not seen_identities(payload) & set(pd.read_parquet(split / "query.parquet")[M.IDENTITY])
     # Its verdict threshold: too few validation impostor pairs to measure 1e-3, so every one is rejected.
     record = model_threshold(payload)
     assert record["far"] == params["verification"]["far"] == 1e-3 and record["n_impostor"] < 1000
     assert not record["resolved"] and record["far_measured"] == 0.0
-    assert verdict_threshold(payload)[0] == record["similarity"]  # what `facesearch search` gives verdicts at
+    # The verdict `facesearch search` gives: calibrated for searches (FPIR at any gallery size), loudly
+    # flagged as the synthetic sample's.
+    v = verdict(payload, 100)
+    assert v.source == "model" and v.fpir == params["verification"]["fpir"] and v.synthetic and v.warning()
+    assert record["data"]["synthetic"] and "cartoon faces" in record["data"]["description"]
+    assert v.similarity == V.identification_threshold(record["identification"], 100)
 
 
 def test_the_verdict_threshold_is_chosen_on_the_validation_identities(prepared):
@@ -64,6 +71,7 @@ def test_the_verdict_threshold_is_chosen_on_the_validation_identities(prepared):
     record = payload["threshold"]
     val = pd.read_parquet(prepared / "data" / "split" / "val.parquet")
     emb = embed_array(model, load_array(prepared / "data" / "arrays" / "val.npy"), 32, torch.device("cpu"))
+    emb = emb.astype(np.float64) / np.linalg.norm(emb.astype(np.float64), axis=1, keepdims=True)  # as calibrate
     params = load_params(prepared / "thr.yaml")["verification"]
     genuine, impostor = V.verification_scores(emb, val[M.IDENTITY].to_numpy(), params["impostor_pairs"], 4)
     assert record["n_impostor"] == len(impostor) >= 5 and record["n_genuine"] == len(genuine) > 0
@@ -74,7 +82,9 @@ def test_the_verdict_threshold_is_chosen_on_the_validation_identities(prepared):
     assert record["tar"] == pytest.approx(V.accept_rate(genuine, record["similarity"]))
     assert set(record["at_far"]) == {"0.5", "0.2"} and record["at_far"]["0.2"] == record["similarity"]
     assert record["at_far"]["0.5"] <= record["similarity"]
-    assert verdict_threshold(payload) == (record["similarity"], "model (validation identities, FAR 0.2)")
+    # The identification verdict rests on the same validation people's stranger comparisons.
+    ident = record["identification"]
+    assert ident["images"] == len(val) and ident["identities"] == val[M.IDENTITY].nunique()
 
 
 def test_best_validation_epoch_is_the_model_saved(prepared, monkeypatch):
@@ -138,7 +148,7 @@ def test_every_value_comes_from_params_yaml(backbone):
 def test_train_never_reads_the_test_identities(prepared):
     """Only train/val/triplets tables and train/val arrays exist here: query/gallery cannot be opened."""
     work = prepared / "no_test"
-    for rel in ("data/split/train.parquet", "data/split/val.parquet", "data/split/triplets.parquet",
+    for rel in ("data/source.json", "data/split/train.parquet", "data/split/val.parquet", "data/split/triplets.parquet",
                 "data/arrays/train.npy", "data/arrays/train.json", "data/arrays/val.npy",
                 "data/arrays/val.json"):  # fmt: skip
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
