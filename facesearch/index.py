@@ -88,9 +88,9 @@ exits 2 when no query could be searched. ``"photo_status"`` says whether the fil
 at a result's path still holds the indexed content (:func:`source_status`:
 ``current``, ``changed``, ``missing`` or ``unreadable``); anything but
 ``current`` must not be shown as that face's photo. Only the photos of the
-results listed are read and hashed, once per command (~3 ms for a 5 MB photo),
-never the whole index. Boxes are in the photo's own pixels (after EXIF
-orientation).
+results listed are read and hashed, once per command (12-26 ms for a 5 MB photo on
+a shared 2-core CPU), never the whole index. Boxes are in the photo's own pixels
+(after EXIF orientation).
 
 The index is a folder::
 
@@ -421,8 +421,8 @@ def source_status(path: str | bytes | os.PathLike, sha256: str, limits: CropLimi
 
     ``"current"`` (the same SHA-256), ``"changed"`` (other bytes), ``"missing"`` (no
     regular file there) or ``"unreadable"`` (there, but it cannot be read). Reads and
-    hashes the whole file (~3 ms for 5 MB): call it for the photos about to be shown,
-    not for a whole index. Anything but ``"current"`` must not be shown as the photo
+    hashes the whole file (12-26 ms for 5 MB on a shared 2-core CPU): call it for the photos
+    about to be shown, not for a whole index. Anything but ``"current"`` must not be shown as the photo
     of the indexed face (its box is the old content's).
     """
     try:
@@ -968,7 +968,7 @@ class Report:
     added_faces: int = 0
     added_photos: int = 0
     removed_photos: int = 0  # remove: photos dropped
-    replaced_photos: int = 0  # add: photos whose content changed at their path (the old faces went)
+    replaced_photos: int = 0  # add: photos whose path now holds other content (their faces went)
     moved_photos: int = 0  # add, remove --missing: photos whose path was updated
     without_faces: Counter = field(default_factory=Counter)  # reason -> photos read that gave no face, this run
     person_notes: Counter = field(default_factory=Counter)  # person_not_found / person_ambiguous -> photos
@@ -984,7 +984,7 @@ class Report:
         if self.added_photos or self.added_faces:
             out.append(f"added: {self.added_faces} faces from {self.added_photos} photos")
         if self.replaced_photos:
-            out.append(f"replaced: {self.replaced_photos} photos whose content changed (re-embedded)")
+            out.append(f"replaced: {self.replaced_photos} photos whose file now holds other content (old faces gone)")
         if self.moved_photos:
             out.append(f"moved: {self.moved_photos} photos found at a new path (path updated)")
         if self.removed_photos:
@@ -1218,10 +1218,9 @@ def _follow(old: PhotoIndex, scan: Scan, batch: Batch, limits: CropLimits) -> tu
         still = now[before] if before in now else _content(photo_path(*places[sha]), limits)
         if still != sha:  # the indexed content left its path and is here now
             change.moves[sha] = (scan.root, rel, person_of[rel])
-    # A path now holding other content (new, or moved in) no longer holds what was indexed there.
-    claimed = {_join(scan.root, r[PHOTO]) for r in batch.photo_rows}
-    claimed |= {_join(root, rel) for root, rel, _ in change.moves.values()}
-    change.drop = {sha for sha, path in path_of.items() if path in claimed and sha not in change.moves}
+    # A path the scan read other content at (new, moved in, or a copy of another indexed photo) no longer
+    # holds what was indexed there: that photo goes, unless it moved. A path it could not read is left as is.
+    change.drop = {sha for sha, path in path_of.items() if now.get(path, sha) != sha and sha not in change.moves}
     gone = {}
     for sha, path in path_of.items():
         rel = _rel_under(path, scan.root)

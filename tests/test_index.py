@@ -740,6 +740,15 @@ def test_a_copy_of_an_indexed_photo_is_not_a_move(models, people, tmp_path):
     assert report.version is None and report.moved_photos == 0
     assert (f"{original.parent.name}/copy.jpg", X.ALREADY_INDEXED) in [(s.photo, s.reason) for s in report.skips]
     assert X.info(tmp_path / "idx", check=True)["check"]["moved"] == []
+    # Copied over another indexed photo: that photo is gone (its faces with it), the content stays indexed once.
+    other = all_files(photos_dir)[-1]
+    other_rel = other.relative_to(photos_dir).as_posix()
+    shutil.copy(original, other)
+    report = X.add(tmp_path / "idx", str(photos_dir))
+    index = X.load_index(tmp_path / "idx")
+    assert report.replaced_photos == 1 and other_rel not in set(index.photos[X.PHOTO]).union(index.faces[X.PHOTO])
+    assert X.info(tmp_path / "idx", check=True)["check"] == {"checked": len(index.photos), "missing": [],
+                                                            "changed": [], "unreadable": [], "moved": []}  # fmt: skip
 
 
 def test_remove_missing_follows_moves_and_drops_the_rest(models, people, tmp_path, capsys):
