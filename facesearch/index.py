@@ -245,6 +245,9 @@ def validate_index(faces: pd.DataFrame, photo_table: pd.DataFrame, embeddings: n
         raise SchemaError("photos: a path is indexed twice")
     if not all(os.path.isabs(r) and os.path.normpath(r) == r for r in p[ROOT]):
         raise SchemaError("photos: root must be an absolute, normalised path")
+    # The folder walk lists only real entries below the root: a ".." or empty part would point elsewhere.
+    if not all(all(part not in ("", ".", "..") for part in rel.split("/")) for rel in p[PHOTO]):
+        raise SchemaError("photos: a photo path must lie below its root (no empty, '.' or '..' parts)")
     has_faces = p[N_FACES] > 0
     if (p[N_FACES] < 0).any() or p.loc[has_faces, REASON].notna().any() or p.loc[~has_faces, REASON].isna().any():
         raise SchemaError("photos: a photo has faces or a reason, never both")
@@ -340,6 +343,8 @@ def enrol_threshold(embedder: Embedder) -> tuple[float, str]:
     other face (or with the mean of a person's faces) is a 1:1 decision.
     """
     v = verdict(embedder.payload, 1)
+    if v.warning():  # who is named after whom rests on it too
+        log.warning("enrolling people: %s", v.warning())
     return v.similarity, v.source
 
 

@@ -941,6 +941,8 @@ def test_validator_rejects_inconsistent_versions(models, people, tmp_path):
         "a bystander named": (i.faces.assign(**{X.PERSON: i.faces[X.PHOTO].str.split("/").str[0]}), i.photos,
                               i.embeddings),
         "a relative root": (i.faces, i.photos.assign(**{X.ROOT: "photos"}), i.embeddings),
+        "a path out of its root": (i.faces.assign(**{X.PHOTO: "../" + i.faces[X.PHOTO]}),
+                                   i.photos.assign(**{X.PHOTO: "../" + i.photos[X.PHOTO]}), i.embeddings),
         "a content twice": (i.faces, pd.concat([i.photos, i.photos.iloc[:1]], ignore_index=True), i.embeddings),
         "faces and a reason": (i.faces, i.photos.assign(**{X.REASON: pd.array(["no_face"] * len(i.photos),
                                                                                 "string")}), i.embeddings),
