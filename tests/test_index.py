@@ -1,7 +1,9 @@
-"""The photo index and the search command: every face indexed, add/remove/info, crashes, the JSON lines."""
+"""The photo index and the search command: every face indexed, one named after its person, add/remove/info
+following the files, full disks and broken files as one line, the JSON lines."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -115,6 +117,24 @@ def search_lines(capsys, *args: str) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
+def flat(line: dict) -> list[dict]:
+    """A search line's faces in rank order: each entry's best face, then its person's other faces."""
+    return [face for r in line["results"] for face in (r, *r["also"])]
+
+
+def failure(args: list[str]) -> str:
+    """The message of a command that must fail with one line and a non-zero exit."""
+    with pytest.raises(SystemExit) as exc:
+        cli(args)
+    message = str(exc.value.code)
+    assert exc.value.code not in (0, None) and "\n" not in message and "Traceback" not in message
+    return message
+
+
+def versions(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir())
+
+
 # --- build -----------------------------------------------------------------------------------
 def test_build_indexes_every_face_named_by_folder(models, people, tmp_path):
     photos_dir = copy_of(people, tmp_path)
@@ -132,7 +152,16 @@ def test_build_indexes_every_face_named_by_folder(models, people, tmp_path):
         assert photo[X.PERSON] == rel.split("/")[0] and photo[X.ROOT] == str(photos_dir)
         assert photo[X.N_FACES] == len(boxes)
         assert photo[X.REASON] == "no_face" if not boxes else pd.isna(photo[X.REASON])
-    assert set(index.faces[X.PERSON]) == named(photos_dir) and report.people == len(named(photos_dir))
+    # One face of each photo is named after its person (the tiny model's faces all agree at the fallback
+    # threshold): the lone face, or the one of two most like the person's other photos; the other stays unnamed.
+    with_faces = index.photos[index.photos[X.N_FACES] > 0]
+    named_faces = index.faces[index.faces[X.PERSON].notna()]
+    assert sorted(named_faces[X.SHA256]) == sorted(with_faces[X.SHA256]) and not report.person_notes
+    assert (named_faces[X.PERSON] == named_faces[X.PHOTO].str.split("/").str[0]).all()
+    assert index.faces[X.PERSON].isna().sum() == len(index.faces) - len(with_faces) > 0  # the bystander
+    assert set(named_faces[X.PERSON]) == named(photos_dir) and report.people == len(named(photos_dir))
+    assert index.record["roots"] == {str(photos_dir): "folders"}
+    assert index.record["people"] == {"threshold": FALLBACK_THRESHOLD, "source": "fallback"}
     assert index.photos[X.PHOTO].tolist() == sorted(expected, key=lambda r: r.split("/"))
     # The embedding of a face is the model's embedding of the crop photos.crop cuts of its box.
     row = index.faces.iloc[0]
@@ -200,6 +229,7 @@ def test_layouts(models, people, tmp_path):
     shutil.copy(loose, mixed / "loose.jpg")
     assert X.build(str(models["a"]), str(mixed), tmp_path / "auto").people == 0  # not all one folder deep: plain
     assert X.load_index(tmp_path / "auto").faces[X.PERSON].isna().all()
+    assert X.load_index(tmp_path / "auto").record["roots"] == {str(mixed): "plain"}
     report = X.build(str(models["a"]), str(mixed), tmp_path / "folders", layout="folders")
     assert [(s.photo, s.reason) for s in report.skips] == [("loose.jpg", M.Reason.NOT_IN_A_PERSON_FOLDER)]
     assert report.people == len(named(mixed))
@@ -252,20 +282,49 @@ def test_add_embeds_only_new_photos(models, people, tmp_path, monkeypatch):
     assert calls == [] and again.version is None and X.load_index(tmp_path / "idx").version == after.version
 
 
-def test_add_replaces_an_edited_photo(models, people, tmp_path):
+@pytest.mark.parametrize("through", ["root", "person folder"])
+def test_add_replaces_an_edited_photo(models, people, tmp_path, through):
+    """Overwritten with another person's photo, and added through the root or a sub-folder of it: one photo."""
     photos_dir = copy_of(people, tmp_path, only=2)
     X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     before = X.load_index(tmp_path / "idx")
     edited = all_files(photos_dir)[0]
-    edited.write_bytes(jpeg_bytes(Image.open(edited).convert("L").convert("RGB")))  # same path, new content
-    report = X.add(tmp_path / "idx", str(photos_dir))
+    other = next(p for p in all_files(photos_dir) if p.parent != edited.parent and len(faces_of(p)) == 1)
+    edited.write_bytes(jpeg_bytes(Image.open(other).transpose(Image.FLIP_LEFT_RIGHT)))  # same path, new content
+    report = X.add(tmp_path / "idx", str(photos_dir if through == "root" else edited.parent))
     after = X.load_index(tmp_path / "idx")
     rel = edited.relative_to(photos_dir).as_posix()
-    assert report.removed_photos == 1 and len(after.photos) == len(before.photos)
-    assert after.photos.set_index(X.PHOTO).at[rel, X.SHA256] == hashlib.sha256(edited.read_bytes()).hexdigest()
+    assert report.replaced_photos == 1 and report.added_photos == 1 and len(after.photos) == len(before.photos)
+    row = after.photos.set_index(X.PHOTO).loc[rel]
+    assert row[X.SHA256] == hashlib.sha256(edited.read_bytes()).hexdigest() and row[X.ROOT] == str(photos_dir)
+    assert row[X.PERSON] == edited.parent.name  # the folder's person, through either way in
+    old_sha = before.photos.set_index(X.PHOTO).at[rel, X.SHA256]
+    assert old_sha not in set(after.faces[X.SHA256]) and (after.faces[X.PHOTO] == rel).sum() == len(faces_of(edited))
+    assert set(after.record["roots"]) == {str(photos_dir)}  # no second root for the sub-folder
+    # The old content is gone for good: adding it again (elsewhere) is not "already indexed".
+    (tmp_path / "later").mkdir()
+    (tmp_path / "later" / "old.jpg").write_bytes((people / rel).read_bytes())
+    assert X.add(tmp_path / "idx", str(tmp_path / "later")).added_photos == 1
+    assert X.add(tmp_path / "idx", str(edited.parent)).version is None  # nothing new under the folder now
 
 
-def test_remove_by_path_folder_or_content(models, people, tmp_path):
+def test_add_through_a_sub_folder_keeps_the_roots_layout(models, people, tmp_path):
+    """A new photo added through its person folder is that person's, under the indexed root."""
+    photos_dir = copy_of(people, tmp_path, only=1)
+    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    person = sorted(photos_dir.iterdir())[0]
+    new = next(p for p in sorted((people / person.name).iterdir())[1:] if len(faces_of(p)) == 1)
+    shutil.copy(new, person / "new.jpg")
+    report = X.add(tmp_path / "idx", str(person))  # alone, this folder would be "plain" (photos in its root)
+    index = X.load_index(tmp_path / "idx")
+    row = index.photos.set_index(X.PHOTO).loc[f"{person.name}/new.jpg"]
+    assert report.added_photos == 1 and row[X.ROOT] == str(photos_dir) and row[X.PERSON] == person.name
+    assert index.faces.set_index(X.PHOTO).at[f"{person.name}/new.jpg", X.PERSON] == person.name
+    with pytest.raises(X.PhotoIndexError, match="indexed with layout folders"):
+        X.add(tmp_path / "idx", str(person), layout="plain")
+
+
+def test_remove_by_path_folder_or_content(models, people, tmp_path, monkeypatch):
     photos_dir = copy_of(people, tmp_path)
     X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     before = X.load_index(tmp_path / "idx")
@@ -273,6 +332,7 @@ def test_remove_by_path_folder_or_content(models, people, tmp_path):
     elsewhere = tmp_path / "copy.jpg"
     shutil.copy(files[1], elsewhere)  # found by its content
     person = sorted(photos_dir.iterdir())[-1]
+    monkeypatch.chdir(photos_dir)  # a relative path is taken from the current folder, as in a shell
     stored = files[2].relative_to(photos_dir).as_posix()
     report = X.remove(tmp_path / "idx", [str(files[0]), str(elsewhere), stored, str(person), "nothing.jpg"])
     gone = {f.relative_to(photos_dir).as_posix() for f in (files[0], files[1], files[2], *person.iterdir())}
@@ -282,6 +342,27 @@ def test_remove_by_path_folder_or_content(models, people, tmp_path):
     kept = ~before.faces[X.PHOTO].isin(gone).to_numpy()
     assert np.array_equal(after.embeddings, before.embeddings[kept])
     assert X.remove(tmp_path / "idx", ["nothing.jpg"]).version is None
+
+
+def test_remove_means_that_path_under_that_root(models, people, tmp_path, monkeypatch):
+    """Two roots holding the same relative path: removing it from inside one root leaves the other's."""
+    one = copy_of(people, tmp_path / "one", only=1)
+    two = tmp_path / "two" / "photos"
+    for src in all_files(one):  # the same names, other contents
+        (two / src.parent.name).mkdir(parents=True, exist_ok=True)
+        (two / src.parent.name / src.name).write_bytes(jpeg_bytes(Image.open(src).transpose(Image.FLIP_LEFT_RIGHT)))
+    X.build(str(models["a"]), str(one), tmp_path / "idx")
+    X.add(tmp_path / "idx", str(two))
+    rel = all_files(one)[0].relative_to(one).as_posix()
+    monkeypatch.chdir(two)
+    report = X.remove(tmp_path / "idx", [rel])
+    left = X.load_index(tmp_path / "idx").photos
+    assert report.removed_photos == 1 and set(left.loc[left[X.PHOTO] == rel, X.ROOT]) == {str(one)}
+    # A symlinked folder resolves to the indexed one.
+    (tmp_path / "link").symlink_to(one, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert X.remove(tmp_path / "idx", [f"link/{rel}"]).removed_photos == 1
+    assert rel not in set(X.load_index(tmp_path / "idx").photos[X.PHOTO])
 
 
 def test_another_model_is_refused(models, people, tmp_path):
@@ -338,11 +419,64 @@ def test_a_killed_add_or_remove_leaves_the_index_as_it_was(models, people, tmp_p
         now = X.load_index(tmp_path / "idx")
         assert now.version == before.version and now.faces.equals(before.faces) and now.photos.equals(before.photos)
         assert np.array_equal(now.embeddings, before.embeddings)
-    assert len([d for d in (tmp_path / "idx").iterdir() if d.is_dir()]) == 3  # the live one and two half-written
+        # The live one and this kill's half-written one: the kill before it was cleaned by this command.
+        assert len(versions(tmp_path / "idx")) == 2
     monkeypatch.setattr(X, crash_at, real)
     assert X.add(tmp_path / "idx", str(photos_dir)).added_faces > 0
-    versions = sorted(d.name for d in (tmp_path / "idx").iterdir() if d.is_dir())
-    assert versions == sorted([before.version, X.load_index(tmp_path / "idx").version])  # half-written ones gone
+    assert versions(tmp_path / "idx") == sorted([before.version, X.load_index(tmp_path / "idx").version])
+    assert not [p for p in (tmp_path / "idx").iterdir() if p.name.endswith(".tmp")]  # the pointer's too
+
+
+@pytest.mark.parametrize("full_at", ["np.save", "write_parquet_atomic"])
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(models, people, tmp_path, monkeypatch, full_at):
+    photos_dir = copy_of(people, tmp_path, only=2)
+    idx = str(tmp_path / "idx")
+    cli(["index", "build", "--model", str(models["a"]), "--photos", str(photos_dir), "--out", idx])
+    before = X.load_index(idx)
+    for person in people.iterdir():
+        for photo in sorted(person.iterdir())[2:]:
+            shutil.copy(photo, photos_dir / person.name / photo.name)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(*((np, "save") if full_at == "np.save" else (X, full_at)), full)
+    commands = [
+        ["index", "add", "--index", idx, "--photos", str(photos_dir)],
+        ["index", "remove", "--index", idx, "--photos", str(all_files(photos_dir)[0])],
+        ["index", "build", "--model", str(models["a"]), "--photos", str(photos_dir), "--out", idx, "--force"],
+    ]
+    for args in commands:
+        message = failure(args)
+        assert "No space left on device" in message and f"the index is unchanged (version {before.version})" in message
+        now = X.load_index(idx)
+        assert now.version == before.version and now.faces.equals(before.faces)
+        assert np.array_equal(now.embeddings, before.embeddings)
+        assert versions(tmp_path / "idx") == [before.version]  # no half version holds the space the next try needs
+    # A first build on a full disk leaves no index, and a folder the next build may use.
+    message = failure(["index", "build", "--model", str(models["a"]), "--photos", str(photos_dir), "--out",
+                       str(tmp_path / "new")])  # fmt: skip
+    assert "nothing was written" in message and versions(tmp_path / "new") == []
+    monkeypatch.undo()
+    assert X.build(str(models["a"]), str(photos_dir), tmp_path / "new").faces > 0
+
+
+def test_stale_versions_are_cleaned_by_the_next_command(models, people, tmp_path):
+    """What a killed writer leaves (a version CURRENT never named, the pointer's temporary file) goes next time."""
+    photos_dir = copy_of(people, tmp_path, only=1)
+    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    X.remove(tmp_path / "idx", [str(all_files(photos_dir)[0])])
+    live = X.load_index(tmp_path / "idx")
+    previous = live.record["previous"]
+    assert versions(tmp_path / "idx") == sorted([live.version, previous])
+    stale = tmp_path / "idx" / "v000003-0123abcd"
+    stale.mkdir()
+    (stale / X.EMBEDDINGS).write_bytes(b"\0" * 1000)
+    (tmp_path / "idx" / ".CURRENT.x1y2.tmp").write_bytes(b"v0")
+    (tmp_path / "idx" / "notes.txt").write_text("mine")  # not the index's: left alone
+    assert X.remove(tmp_path / "idx", ["nothing.jpg"]).version is None  # a command that writes nothing still cleans
+    assert versions(tmp_path / "idx") == sorted([live.version, previous])
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir() if p.is_file()) == [".lock", "CURRENT", "notes.txt"]
 
 
 def test_a_second_writer_is_turned_away(models, people, tmp_path):
@@ -354,28 +488,104 @@ def test_a_second_writer_is_turned_away(models, people, tmp_path):
 # --- search, info ----------------------------------------------------------------------------
 def test_search_json_lines(models, people, tmp_path, capsys):
     X.build(str(models["a"]), str(people), tmp_path / "idx")
-    assert len(X.load_index(tmp_path / "idx").faces) >= 9
+    index = X.load_index(tmp_path / "idx")
     multi = next(p for p in all_files(people) if len(faces_of(p)) > 1)
     blank = tmp_path / "blank.jpg"
     Image.new("RGB", (200, 160), (90, 120, 150)).save(blank)
     (tmp_path / "text.jpg").write_text("not a photo")
-    queries = [str(multi), str(blank), str(tmp_path / "text.jpg")]
+    queries = [str(multi), str(blank), str(tmp_path / "text.jpg"), str(tmp_path / "nowhere.jpg")]
     lines = search_lines(capsys, "--index", str(tmp_path / "idx"), *queries, "--top", "3", "--threshold", "0.5")
     assert [line["photo"] for line in lines] == [str(multi)] * len(faces_of(multi)) + queries[1:]
+    person_of = {(ph, tuple(b)): (None if pd.isna(n) else n) for ph, n, *b in zip(
+        [str(people / r) for r in index.faces[X.PHOTO]], index.faces[X.PERSON],
+        *(index.faces[c] for c in (X.BOX_X, X.BOX_Y, X.BOX_W, X.BOX_H)), strict=True)}  # fmt: skip
     for line, box in zip(lines, faces_of(multi), strict=False):  # the photo's lines, one per face
-        assert set(line) == {"photo", "box", "verdict", "results"} and line["box"] == list(box)
+        assert set(line) == {"photo", "box", "verdict", "person", "similarity", "threshold", "results"}
+        assert line["box"] == list(box) and line["threshold"] == 0.5
         assert [r["rank"] for r in line["results"]] == [1, 2, 3]
-        assert all(set(r) == {"rank", "similarity", "photo", "box", "name"} for r in line["results"])
-        sims = [r["similarity"] for r in line["results"]]
-        assert sims == sorted(sims, reverse=True)
+        for r in line["results"]:
+            assert set(r) == {"rank", "person", "similarity", "photo", "box", "photo_status", "also"}
+            assert all(set(a) == {"similarity", "photo", "box", "photo_status"} for a in r["also"])
+            # An entry is a person (their faces under them, in rank order) or one unnamed face.
+            assert [person_of[(f["photo"], tuple(f["box"]))] for f in (r, *r["also"])] == [r["person"]] * (
+                1 + len(r["also"])) and (r["person"] is not None or not r["also"])  # fmt: skip
+            sims = [f["similarity"] for f in (r, *r["also"])]
+            assert sims == sorted(sims, reverse=True) and {f["photo_status"] for f in (r, *r["also"])} == {"current"}
+        named = [r["person"] for r in line["results"] if r["person"] is not None]
+        assert len(named) == len(set(named))  # one person's photos do not crowd out the rest
+        best = [r["similarity"] for r in line["results"]]
+        assert best == sorted(best, reverse=True)
         top = line["results"][0]  # an indexed photo finds its own face first
         assert (top["photo"], top["box"]) == (str(multi), list(box)) and top["similarity"] == pytest.approx(1, abs=1e-4)
-        assert top["name"] == multi.parent.name and line["verdict"] == "match"
-    assert lines[-2] == {"photo": str(blank), "box": None, "verdict": "no_match", "reason": "no_face", "results": []}
-    assert lines[-1]["box"] is None and lines[-1]["reason"] == "not_an_image"
-    # The verdict is the threshold's: nothing reaches a similarity above 1.
+        assert line["verdict"] == "match" and line["person"] == top["person"] == person_of[(str(multi), box)]
+        assert line["similarity"] == top["similarity"]
+    # Of the photo's two faces one is its person, the other a bystander: the verdict names each.
+    assert sorted(map(str, (line["person"] for line in lines[:2]))) == sorted([multi.parent.name, "None"])
+    assert lines[-3] == {"photo": str(blank), "box": None, "verdict": "no_face", "person": None, "reason": "no_face",
+                         "results": []}  # fmt: skip
+    assert (lines[-2]["verdict"], lines[-2]["reason"]) == ("unreadable", "not_an_image")
+    assert (lines[-1]["verdict"], lines[-1]["reason"]) == ("missing", "not_a_file")
+    # The verdict is the threshold's: nothing reaches a similarity above 1, and the person is unknown.
     above = search_lines(capsys, "--index", str(tmp_path / "idx"), str(multi), "--threshold", "1.01")
-    assert {line["verdict"] for line in above} == {"no_match"} and len(above[0]["results"]) == 9
+    assert {line["verdict"] for line in above} == {"no_match"} and {line["person"] for line in above} == {"unknown"}
+    # --top counts entries: all of them hold every indexed face once.
+    wide = search_lines(capsys, "--index", str(tmp_path / "idx"), str(multi), "--top", "100", "--also", "100")
+    assert sorted((f["photo"], tuple(f["box"])) for f in flat(wide[0])) == sorted(person_of)
+    assert len(wide[0]["results"]) == len(set(person_of.values()) - {None}) + sum(v is None for v in person_of.values())
+    capsys.readouterr()
+    cli(["search", "--index", str(tmp_path / "idx"), str(multi), str(tmp_path / "nowhere.jpg"), "--top", "2"])
+    text = capsys.readouterr().out
+    assert f"match: {multi.parent.name} (similarity 1.000 >= threshold" in text and "match: an unnamed face" in text
+    assert f"{tmp_path / 'nowhere.jpg'}: no such file (not_a_file)" in text and "also" in text
+
+
+def test_search_exits_2_when_nothing_could_be_searched(models, people, tmp_path, capsys):
+    photos_dir = copy_of(people, tmp_path, only=1)
+    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    blank = tmp_path / "blank.jpg"
+    Image.new("RGB", (200, 160), (90, 120, 150)).save(blank)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli(["search", "--index", str(tmp_path / "idx"), str(tmp_path / "nowhere.jpg"), str(blank)])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and "nothing could be searched (missing 1, no_face 1)" in err
+    assert "nowhere.jpg: no such file" in out and "blank.jpg: no usable face" in out
+    cli(["search", "--index", str(tmp_path / "idx"), str(tmp_path / "nowhere.jpg"), str(all_files(photos_dir)[0])])
+
+
+def test_search_never_vouches_for_a_changed_photo(models, people, tmp_path, capsys, monkeypatch):
+    """A result whose file no longer holds the indexed content says so; only the results shown are read."""
+    photos_dir = copy_of(people, tmp_path, only=1)
+    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    idx = str(tmp_path / "idx")
+    target = next(p for p in all_files(photos_dir) if len(faces_of(p)) == 1)
+    query = tmp_path / "query.jpg"
+    shutil.copy(target, query)  # finds the indexed photo first (the same face)
+    row = X.load_index(idx).photos.set_index(X.PHOTO).loc[target.relative_to(photos_dir).as_posix()]
+    root, rel, sha = row[X.ROOT], target.relative_to(photos_dir).as_posix(), row[X.SHA256]
+
+    def status() -> str:
+        top = search_lines(capsys, "--index", idx, str(query), "--top", "1")[0]["results"][0]
+        assert top["photo"] == str(target)
+        return top["photo_status"]
+
+    assert status() == "current" and X.photo_is_current(root, rel, sha)
+    target.write_bytes(jpeg_bytes(Image.open(query).transpose(Image.FLIP_LEFT_RIGHT)))
+    assert status() == "changed" and not X.photo_is_current(root, rel, sha)
+    capsys.readouterr()
+    cli(["search", "--index", idx, str(query), "--top", "1"])
+    assert "[photo changed since indexed: not shown]" in capsys.readouterr().out
+    target.unlink()
+    assert status() == "missing" and X.source_status(X.photo_path(root, rel), sha) == "missing"
+    target.mkdir()
+    assert X.source_status(X.photo_path(root, rel), sha) == "missing"  # not a file: nothing to show
+    # Lazily: a face's line reads the photos of its results only, each once a command.
+    read: list = []
+    real = X.source_status
+    monkeypatch.setattr(X, "source_status", lambda *a, **k: read.append(a[0]) or real(*a, **k))
+    lines = list(X.search(idx, [str(query), str(query)], top=2, also=0))
+    shown = {(r["photo"]) for line in lines for r in line["results"]}
+    assert len(read) == len(set(read)) == len(shown) == 2 < len(X.load_index(idx).photos)
 
 
 def test_the_threshold_comes_from_the_model(models, people, tmp_path, caplog, capsys):
@@ -402,8 +612,8 @@ def test_exact_and_hnsw_agree(models, people, tmp_path):
     queries = [str(p) for p in all_files(people)]
 
     def answers(name):
-        return [(line["box"], [(r["photo"], r["box"]) for r in line["results"]], [r["similarity"] for r in
-                 line["results"]]) for line in X.search(tmp_path / name, queries, top=5)]  # fmt: skip
+        return [(line["box"], [(r["photo"], r["box"]) for r in flat(line)], [r["similarity"] for r in flat(line)])
+                for line in X.search(tmp_path / name, queries, top=5)]  # fmt: skip
 
     def agree():
         exact, hnsw = answers("exact"), answers("hnsw")
@@ -437,6 +647,7 @@ def test_info(models, people, tmp_path, capsys):
     assert (d["threshold"]["similarity"], d["threshold"]["source"]) == (FALLBACK_THRESHOLD, "fallback")
     assert d["threshold"]["gallery_faces"] == d["faces"] and "nothing is promised" in d["threshold"]["meaning"]
     assert d["search"] == {"structure": "exact", "hnsw_threshold": X.DEFAULT_HNSW_THRESHOLD}
+    assert d["person_not_found"] == 0 and d["roots"] == {str(people): "folders"} and d["model"]["problem"] is None
     capsys.readouterr()
     cli(["index", "info", "--index", str(tmp_path / "idx")])
     text = capsys.readouterr().out
@@ -462,6 +673,259 @@ def test_cli_build_add_remove(models, people, tmp_path, capsys):
     assert set(X.load_index(idx).photos[X.ROOT]) == {str(photos_dir)}
 
 
+# --- following the files ---------------------------------------------------------------------
+def test_moved_deleted_and_changed_photos_are_found_and_followed(models, people, tmp_path, capsys, monkeypatch):
+    photos_dir = copy_of(people, tmp_path, only=2)
+    idx = tmp_path / "idx"
+    X.build(str(models["a"]), str(photos_dir), idx)
+    before = X.load_index(idx)
+    files = [p for p in all_files(photos_dir) if faces_of(p)]
+    first, crossing, deleted, changed = files[0], files[2], files[-2], files[-1]
+    assert len({first.parent, crossing.parent}) == 2 and crossing.parent != files[-3].parent
+    renamed = first.parent / "renamed.jpg"
+    first.rename(renamed)  # within its person's folder
+    crossed = files[-3].parent / "crossed.jpg"
+    crossing.rename(crossed)  # into another person's folder
+    deleted.unlink()
+    changed.write_bytes(jpeg_bytes(Image.open(changed).transpose(Image.FLIP_LEFT_RIGHT)))
+
+    def rel(p: Path) -> str:
+        return p.relative_to(photos_dir).as_posix()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli(["index", "info", "--index", str(idx), "--check", "--json"])
+    check = json.loads(capsys.readouterr().out)["check"]
+    assert exc.value.code == 1 and check["checked"] == len(before.photos) and check["unreadable"] == []
+    assert (check["missing"], check["changed"]) == ([str(deleted)], [str(changed)])
+    assert sorted((m["from"], m["to"]) for m in check["moved"]) == sorted(
+        [(str(first), str(renamed)), (str(crossing), str(crossed))]
+    )
+    # add follows them: a moved photo is not embedded again, a changed one is; the deleted one is reported.
+    calls = count_embeds(monkeypatch)
+    report = X.add(idx, str(photos_dir))
+    assert sum(calls) == len(faces_of(changed)) == report.added_faces
+    assert (report.moved_photos, report.replaced_photos, report.gone, report.pruned) == (2, 1, [str(deleted)], False)
+    assert "gone: 1 indexed photos no longer there" in "\n".join(report.lines())
+    after = X.load_index(idx)
+    paths = set(after.photos[X.PHOTO])
+    assert {rel(renamed), rel(crossed), rel(deleted), rel(changed)} <= paths and not {rel(first), rel(crossing)} & paths
+    old_sha = before.photos.set_index(X.PHOTO)[X.SHA256]
+    for moved, was in ((renamed, first), (crossed, crossing)):
+        sha = old_sha[rel(was)]
+        assert np.array_equal(after.embeddings[(after.faces[X.SHA256] == sha).to_numpy()],
+                              before.embeddings[(before.faces[X.SHA256] == sha).to_numpy()])  # fmt: skip
+        assert after.photos.set_index(X.SHA256).at[sha, X.PHOTO] == rel(moved)
+    row = after.photos.set_index(X.PHOTO).loc[rel(crossed)]
+    names = set(after.faces.loc[after.faces[X.PHOTO] == rel(crossed), X.PERSON].dropna())
+    assert row[X.PERSON] == crossed.parent.name and names <= {crossed.parent.name}  # the new folder's person, if any
+    # --prune drops the deleted one; then everything is where it was indexed.
+    pruned = X.add(idx, str(photos_dir), prune=True)
+    assert pruned.gone == [str(deleted)] and pruned.pruned
+    assert rel(deleted) not in set(X.load_index(idx).photos[X.PHOTO])
+    assert X.add(idx, str(photos_dir)).version is None
+    d = X.info(idx, check=True)["check"]
+    assert (d["missing"], d["changed"], d["moved"], d["checked"]) == ([], [], [], len(before.photos) - 1)
+    capsys.readouterr()
+    cli(["index", "info", "--index", str(idx), "--check"])
+    assert "are where they were indexed, unchanged" in capsys.readouterr().out
+
+
+def test_a_copy_of_an_indexed_photo_is_not_a_move(models, people, tmp_path):
+    photos_dir = copy_of(people, tmp_path, only=1)
+    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    original = all_files(photos_dir)[0]
+    shutil.copy(original, original.parent / "copy.jpg")
+    report = X.add(tmp_path / "idx", str(photos_dir))
+    assert report.version is None and report.moved_photos == 0
+    assert (f"{original.parent.name}/copy.jpg", X.ALREADY_INDEXED) in [(s.photo, s.reason) for s in report.skips]
+    assert X.info(tmp_path / "idx", check=True)["check"]["moved"] == []
+    # Copied over another indexed photo: that photo is gone (its faces with it), the content stays indexed once.
+    other = all_files(photos_dir)[-1]
+    other_rel = other.relative_to(photos_dir).as_posix()
+    shutil.copy(original, other)
+    report = X.add(tmp_path / "idx", str(photos_dir))
+    index = X.load_index(tmp_path / "idx")
+    assert report.replaced_photos == 1 and other_rel not in set(index.photos[X.PHOTO]).union(index.faces[X.PHOTO])
+    assert X.info(tmp_path / "idx", check=True)["check"] == {"checked": len(index.photos), "missing": [],
+                                                            "changed": [], "unreadable": [], "moved": []}  # fmt: skip
+
+
+def test_remove_missing_follows_moves_and_drops_the_rest(models, people, tmp_path, capsys):
+    photos_dir = copy_of(people, tmp_path, only=2)
+    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    before = X.load_index(tmp_path / "idx")
+    files = all_files(photos_dir)
+    files[0].rename(files[0].parent / "moved.jpg")
+    files[-1].unlink()
+    capsys.readouterr()
+    cli(["index", "remove", "--index", str(tmp_path / "idx"), "--missing"])
+    assert "moved: 1 photos" in capsys.readouterr().out
+    after = X.load_index(tmp_path / "idx")
+    assert len(after.photos) == len(before.photos) - 1
+    assert set(before.photos[X.PHOTO]) - set(after.photos[X.PHOTO]) == {
+        files[0].relative_to(photos_dir).as_posix(), files[-1].relative_to(photos_dir).as_posix()}  # fmt: skip
+    assert f"{files[0].parent.name}/moved.jpg" in set(after.photos[X.PHOTO])
+    assert "name photos to remove" in failure(["index", "remove", "--index", str(tmp_path / "idx")])
+
+
+# --- people ----------------------------------------------------------------------------------
+PEOPLE = ("alice", "bob", "carol", "dave", "erin", "frank")
+
+
+def fake_photo(path: Path, *people: str) -> Path:
+    """A file the fake detector (``fake_faces``) reads as faces of ``people``, left to right."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(f"fake {path}: {' '.join(people)}".encode())  # its path in it: each file's content differs
+    return path
+
+
+@pytest.fixture
+def fake_faces(monkeypatch):
+    """Constructed faces: ``X.file_faces`` reads a ``fake_photo``'s names, ``Embedder.embed`` embeds them.
+
+    Each person is one axis of the 16-d embedding and each face that axis plus its own noise: a
+    person's faces agree (cosine ~0.96), two people's do not (~0), far either side of the tiny
+    models' threshold (the 0.45 fallback).
+    """
+    vectors: list[np.ndarray] = []
+
+    def file_faces(data, settings, limits):
+        text = data.decode(errors="replace")
+        if not text.startswith("fake "):
+            raise ImageRejected(M.Reason.NOT_AN_IMAGE)
+        names = text.split(": ", 1)[1].split()
+        rng = np.random.default_rng(int(hashlib.sha256(data).hexdigest()[:8], 16))
+        crops = np.zeros((len(names), 2, 2, 3), np.uint8)
+        for k, name in enumerate(names):
+            crops[k, 0, 0, :2] = divmod(len(vectors), 256)  # which vector: the crop carries its number
+            vectors.append(np.eye(16)[PEOPLE.index(name)] + rng.normal(0, 0.05, 16))
+        return (60 * len(names) + 20, 70), tuple((10 + 60 * k, 10, 50, 50) for k in range(len(names))), crops, "fake"
+
+    def embed(self, crops):
+        return X.unit(np.stack([vectors[256 * int(c[0, 0, 0]) + int(c[0, 0, 1])] for c in crops]))
+
+    monkeypatch.setattr(X, "file_faces", file_faces)
+    monkeypatch.setattr(X.Embedder, "embed", embed)
+
+
+def test_find_person():
+    rng = np.random.default_rng(0)
+
+    def photo(*people: int) -> np.ndarray:
+        return X.unit(np.stack([np.eye(8)[p] + rng.normal(0, 0.05, 8) for p in people]))
+
+    P, B, C = 0, 1, 2  # the person, a bystander, another
+    none = np.zeros((0, 8), np.float32)
+    found, lost, unclear = X.PERSON_NOT_FOUND, X.PERSON_AMBIGUOUS, None
+    # The person is who most photos agree on, even when a bystander comes first, alone, or twice.
+    photos = [photo(B), photo(P), photo(B, P), photo(P, C), photo(C, B), photo(P)]  # P in 4 photos, B in 3
+    assert X.find_person(none, photos, 0.45) == [(None, found), (0, None), (1, None), (0, None), (None, found),
+                                                 (0, None)]  # fmt: skip
+    # Faces enrolled before hold new photos to the person.
+    assert X.find_person(photo(P, P), [photo(B), photo(C, P), photo(P)], 0.45) == [(None, found), (1, None), (0, None)]
+    # Nothing to compare with: a lone face is taken as the folder says, a group names nobody.
+    assert X.find_person(none, [photo(B)], 0.45) == [(0, unclear)]
+    assert X.find_person(none, [photo(P, B)], 0.45) == [(None, lost)]
+    assert X.find_person(none, [photo(P), photo(B), photo(C, B)], 0.45)[:2] == [(None, found), (0, None)]
+    assert X.find_person(none, [photo(P), photo(B)], 0.45) == [(0, None), (0, None)]  # two photos that disagree
+    assert X.find_person(none, [], 0.45) == []
+
+
+def test_a_person_folder_names_only_its_person(models, tmp_path, fake_faces, capsys):
+    root, idx = tmp_path / "people", tmp_path / "idx"
+    fake_photo(root / "alice" / "1.jpg", "alice")
+    fake_photo(root / "alice" / "2.jpg", "bob", "alice")  # a bystander first
+    fake_photo(root / "alice" / "3.jpg", "alice", "carol")
+    fake_photo(root / "alice" / "4.jpg", "bob")  # only a bystander
+    fake_photo(root / "bob" / "1.jpg", "bob")
+    fake_photo(root / "bob" / "2.jpg", "bob")
+    fake_photo(root / "erin" / "1.jpg", "erin", "dave")  # her one photo has two faces: which is she?
+
+    def who() -> dict:
+        f = X.load_index(idx).faces
+        return {(ph, n): None if pd.isna(p) else p for ph, n, p in zip(f[X.PHOTO], f[X.FACE], f[X.PERSON], strict=True)}
+
+    report = X.build(str(models["a"]), str(root), idx)
+    built = {("alice/1.jpg", 1): "alice", ("alice/2.jpg", 1): None, ("alice/2.jpg", 2): "alice",
+             ("alice/3.jpg", 1): "alice", ("alice/3.jpg", 2): None, ("alice/4.jpg", 1): None, ("bob/1.jpg", 1): "bob",
+             ("bob/2.jpg", 1): "bob", ("erin/1.jpg", 1): None, ("erin/1.jpg", 2): None}  # fmt: skip
+    assert who() == built and report.people == 2
+    assert report.person_notes == {X.PERSON_NOT_FOUND: 1, X.PERSON_AMBIGUOUS: 1}
+    assert "all indexed unnamed: person_ambiguous 1, person_not_found 1" in "\n".join(report.lines())
+    assert X.info(idx)["person_not_found"] == 2
+    # Searches answer per person.
+    queries = [fake_photo(tmp_path / "q" / f"{name}.jpg", name) for name in ("alice", "carol", "frank")]
+    alice, carol, frank = search_lines(capsys, "--index", str(idx), *map(str, queries), "--top", "3")
+    assert (alice["verdict"], alice["person"]) == ("match", "alice") and len(alice["results"]) == 3
+    first = alice["results"][0]
+    assert first["person"] == "alice" and len(first["also"]) == 2 and alice["results"][1]["person"] != "alice"
+    assert {first["photo"], *(a["photo"] for a in first["also"])} == {str(root / f"alice/{n}.jpg") for n in (1, 2, 3)}
+    assert (carol["verdict"], carol["person"]) == ("match", None)  # indexed, but only as a bystander
+    assert carol["results"][0]["photo"] == str(root / "alice/3.jpg") and carol["results"][0]["box"][0] == 70
+    assert (frank["verdict"], frank["person"]) == ("no_match", "unknown")
+    assert X.group_by_person(["a", None, "a", "b", "a", None, "c"], top=3, also=1) == [[0, 2], [1], [3]]
+    # add holds new photos to the faces enrolled, and decides again the photos the person was not found in.
+    fake_photo(root / "alice" / "5.jpg", "dave", "alice")
+    fake_photo(root / "alice" / "6.jpg", "dave")
+    fake_photo(root / "erin" / "2.jpg", "erin")  # now her group photo can be told
+    report = X.add(idx, str(root))
+    added = {("alice/5.jpg", 1): None, ("alice/5.jpg", 2): "alice", ("alice/6.jpg", 1): None, ("erin/2.jpg", 1): "erin"}
+    assert who() == built | added | {("erin/1.jpg", 1): "erin"} and report.person_notes == {X.PERSON_NOT_FOUND: 1}
+    # Removing a photo changes nobody else's name.
+    X.remove(idx, [str(root / "alice" / "1.jpg")])
+    assert who() == {k: v for k, v in (built | added | {("erin/1.jpg", 1): "erin"}).items() if k[0] != "alice/1.jpg"}
+
+
+def test_a_photo_moved_to_another_person_is_theirs(models, tmp_path, fake_faces):
+    root, idx = tmp_path / "people", tmp_path / "idx"
+    for n in (1, 2):
+        fake_photo(root / "alice" / f"{n}.jpg", "alice")
+        fake_photo(root / "bob" / f"{n}.jpg", "bob")
+    fake_photo(root / "alice" / "3.jpg", "bob", "alice")
+    X.build(str(models["a"]), str(root), idx)
+    (root / "alice" / "3.jpg").rename(root / "bob" / "3.jpg")  # filed under the wrong person, then fixed
+    report = X.add(idx, str(root))
+    f = X.load_index(idx).faces.set_index([X.PHOTO, X.FACE])[X.PERSON]
+    assert report.moved_photos == 1 and report.added_faces == 0
+    assert (f[("bob/3.jpg", 1)], pd.isna(f[("bob/3.jpg", 2)])) == ("bob", True)
+
+
+# --- failures: one line each -----------------------------------------------------------------
+def test_a_broken_model_or_index_is_one_line(models, people, tmp_path, capsys):
+    photos_dir = copy_of(people, tmp_path, only=1)
+    model, idx = tmp_path / "model.pt", str(tmp_path / "idx")
+    shutil.copy(models["a"], model)
+    X.build(str(model), str(photos_dir), idx)
+    query = str(all_files(photos_dir)[0])
+    model.write_bytes(b"not a model")  # replaced by something else
+    for args in (
+        ["search", "--index", idx, query],
+        ["index", "add", "--index", idx, "--photos", str(photos_dir)],
+        ["index", "build", "--model", str(model), "--photos", str(photos_dir), "--out", str(tmp_path / "b")],
+    ):
+        assert "is not a facesearch model file" in failure(args)
+    capsys.readouterr()
+    cli(["index", "info", "--index", idx])
+    assert "is not a facesearch model file" in capsys.readouterr().out
+    assert X.info(idx)["model"]["file_matches"] is None
+    model.unlink()
+    assert "does not exist (the index's model): pass --model" in failure(["search", "--index", idx, query])
+    shutil.copy(models["a"], model)
+    live = tmp_path / "idx" / X.load_index(idx).version
+    good = (live / X.FACES).read_bytes()
+    (live / X.FACES).write_bytes(b"garbage")
+    for args in (["search", "--index", idx, query], ["index", "info", "--index", idx],
+                 ["index", "remove", "--index", idx, "--photos", query]):  # fmt: skip
+        assert "cannot be read" in failure(args)
+    (live / X.FACES).write_bytes(good)
+    record = json.loads((live / X.RECORD).read_text())
+    (live / X.RECORD).write_text(json.dumps(record | {"format": 1}))
+    assert "rebuild it" in failure(["search", "--index", idx, query])
+    (live / X.RECORD).write_text("{")
+    assert "cannot be read" in failure(["index", "info", "--index", idx])
+
+
 # --- the schema ------------------------------------------------------------------------------
 def test_validator_rejects_inconsistent_versions(models, people, tmp_path):
     X.build(str(models["a"]), str(people), tmp_path / "idx")
@@ -474,6 +938,11 @@ def test_validator_rejects_inconsistent_versions(models, people, tmp_path):
         "a face of no photo": (i.faces, i.photos[i.photos[X.N_FACES] == 0], i.embeddings),
         "a person renamed": (i.faces.assign(**{X.PERSON: pd.array(["x"] * len(i.faces), "string")}), i.photos,
                              i.embeddings),
+        "a bystander named": (i.faces.assign(**{X.PERSON: i.faces[X.PHOTO].str.split("/").str[0]}), i.photos,
+                              i.embeddings),
+        "a relative root": (i.faces, i.photos.assign(**{X.ROOT: "photos"}), i.embeddings),
+        "a path out of its root": (i.faces.assign(**{X.PHOTO: "../" + i.faces[X.PHOTO]}),
+                                   i.photos.assign(**{X.PHOTO: "../" + i.photos[X.PHOTO]}), i.embeddings),
         "a content twice": (i.faces, pd.concat([i.photos, i.photos.iloc[:1]], ignore_index=True), i.embeddings),
         "faces and a reason": (i.faces, i.photos.assign(**{X.REASON: pd.array(["no_face"] * len(i.photos),
                                                                                 "string")}), i.embeddings),
