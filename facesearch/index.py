@@ -1400,7 +1400,8 @@ def _query_faces(query: str, embedder: Embedder, limits: CropLimits) -> tuple[st
 
 
 def search(index_dir: str | os.PathLike, queries: Sequence[str], top: int = 9, threshold: float | None = None,
-           model: str | None = None, limits: CropLimits = LIMITS, also: int = ALSO) -> Iterator[dict]:  # fmt: skip
+           model: str | None = None, limits: CropLimits = LIMITS, also: int = ALSO,
+           fpir: float | None = None) -> Iterator[dict]:  # fmt: skip
     """For each face of each query photo, the JSON-line object described in the module doc."""
     if top < 1:
         raise PhotoIndexError(f"--top must be at least 1, not {top}")
@@ -1408,7 +1409,9 @@ def search(index_dir: str | os.PathLike, queries: Sequence[str], top: int = 9, t
         raise PhotoIndexError(f"--also must be at least 0, not {also}")
     index = load_index(index_dir)
     embedder = index.embedder(model)
-    answer = verdict(embedder.payload, len(index.faces), threshold)
+    if fpir is not None and not 0 < fpir < 1:
+        raise PhotoIndexError(f"--fpir must lie strictly between 0 and 1, not {fpir}")
+    answer = verdict(embedder.payload, len(index.faces), threshold, fpir=fpir)
     cut = answer.similarity
     log.info("%s", answer.meaning())
     if answer.warning():
@@ -1545,6 +1548,8 @@ def add_parsers(sub) -> None:
                                                           "%(default)s)")  # fmt: skip
     s.add_argument("--json", action="store_true", help="one JSON object per line and face")
     s.add_argument("--threshold", type=float, default=None, help="similarity for a match (default: the model's)")
+    s.add_argument("--fpir", type=float, default=None, help="false matches per search for someone not in the index "
+                   "to allow, instead of the model's calibrated target (e.g. 0.001: stricter)")  # fmt: skip
     s.add_argument("--model", default=None, help="the index's model, if it moved (another model is refused)")
 
 
@@ -1565,7 +1570,9 @@ def main(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "search":
         failed: Counter = Counter()
-        for line in search(args.index, args.photos, args.top, args.threshold, args.model, also=args.also):
+        for line in search(
+            args.index, args.photos, args.top, args.threshold, args.model, also=args.also, fpir=args.fpir
+        ):
             print(json.dumps(line) if args.json else "\n".join(result_lines(line)), flush=True)
             if line["box"] is None:
                 failed[line["verdict"]] += 1

@@ -970,3 +970,20 @@ def test_photos_module_is_what_the_app_uses(monkeypatch):
     detection = core.find_faces(image, CROP)
     assert detection.boxes == ((5, 5, 10, 10), (50, 5, 10, 10)) and detection.chosen == (50, 5, 10, 10)
     assert core.crop_face(image, detection.boxes[0], CROP).shape == (40, 40, 3)
+
+
+def test_search_fpir_moves_the_verdict_with_the_promise(models, people, tmp_path):
+    payload = torch.load(models["a"], weights_only=True)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(60, 16))
+    labels = np.repeat(np.arange(12), 5)
+    from facesearch import verification as V
+
+    payload["threshold"] = V.calibrate(emb, labels, 1e-2, (1e-2,), 1000, 0, fpir=0.01)
+    torch.save(payload, tmp_path / "calibrated.pt")
+    X.build(str(tmp_path / "calibrated.pt"), str(people), tmp_path / "idx")
+    photo = str(all_files(people)[0])
+    loose, strict = (next(X.search(tmp_path / "idx", [photo], fpir=f))["threshold"] for f in (0.1, 0.001))
+    assert loose < next(X.search(tmp_path / "idx", [photo]))["threshold"] < strict
+    with pytest.raises(X.PhotoIndexError, match="--fpir"):
+        next(X.search(tmp_path / "idx", [photo], fpir=1.5))
