@@ -18,7 +18,9 @@ photo in the gallery, embed with the model (with its test-time flip, when it
 has one), search exactly, re-ranked as ``--params``' ``evaluate.rerank`` says for the
 model's backbone (``params.yaml`` here by default; ``--rerank none`` turns it off), and write
 Rank-1/5/10, mAP, Recall@k, leave-one-out Rank-k/mAP (``loo_*``: every kept
-photo queries all the others, as the evaluate stage reports), the attribute
+photo queries all the others, as the evaluate stage reports), open-set
+identification as the stage reports it (``open<gallery>_*``: TPIR at FPIR 1e-2
+and 1e-1, FNIR and FPIR at the model's own verdict for each gallery's size), the attribute
 agreement (where the folder has attributes), the numbers of queries and
 gallery images and the crop keep rate of the photos cropped.
 
@@ -43,6 +45,7 @@ import numpy as np
 from facesearch import calibrate, choose, index, tune
 from facesearch import manifest as M
 from facesearch import rerank as R
+from facesearch import verification as V
 from facesearch.celeba import DatasetError
 from facesearch.contract import crop_settings
 from facesearch.cropping import image_guards
@@ -56,15 +59,19 @@ from facesearch.retrieval import attribute_matrix, evaluate, readable
 
 log = logging.getLogger("facesearch.cli")
 
+# Open-set galleries (people) and FPIRs reported without a params file: params.yaml's defaults.
+OPEN_SET_SIZES, OPEN_SET_FPIRS = (10, 100), (0.01, 0.1)
+
 
 def evaluate_folder(
     model_path: str, data: str, crop_params: str | None = None, seed: int = 0, n_jobs: int = -1,
     ks: tuple[int, ...] = (10, 20, 50, 100, 1000), device: str = "auto", layout: str = AUTO,
-    trained_elsewhere: bool = False, rerank: dict | None = None,
+    trained_elsewhere: bool = False, rerank: dict | None = None, params_file: str | None = None,
 ) -> dict:  # fmt: skip
     """Run the protocol above; returns the metrics dict written to OUT.json.
 
     ``rerank``: ``params.yaml: evaluate.rerank`` (the model's backbone picks its method); None: plain search.
+    ``params_file``: its ``verification.open_set_sizes``/``open_set_fpirs`` shape the open-set report.
     """
     dev = resolve_device(device)
     model, payload = load_model(model_path, map_location=dev)
@@ -96,6 +103,12 @@ def evaluate_folder(
     metrics, _, _ = evaluate(q_emb, q_labels, g_emb, g_labels, R.build_rerank_index(R.prepare(g_emb, rr)), ks=ks,
                              query_attrs=attribute_matrix(query), gallery_attrs=attribute_matrix(gallery))  # fmt: skip
     metrics.update(R.loo_metrics(q_emb, q_labels, g_emb, g_labels, rr))
+    # Open-set identification as the evaluate stage reports it, at the verdict the model's users get.
+    ver = load_params(params_file)["verification"] if params_file and Path(params_file).is_file() else {}
+    open_set, _ = V.open_set_report(np.concatenate([q_emb, g_emb]), np.concatenate([q_labels, g_labels]),
+                                    payload.get("threshold"), ver.get("open_set_sizes", OPEN_SET_SIZES),
+                                    ver.get("open_set_fpirs", OPEN_SET_FPIRS), seed, 2)  # fmt: skip
+    metrics.update(open_set)
     metrics["rerank"] = rr.as_params()
     metrics["flip_tta"] = model.config.flip_tta
     metrics["tta_jitters"] = model.config.tta_jitters
@@ -263,11 +276,14 @@ def _run(args: argparse.Namespace) -> None:
             layout=args.layout,
             trained_elsewhere=args.trained_elsewhere,
             rerank=cli_rerank(args.params, args.rerank),
+            params_file=args.params,
         )
         write_json_atomic(args.out, metrics)
-        json.dump({k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "loo_mAP", "n_queries", "n_gallery",
-                                           "n_identities_excluded_seen", "keep_rate")}, sys.stdout)  # fmt: skip
+        json.dump({k: metrics.get(k) for k in ("rank1", "rank5", "rank10", "mAP", "loo_mAP", "openall_tpir@fpir1e-2",
+                                               "openall_fnir", "openall_fpir", "n_queries", "n_gallery",
+                                               "n_identities_excluded_seen", "keep_rate")}, sys.stdout)  # fmt: skip
         print()
+        print(metrics["seen_rule"], file=sys.stderr)
 
 
 if __name__ == "__main__":

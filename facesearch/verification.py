@@ -332,23 +332,23 @@ def open_set_searches(emb: np.ndarray, labels: np.ndarray, enrolled, strangers, 
     return Searches(best_sim[mated], labels[best[mated]] == labels[probes[mated]], best_sim[~mated], len(in_gallery))
 
 
-def identification_metrics(searches: Searches, threshold: float, fpirs=(0.01, 0.1)) -> dict:
+def identification_metrics(searches: Searches, threshold: float | None, fpirs=(0.01, 0.1)) -> dict:
     """TPIR at each FPIR of ``fpirs`` and FNIR/FPIR at ``threshold`` (a verdict's), NIST FRVT 1:N style.
 
     ``tpir@fpir1e-2``: the share of mated searches whose best result is the right person and
     clears the threshold at which at most 1% of stranger searches clear it (None when the
     strangers cannot resolve that FPIR, :func:`resolvable`). ``fnir``/``fpir``: the mated
-    searches missed and the stranger searches matched at ``threshold``.
+    searches missed and the stranger searches matched at ``threshold`` (None without one).
     """
     mated, nonmated = searches.mated, searches.nonmated
     out: dict = {"faces": searches.faces, "mated": len(mated), "nonmated": len(nonmated),
-                 "threshold": float(threshold)}  # fmt: skip
+                 "threshold": None if threshold is None else float(threshold)}  # fmt: skip
     if len(nonmated):
         for fpir, t in zip(fpirs, thresholds_at_fars(nonmated, fpirs), strict=True):
             ok = resolvable(fpir, len(nonmated))
             out[f"tpir@fpir{far_key(fpir)}"] = float(_tpir(searches, [t])[0]) if ok else None
-    out["fnir"] = 1 - float(_tpir(searches, [threshold])[0]) if len(mated) else None
-    out["fpir"] = accept_rate(nonmated, threshold) if len(nonmated) else None
+    out["fnir"] = 1 - float(_tpir(searches, [threshold])[0]) if len(mated) and threshold is not None else None
+    out["fpir"] = accept_rate(nonmated, threshold) if len(nonmated) and threshold is not None else None
     return out
 
 
@@ -548,3 +548,26 @@ def verdict_threshold(record: dict | None, n_gallery: int, fpir: float | None = 
     if record.get("similarity") is not None:
         return float(record["similarity"]), "1:1"
     return None
+
+
+def open_set_report(emb: np.ndarray, labels: np.ndarray, record: dict | None, sizes, fpirs, seed: int,
+                    det_points: int = 200) -> tuple[dict, dict | None]:  # fmt: skip
+    """``open<gallery>_*`` metrics and the DET curve of the largest gallery (NIST FRVT 1:N), as evaluate reports.
+
+    Galleries of ``sizes`` people and of all the enrolled half (:func:`open_set_galleries`,
+    seeded), searched by every photo of their people (mated) and of the other half
+    (strangers): TPIR at each of ``fpirs`` (points of the curve itself), and FNIR / FPIR at
+    the verdict ``record`` gives for that gallery's size (:func:`verdict_threshold`): what a
+    user of the model is told. Nothing is chosen on these people.
+    """
+    galleries, strangers = open_set_galleries(labels, sizes, seed)
+    out, det = {}, None
+    for name, enrolled in galleries:
+        searches = open_set_searches(emb, labels, enrolled, strangers)
+        threshold, kind = verdict_threshold(record, searches.faces) or (None, "none")
+        m = identification_metrics(searches, threshold, tuple(fpirs))
+        out |= {f"open{name}_{k}": v for k, v in m.items()}
+        out[f"open{name}_verdict"] = kind
+        if name == "all" and len(searches.nonmated) and len(searches.mated):
+            det = det_curve(searches, det_points)
+    return out, det

@@ -126,29 +126,6 @@ def verification_state(val, val_labels, params: dict) -> tuple[dict, dict, dict]
     return {f"ver_{k}": v for k, v in metrics.items()}, roc, record
 
 
-def open_set_metrics(emb, labels, record: dict, params: dict) -> tuple[dict, dict]:
-    """``open<gallery>_*`` metrics of the test identities and the DET curve of the largest gallery (NIST FRVT 1:N).
-
-    Galleries of ``verification.open_set_sizes`` people and of all the enrolled half
-    (:func:`facesearch.verification.open_set_galleries`, seeded), searched by every photo of their
-    people (mated) and of the other half (strangers): TPIR at each ``open_set_fpirs`` (the
-    curve's own points), and FNIR / FPIR at the verdict ``record`` gives for that gallery's
-    size (:func:`facesearch.verification.verdict_threshold`): what a user of this model is told.
-    Nothing is chosen on these people.
-    """
-    galleries, strangers = V.open_set_galleries(labels, params["open_set_sizes"], params["seed"])
-    out, det = {}, None
-    for name, enrolled in galleries:
-        searches = V.open_set_searches(emb, labels, enrolled, strangers)
-        threshold, kind = V.verdict_threshold(record, searches.faces)
-        m = V.identification_metrics(searches, threshold, tuple(params["open_set_fpirs"]))
-        out |= {f"open{name}_{k}": v for k, v in m.items()}
-        out[f"open{name}_verdict"] = kind
-        if name == "all" and len(searches.nonmated) and len(searches.mated):
-            det = V.det_curve(searches, params["roc_points"])
-    return out, det
-
-
 def retrieval_figure(
     q_table: pd.DataFrame, g_table: pd.DataFrame, q_images: np.ndarray, g_images: np.ndarray, query: np.ndarray,
     gallery: np.ndarray, top: np.ndarray, n_queries: int, seed: int, size: int = 112,
@@ -231,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("the model carries no verdict threshold: open-set uses the one calibrated here")
         test = np.concatenate([query, gallery])
         test_labels = np.concatenate([q_table[M.IDENTITY].to_numpy(), g_table[M.IDENTITY].to_numpy()])
-        open_set, dets[state] = open_set_metrics(test, test_labels, record, ver_params)
+        open_set, dets[state] = V.open_set_report(test, test_labels, record, ver_params["open_set_sizes"],
+                                                  ver_params["open_set_fpirs"], ver_params["seed"],
+                                                  ver_params["roc_points"])  # fmt: skip
         results[state] |= ver | open_set
         log.info("%s: %s", state, {k: results[state][k] for k in SUMMARY})
     write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})

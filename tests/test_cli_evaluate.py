@@ -41,6 +41,8 @@ def test_seen_identities_are_excluded_and_counted(folder, tmp_path):
     m = evaluate_folder(tiny_model(tmp_path / "m.pt", ids[:2], source=source), str(folder), n_jobs=1)
     assert m["n_identities_excluded_seen"] == 2 and m["n_identities"] <= len(ids) - 2
     assert "same CelebA identity file" in m["seen_rule"]
+    # Open-set identification, as the stage reports it (no verdict record in this model: FNIR/FPIR unknown).
+    assert m["openall_verdict"] == "none" and m["openall_fnir"] is None and m["openall_mated"] > 0
     assert m["crop"]["size"] == 48 and m["crop_source"] == "model"
     assert 0 <= m["loo_mAP"] <= 1 and m["loo_queries"] == m["n_queries"] + m["n_gallery"]
     with pytest.raises(SystemExit, match=r"all 6 identities .* were seen"):

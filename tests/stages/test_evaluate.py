@@ -174,9 +174,8 @@ def test_open_set_metrics_follow_the_verdict(prepared):
     emb = rng.normal(size=(len(q) + len(g), 8))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     labels = np.concatenate([q[M.IDENTITY].to_numpy(), g[M.IDENTITY].to_numpy()])
-    params = {"open_set_sizes": [1], "open_set_fpirs": [0.5], "seed": 0, "roc_points": 20}
-    lax, det = evaluate.open_set_metrics(emb, labels, {"similarity": -1.0}, params)
-    strict, _ = evaluate.open_set_metrics(emb, labels, {"similarity": 1.01}, params)
+    lax, det = V.open_set_report(emb, labels, {"similarity": -1.0}, [1], [0.5], seed=0, det_points=20)
+    strict, _ = V.open_set_report(emb, labels, {"similarity": 1.01}, [1], [0.5], seed=0)
     assert lax["openall_fpir"] == 1.0 and strict["openall_fpir"] == 0.0  # every stranger matched / none
     assert strict["openall_fnir"] == 1.0 and lax["openall_threshold"] == -1.0 and lax["openall_verdict"] == "1:1"
     assert lax["open1_faces"] < lax["openall_faces"] and det["fpir"][-1] == 1.0
