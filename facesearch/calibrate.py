@@ -46,6 +46,17 @@ DEFAULTS = {"fpir": 0.01, "far": 0.001, "fars": [0.01, 0.001], "impostor_pairs":
 SIZES = (10, 100, 1_000, 10_000, 100_000, 1_000_000)  # gallery sizes the summary shows thresholds for
 
 
+def split_identities(split: str) -> set[int]:
+    """The train and validation identities of a pipeline split folder (never its test ones)."""
+    import pandas as pd
+
+    folder = Path(split)
+    tables = [folder / f"{name}.parquet" for name in ("train", "val")]
+    if not all(t.is_file() for t in tables):
+        raise CalibrationError(f"--split {split} holds no train.parquet and val.parquet (a split stage output)")
+    return {int(i) for t in tables for i in pd.read_parquet(t, columns=[M.IDENTITY])[M.IDENTITY].dropna()}
+
+
 class CalibrationError(RuntimeError):
     """The folder cannot calibrate this model; the message says why, for the user."""
 
@@ -67,11 +78,13 @@ def settings(params_file: str | None, fpir: float | None, far: float | None) -> 
 def calibrate_on_folder(
     model_path: str, data: str, out: str | None = None, fpir: float | None = None, far: float | None = None,
     params_file: str | None = "params.yaml", layout: str = AUTO, trained_elsewhere: bool = False,
-    crop_params: str | None = None, n_jobs: int = -1, device: str = "auto",
+    crop_params: str | None = None, n_jobs: int = -1, device: str = "auto", split: str | None = None,
 ) -> dict:  # fmt: skip
     """Fit the verdict of ``model_path`` on ``data`` and write the model to ``out`` (default: in place).
 
-    Returns the new ``payload["threshold"]`` record.
+    ``split``: a split folder of the pipeline run on ``data`` (``data/split``): only its train and
+    validation identities are used, never its test people, whom ``evaluate`` scores. Returns
+    the new ``payload["threshold"]`` record.
     """
     cfg = settings(params_file, fpir, far)
     dev = resolve_device(device)
@@ -79,8 +92,15 @@ def calibrate_on_folder(
     crop_block, face, size = crop_settings(payload, crop_params, override=crop_params is not None)
     dataset = read_dataset(data, layout)
     unseen = unseen_entries(payload, dataset, data, trained_elsewhere)
+    entries = unseen.entries
+    if split is not None:
+        allowed = split_identities(split)
+        ids = dataset.annotations.identities
+        entries = [e for e in entries if ids[e.name] in allowed]
+        log.info("--split %s: %d photos of its train and validation identities (its test people are left out)",
+                 split, len(entries))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="facesearch-calibrate-") as tmp:
-        table = crop_entries(unseen.entries, dataset, face, image_guards(crop_block), Path(tmp), n_jobs)
+        table = crop_entries(entries, dataset, face, image_guards(crop_block), Path(tmp), n_jobs)
         # Every kept photo counts: a person with one photo is still a stranger to everyone else.
         images = eligible_images(table, 1)
         if images[M.IDENTITY].nunique() < 2:
@@ -89,7 +109,8 @@ def calibrate_on_folder(
         emb = embed_crops(model.to(dev), images[M.CROP_PATH], Path(tmp), "calibration", size, dev, n_jobs)
     labels = images[M.IDENTITY].to_numpy()
     data_record = {"description": source_description(unseen.source, int(images[M.IDENTITY].nunique()), len(images)),
-                   "synthetic": bool(unseen.source.get("synthetic")), "identities": "calibrate --data",
+                   "synthetic": bool(unseen.source.get("synthetic")),
+                   "identities": "calibrate --data" + (" --split (train and validation identities)" if split else ""),
                    "seen_rule": unseen.seen.rule}  # fmt: skip
     try:
         record = V.calibrate(emb, labels, cfg["far"], cfg["fars"], cfg["impostor_pairs"], cfg["seed"], cfg["fpir"],
@@ -133,6 +154,8 @@ def add_parser(sub) -> None:
                    help="the model never saw anyone in this folder: nobody is left out")  # fmt: skip
     c.add_argument("--crop-params", default=None, metavar="FILE",
                    help="crop with this params file's crop block, not the model's recorded preprocessing")  # fmt: skip
+    c.add_argument("--split", default=None, metavar="DIR", help="the pipeline's split of --data (data/split): "
+                   "calibrate on its train and validation identities only, never its test people")  # fmt: skip
     c.add_argument("--n-jobs", type=int, default=-1, help="crop and pack worker processes (-1: all cores)")
     c.add_argument("--device", default="auto")
 
@@ -140,7 +163,8 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> None:
     try:
         record = calibrate_on_folder(args.model, args.data, args.out, args.fpir, args.far, args.params, args.layout,
-                                     args.trained_elsewhere, args.crop_params, args.n_jobs, args.device)  # fmt: skip
+                                     args.trained_elsewhere, args.crop_params, args.n_jobs, args.device,
+                                     args.split)  # fmt: skip
     except CalibrationError as exc:
         raise SystemExit(f"calibrate: {exc}") from None
     print("\n".join(summary_lines(record, args.out or args.model)))

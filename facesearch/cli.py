@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facesearch import calibrate, choose, index, tune
+from facesearch import calibrate, choose, index, pretrained, tune
 from facesearch import manifest as M
 from facesearch import rerank as R
 from facesearch import verification as V
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     tune.add_parser(sub)
     choose.add_parser(sub)
     calibrate.add_parser(sub)
+    pretrained.add_parser(sub)
     index.add_parsers(sub)  # index build|add|remove|info, search: your own photos (facesearch.index)
     res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
     res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
@@ -236,6 +237,8 @@ def _run(args: argparse.Namespace) -> None:
         return choose.main(args)
     if args.command == "calibrate":
         return calibrate.main(args)
+    if args.command == "pretrained":
+        return pretrained.main(args)
     if args.command in ("index", "search"):
         return index.main(args)
     if args.command == "check-data":
