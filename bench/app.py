@@ -145,6 +145,9 @@ def hostile_uploads() -> dict[str, bytes]:
         f"{side}x{side} WebP lossless RGBA": encoded(rgba, "WEBP", lossless=True, method=0),
         f"{side}x{side} WebP lossy RGB": encoded(tiled, "WEBP", quality=80, method=0),
         f"{side}x{side} WebP lossy RGBA": encoded(rgba, "WEBP", quality=80, method=0),
+        # The most a WebP decoded through PIL's canvases may have (images.WEBP_CANVAS_MAX_PIXELS).
+        "4000x3000 WebP lossless RGBA": encoded(rgba.crop((0, 0, 4000, 3000)), "WEBP", lossless=True, method=0),
+        "4000x3000 WebP lossy RGBA": encoded(rgba.crop((0, 0, 4000, 3000)), "WEBP", quality=80, method=0),
         f"{side}x{side} TIFF RGBA": encoded(rgba, "TIFF", compression="tiff_adobe_deflate"),
         "100000x1 PNG": encoded(Image.new("RGB", (100_000, 1)), "PNG"),
     }  # fmt: skip

@@ -49,7 +49,14 @@ from facesearch.celeba import ATTRIBUTE_NAMES
 from facesearch.cropping import read_photo
 from facesearch.detect import Box, Detection, crop_square, has_eye
 from facesearch.faces import FaceConfig
-from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, decode_image
+from facesearch.images import (
+    ALLOWED_FORMATS,
+    WEBP_CANVAS_MAX_PIXELS,
+    DecodedImage,
+    ImageRejected,
+    decode_image,
+    webp_header,
+)
 from facesearch.manifest import SchemaError
 from facesearch.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
@@ -58,7 +65,11 @@ from facesearch.search import ExactIndex, SearchIndex
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 10 * 2**20  # 10 MB
+# The upload limit, stated once: the app's own check, the caption under the uploader, the uploader's
+# own limit (st.file_uploader max_upload_size) and Streamlit's server.maxUploadSize in
+# .streamlit/config.toml (tests/test_app.py checks it) are all this many MiB (Streamlit's "MB").
+MAX_UPLOAD_MB = 10
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000  # 40 megapixels
 # Longer side a photo is brought down to right after decoding. Faces are found
 # on 160-256 px copies and cut to ~218 px, so 2048 px loses nothing a query
@@ -88,8 +99,12 @@ UPLOAD_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
 UPLOAD_EXTENSIONS = [ext for _, exts in UPLOAD_FORMATS.values() for ext in exts]
 _names = [name for name, _ in UPLOAD_FORMATS.values()]
 FORMATS_TEXT = ", ".join(_names[:-1]) + f" or {_names[-1]}"
-LIMITS_TEXT = (f"{FORMATS_TEXT}; at most {MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 1_000_000} "
-               f"megapixels, no side more than {MAX_ASPECT} times the other.")  # fmt: skip
+LIMITS_TEXT = (f"{FORMATS_TEXT}; at most {MAX_UPLOAD_MB} MB and {MAX_UPLOAD_PIXELS // 1_000_000} megapixels "
+               f"({WEBP_CANVAS_MAX_PIXELS // 1_000_000} for a WebP with transparency, lossless or animated), no side "
+               f"more than {MAX_ASPECT} times the other.")  # fmt: skip
+WEBP_TOO_LARGE = (f"A WebP with transparency, lossless or animated can be at most "
+                  f"{WEBP_CANVAS_MAX_PIXELS // 1_000_000} megapixels: its decoder holds the whole image several "
+                  "times over. Save it as JPEG or PNG, or smaller.")  # fmt: skip
 
 REJECT_MESSAGES = {
     "empty_file": "The file is empty.",
@@ -123,25 +138,37 @@ def failures_as(message: str) -> Iterator[None]:
         raise UploadError(message) from exc
 
 
-def _open(data: bytes) -> Image.Image:
-    """The image's header, parsed without decoding pixels, checked for format, size and shape."""
+def _check_header(data: bytes) -> None:
+    """The image's header, parsed without decoding pixels, checked for format, size and shape.
+
+    A WebP is read from its RIFF header (:func:`facesearch.images.webp_header`), never opened
+    by PIL here: PIL's WebP decoder allocates its full-size canvases on open.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise UploadError(REJECT_MESSAGES["too_large"]) from None
-    except Exception:
-        raise UploadError(REJECT_MESSAGES["not_an_image"]) from None
-    if img.format not in UPLOAD_FORMATS:
-        raise UploadError(REJECT_MESSAGES["unsupported_format"])
-    w, h = img.size
+        webp = webp_header(data)
+    except ImageRejected:
+        raise UploadError(REJECT_MESSAGES["corrupt"]) from None
+    if webp is not None:
+        w, h = webp.width, webp.height
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise UploadError(REJECT_MESSAGES["too_large"]) from None
+        except Exception:
+            raise UploadError(REJECT_MESSAGES["not_an_image"]) from None
+        if img.format not in UPLOAD_FORMATS:
+            raise UploadError(REJECT_MESSAGES["unsupported_format"])
+        w, h = img.size
     if w <= 0 or h <= 0 or w * h > MAX_UPLOAD_PIXELS:
         raise UploadError(REJECT_MESSAGES["too_large"])
+    if webp is not None and not webp.bounded and max(w, h) > WORK_SIDE and w * h > WEBP_CANVAS_MAX_PIXELS:
+        raise UploadError(WEBP_TOO_LARGE)
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise UploadError(f"The image is {w} x {h} pixels: too long and narrow for a face photo "
                           f"(at most {MAX_ASPECT}:1).")  # fmt: skip
-    return img
 
 
 def read_upload(data: bytes) -> DecodedImage:
@@ -151,10 +178,10 @@ def read_upload(data: bytes) -> DecodedImage:
     the returned image's coordinates, and the app draws them on that image.
     """
     if len(data) > MAX_UPLOAD_BYTES:
-        raise UploadError(f"The file is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
+        raise UploadError(f"The file is larger than {MAX_UPLOAD_MB} MB.")
     if not data:
         raise UploadError(REJECT_MESSAGES["empty_file"])
-    _open(data)  # the header: format, pixel count and shape, each with the app's own message
+    _check_header(data)  # format, pixel count and shape, each with the app's own message
     with failures_as(UNREADABLE):
         try:
             return decode_image(data, MAX_UPLOAD_PIXELS, max_side=WORK_SIDE)
