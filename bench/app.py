@@ -14,10 +14,14 @@ Target: p50 at most 200 ms on this CPU.
 ``--hostile``: time and peak memory (growth of this process's peak RSS, reset
 before each upload through /proc/self/clear_refs) of check + decode + detect +
 whole-image crop for uploads built to hurt (a 40000 x 1000 JPEG, 40 MP at the
-10:1 aspect cap, 39.9 MP PNGs in 8-bit RGB, palette and 16-bit, a 100000 x 1
-strip), each against a normal 1024 x 768 photo, ratio printed. Embedding and
-search see a fixed-size crop whatever the upload, so they are left out.
-Target: at most ~200 MB per upload (before the caps, 40000 x 1000 took 20 s and 5.4 GB).
+10:1 aspect cap, 39.9 MP PNGs in 8-bit RGB, palette, 16-bit, RGBA, LA and 16-bit
+RGBA, an RGBA TIFF, WebPs lossy and lossless, opaque and translucent, among them
+the issue's 1.5 KB 6000 x 6600 lossless RGBA one, 12 MP WebPs at the app's cap for
+WebPs PIL decodes, a 100000 x 1 strip), each against a normal 1024 x 768 photo,
+ratio printed. Embedding and search see a fixed-size crop whatever the upload, so
+they are left out. Target: at most ~200 MB per upload (before the caps, 40000 x 1000
+took 20 s and 5.4 GB; before strip flattening and the WebP header check, RGBA PNGs
+took ~400 MB and WebPs ~620 MB).
 """
 
 from __future__ import annotations
