@@ -548,7 +548,7 @@ class IndexGalleries:
             if entry is not None and entry[:2] == (version, threshold):
                 self._live.move_to_end(key)
                 return entry[2]
-            gallery = load_index_gallery(Path(key), threshold, self._models)
+            gallery = load_index_gallery(Path(folder), threshold, self._models)  # its name, as listed
             self._live.pop(key, None)
             self._live[key] = (str(gallery.version), threshold, gallery)
             while len(self._live) > self.capacity:
