@@ -1,21 +1,35 @@
-"""facesearch demo: upload or take a photo, see the 9 most similar faces of a gallery.
+"""facesearch demo: upload or take a photo, see the most similar faces of a gallery, grouped by person.
 
     streamlit run app/main.py
 
 Galleries (the sidebar): the pipeline's test gallery of each built model state
-(models/, data/embeddings/, data/split/, data/crops/ from the repository root,
-or from $FACESEARCH_ROOT), and photo indexes built with
-``python -m facesearch index build``: every index folder directly under
-``indexes/`` of that root (or $FACESEARCH_INDEXES), or any index folder typed in.
-Each result shows its cosine similarity and whether it clears the model's own
-threshold; $FACESEARCH_THRESHOLD sets one threshold for every gallery instead
-(for demos and tests).
+(models/, data/embeddings/, data/split/, data/crops/ of the repository root),
+and the photo indexes (``python -m facesearch index build``) the operator lists.
+The answer names who matched (or says "No match in this gallery"); each result
+shows its cosine similarity and what it is: the match, the same person (another
+photo of the matched person), or another person above or below the threshold.
 
-Models, galleries and search indexes load once per process (st.cache_resource),
-never per query. Uploads stay in memory; the only files read are the pipeline's
-and the indexes' own. Every failure reaches the visitor as a message:
-core.UploadError's own text, anything else a generic one (its traceback goes to
-the log, and .streamlit/config.toml hides error details).
+What visitors may search is the operator's, set by environment variables:
+
+- ``FACESEARCH_ROOT``: the repository whose pipeline outputs are served (default: this one).
+- ``FACESEARCH_INDEXES``: folder(s), separated by ``os.pathsep`` (":"), whose index
+  sub-folders the sidebar lists (default: ``indexes/`` of that root).
+- ``FACESEARCH_ALLOW_PATHS``: ``1`` lets visitors type an index folder (default: off;
+  only the listed galleries can be searched).
+- ``FACESEARCH_ALLOWED_ROOTS``: folder(s), separated by ``os.pathsep``, that a typed folder
+  must lie in once resolved, symlinks followed (default: the ``FACESEARCH_INDEXES`` folders).
+  Any refusal of a typed folder is one message, whether or not the folder exists.
+- ``FACESEARCH_THRESHOLD``: one threshold for every gallery instead of each model's own
+  (demos and tests).
+
+An index is not trusted further than its folder: a result's photo is shown only from
+inside the index's own photo root, resolved, and only if its content is the one indexed.
+Models and galleries load once per process and stay bounded: the pipeline's galleries
+(st.cache_resource, a few entries) and the indexes (core.IndexGalleries: one live version
+per index, a few indexes, a model file loaded once for every index built with it).
+Uploads stay in memory. Every failure reaches the visitor as a message: core.UploadError's
+own text, anything else a generic one (its traceback goes to the log, and
+.streamlit/config.toml hides error details).
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` 
 from facesearch import app_core as core
 
 ROOT = Path(os.environ.get("FACESEARCH_ROOT", Path(__file__).resolve().parents[1]))
-INDEXES = Path(os.environ.get("FACESEARCH_INDEXES", ROOT / "indexes"))
+ACCESS = core.Access.from_env(os.environ, ROOT)
 THRESHOLD = float(os.environ["FACESEARCH_THRESHOLD"]) if os.environ.get("FACESEARCH_THRESHOLD") else None
 log = logging.getLogger("facesearch.app")
 UNEXPECTED = "Something went wrong while searching with this photo. Please try another photo, or try again later."
@@ -46,17 +60,21 @@ SIMILARITY_TEXT = (
     "Each model, and each state of a model, spreads faces on its own scale, so the same two photos score "
     'differently under each, and each has its own threshold for "same person".'
 )
+# What each result is (core.group), as its caption says it.
+VERDICT_TEXT = {core.MATCH: "same person (the match)", core.SAME_PERSON: "same person",
+                core.ABOVE: "above threshold", core.BELOW: "below threshold"}  # fmt: skip
 GOOD, MARKED = (255, 200, 0), (160, 160, 160)
 
 
-@st.cache_resource(show_spinner="Loading the model and its gallery…")
+@st.cache_resource(show_spinner="Loading the model and its gallery…", max_entries=8)
 def pipeline_gallery(backbone: str, state: str, threshold: float | None) -> core.Gallery:
     return core.load_gallery(ROOT, backbone, state, threshold)
 
 
-@st.cache_resource(show_spinner="Loading the index and its model…")
-def index_gallery(folder: str, version: str, threshold: float | None) -> core.Gallery:
-    return core.load_index_gallery(Path(folder), threshold)  # `version`: a new one is a new cache entry
+@st.cache_resource
+def index_galleries() -> core.IndexGalleries:
+    """The process's loaded indexes: one live version each, bounded (see core.IndexGalleries)."""
+    return core.IndexGalleries()
 
 
 def draw_boxes(rgb: np.ndarray, boxes, colours=None, labels=None) -> np.ndarray:
@@ -76,27 +94,40 @@ def pair(a: float, b: float) -> tuple[str, str]:
     return (f"{a:.3f}", f"{b:.3f}") if f"{a:.3f}" != f"{b:.3f}" else (f"{a:.6f}", f"{b:.6f}")
 
 
+def gallery_options() -> dict[str, tuple[str, str, str | None]]:
+    """Sidebar label -> (kind, backbone or folder, state): only what the operator serves."""
+    options = {f"Test gallery · {core.model_label(b, s)}": ("pipeline", b, s) for b, s in core.available(ROOT)}
+    listed = ACCESS.listed()
+    names = [p.name for p in listed]
+    for p in listed:  # two listed folders may hold indexes of the same name
+        label = f"Index · {p.name}" + (f" ({p.parent.name})" if names.count(p.name) > 1 else "")
+        options[label] = ("index", str(p), None)
+    if ACCESS.allow_paths:
+        options[OTHER_INDEX] = ("path", "", None)
+    return options
+
+
 def choose_gallery() -> core.Gallery | None:
     """The sidebar: which gallery to search, and what it holds."""
-    # Options are labels (strings), each naming one gallery: (kind, backbone or folder, state).
-    options = {f"Test gallery · {core.model_label(b, s)}": ("pipeline", b, s) for b, s in core.available(ROOT)}
-    options |= {f"Index · {p.name}": ("index", str(p), None) for p in core.find_indexes(INDEXES)}
-    options[OTHER_INDEX] = ("path", "", None)
+    options = gallery_options()
+    if not options:
+        st.sidebar.info("No gallery is available yet.")
+        return None
     kind, where, state = options[st.sidebar.selectbox("Gallery", list(options), key="gallery")]
-    if kind == "path":
-        where = st.sidebar.text_input("Index folder", key="index_path",
-                                      help=f"A folder made by `python -m facesearch index build`; those under "
-                                           f"{INDEXES} are listed above.")  # fmt: skip
-        if not where:
-            st.sidebar.info("Type the path of an index folder.")
-            return None
     if kind == "pipeline":
         gallery = pipeline_gallery(where, state, THRESHOLD)
+    elif kind == "index":
+        with st.spinner("Loading the index and its model…"):
+            gallery = index_galleries().get(Path(where), THRESHOLD)
     else:
-        folder = Path(where).expanduser()
-        pointer = folder / "CURRENT"
-        version = pointer.read_text().strip() if pointer.is_file() else ""
-        gallery = index_gallery(str(folder.resolve()), version, THRESHOLD)
+        text = st.sidebar.text_input("Index folder", key="index_path",
+                                     help="A folder made by `python -m facesearch index build`, inside the folders "
+                                          "this app's operator allows.")  # fmt: skip
+        if not text:
+            st.sidebar.info("Type the path of an index folder.")
+            return None
+        with st.spinner("Loading the index and its model…"):
+            gallery = core.typed_index_gallery(ACCESS, index_galleries(), text, THRESHOLD)
     st.sidebar.markdown(f"Searching {gallery.title}: **{gallery.counts_text}**.")
     st.sidebar.markdown(f"Model: **{gallery.model_label}**. Same person at similarity ≥ "
                         f"**{gallery.threshold:.3f}** ({gallery.threshold_source}).")  # fmt: skip
@@ -147,7 +178,7 @@ def pick_face(image, detection) -> tuple[bool, tuple | None]:
 def show_results(face: np.ndarray, answer: core.Answer, labels: dict[str, bool] | None, token: str) -> None:
     best, cut = pair(answer.results[0].similarity if answer.results else float("nan"), answer.threshold)
     if answer.match:
-        st.success(f"Same person found: the best similarity {best} clears the threshold {cut}.")
+        st.success(f"Same person found: {answer.who}. The best similarity {best} reaches the threshold {cut}.")
     else:
         st.warning(f"{NO_MATCH}: the best similarity {best} is below the threshold {cut}. "
                    "The faces below are the most similar ones, not the same person.")  # fmt: skip
@@ -156,12 +187,19 @@ def show_results(face: np.ndarray, answer: core.Answer, labels: dict[str, bool] 
     if labels is not None and any(r.attributes for r in answer.results):
         left.caption("This photo is in the pipeline's data: attributes marked ✓ are the ones a result shares "
                      "with its labels.")  # fmt: skip
+    if any(r.name for r in answer.results):
+        left.caption(("The matched person's other photos among the nearest faces come first, marked same person; "
+                      if any(r.verdict == core.SAME_PERSON for r in answer.results) else "")
+                     + "every other person is shown once, by their most similar face; # is the rank among the "
+                       "nearest faces.")  # fmt: skip
     with right:
         for row in range(0, len(answer.results), 3):
             for col, res in zip(st.columns(3), answer.results[row : row + 3], strict=False):
-                col.image(core.result_face(res), width=180)
-                verdict = "same person" if res.same_person else "below threshold"
-                col.markdown(f"**#{res.rank}** · similarity **{res.similarity:.3f}** · {verdict}"
+                try:
+                    col.image(core.result_face(res), width=180)
+                except core.UploadError as exc:  # this result's photo only: the others still show
+                    col.info(str(exc))
+                col.markdown(f"**#{res.rank}** · similarity **{res.similarity:.3f}** · {VERDICT_TEXT[res.verdict]}"
                              + (f" · {res.name}" if res.name else ""))  # fmt: skip
                 if res.attributes:
                     shown = [f"✓ **{a}**" if labels is not None and labels.get(a) else a
@@ -172,11 +210,15 @@ def show_results(face: np.ndarray, answer: core.Answer, labels: dict[str, bool] 
                 elif res.source_file is None:
                     col.caption("source photo not known: the crop is shown")
     opened = st.session_state.get("opened")
-    if opened and opened[0] == token:
-        res = answer.results[opened[1] - 1]
-        rgb, box = core.source_photo(res)
+    res = next((r for r in answer.results if opened and opened[0] == token and r.rank == opened[1]), None)
+    if res is not None:
+        try:
+            rgb, box = core.source_photo(res)
+        except core.UploadError as exc:
+            st.warning(str(exc))
+            return
         st.image(draw_boxes(rgb, [box], labels=[f"#{res.rank}"]), width=640)
-        st.caption(f"#{res.rank} in its photo: {res.source_file}" + (f" ({res.name})" if res.name else ""))
+        st.caption(f"#{res.rank} in its photo: {res.photo}" + (f" ({res.name})" if res.name else ""))
 
 
 def page() -> None:
@@ -185,7 +227,9 @@ def page() -> None:
         return
     upload_tab, camera_tab = st.tabs(["Upload a photo", "Take a photo"])
     with upload_tab:
-        upload = st.file_uploader("Photo", type=core.UPLOAD_EXTENSIONS, key="upload")
+        # The same limit as the app's own check and Streamlit's server.maxUploadSize (core.MAX_UPLOAD_MB).
+        upload = st.file_uploader("Photo", type=core.UPLOAD_EXTENSIONS, key="upload",
+                                  max_upload_size=core.MAX_UPLOAD_MB)  # fmt: skip
         # In view, not only in the uploader's tooltip: a refused file should not be a surprise.
         st.caption(core.LIMITS_TEXT)
     with camera_tab:
@@ -209,9 +253,9 @@ def page() -> None:
 def main() -> None:
     st.set_page_config(page_title="facesearch", layout="wide")
     st.title("facesearch")
-    if not core.available(ROOT) and not core.find_indexes(INDEXES):
-        st.info("No test gallery has been built yet (run `dvc repro` or `dvc pull` in the repository); "
-                "you can still search a photo index by its folder.")  # fmt: skip
+    if not core.available(ROOT) and not ACCESS.listed():
+        st.info("No test gallery has been built yet (run `dvc repro` or `dvc pull` in the repository)"
+                + ("; you can still search a photo index by its folder." if ACCESS.allow_paths else "."))  # fmt: skip
     try:
         page()
     except core.UploadError as exc:

@@ -14,10 +14,14 @@ Target: p50 at most 200 ms on this CPU.
 ``--hostile``: time and peak memory (growth of this process's peak RSS, reset
 before each upload through /proc/self/clear_refs) of check + decode + detect +
 whole-image crop for uploads built to hurt (a 40000 x 1000 JPEG, 40 MP at the
-10:1 aspect cap, 39.9 MP PNGs in 8-bit RGB, palette and 16-bit, a 100000 x 1
-strip), each against a normal 1024 x 768 photo, ratio printed. Embedding and
-search see a fixed-size crop whatever the upload, so they are left out.
-Target: at most ~200 MB per upload (before the caps, 40000 x 1000 took 20 s and 5.4 GB).
+10:1 aspect cap, 39.9 MP PNGs in 8-bit RGB, palette, 16-bit, RGBA, LA and 16-bit
+RGBA, an RGBA TIFF, WebPs lossy and lossless, opaque and translucent, among them
+the issue's 1.5 KB 6000 x 6600 lossless RGBA one, 12 MP WebPs at the app's cap for
+WebPs PIL decodes, a 100000 x 1 strip), each against a normal 1024 x 768 photo,
+ratio printed. Embedding and search see a fixed-size crop whatever the upload, so
+they are left out. Target: at most ~200 MB per upload (before the caps, 40000 x 1000
+took 20 s and 5.4 GB; before strip flattening and the WebP header check, RGBA PNGs
+took ~400 MB and WebPs ~620 MB).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -102,10 +107,18 @@ def query_until_crop(data: bytes, settings: FaceConfig) -> str:
     return f"searched at {image.width} x {image.height}"
 
 
-def encoded(img: Image.Image, fmt: str) -> bytes:
+def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+    img.save(buf, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}), **kwargs)
     return buf.getvalue()
+
+
+def png16(rgba: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGBA PNG (PIL writes none; OpenCV does, from BGRA order)."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA).astype(np.uint16) * 257,
+                           [cv2.IMWRITE_PNG_COMPRESSION, 1])  # fmt: skip
+    assert ok
+    return buf.tobytes()
 
 
 def hostile_uploads() -> dict[str, bytes]:
@@ -115,7 +128,12 @@ def hostile_uploads() -> dict[str, bytes]:
     noise = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize((1000, 1000), Image.BILINEAR)
     texture = np.asarray(noise) // 32 * 32
     side = 6320  # 39.9 MP: the largest square the pixel cap accepts
-    tiled = Image.fromarray(np.tile(texture, (7, 7, 1))[:side, :side])
+    tiled = np.tile(texture, (7, 7, 1))[:side, :side]
+    # Half to fully opaque, in the texture's own pattern: compositing has something to do.
+    alpha = np.tile(texture[..., 1] // 2 + 128, (7, 7))[:side, :side].astype(np.uint8)
+    rgba = Image.fromarray(np.dstack([tiled, alpha]))
+    tiled = Image.fromarray(tiled)
+    solid = Image.new("RGBA", (6000, 6600), (200, 100, 50, 128))
     return {
         "normal 1024x768 JPEG": encoded(Image.fromarray(texture).resize((1024, 768)), "JPEG"),
         "40000x1000 JPEG": encoded(Image.fromarray(np.tile(texture, (1, 40, 1))), "JPEG"),
@@ -123,6 +141,18 @@ def hostile_uploads() -> dict[str, bytes]:
         f"{side}x{side} PNG RGB": encoded(tiled, "PNG"),
         f"{side}x{side} PNG palette": encoded(tiled.convert("P", dither=Image.Dither.NONE), "PNG"),
         f"{side}x{side} PNG 16-bit": encoded(Image.fromarray(np.asarray(tiled)[..., 0].astype(np.uint16) * 257), "PNG"),
+        f"{side}x{side} PNG RGBA": encoded(rgba, "PNG"),
+        f"{side}x{side} PNG LA": encoded(rgba.convert("LA"), "PNG"),
+        f"{side}x{side} PNG 16-bit RGBA": png16(np.asarray(rgba)),
+        # The issue's case: 1.5 KB that claim 39.6 MP of one translucent colour.
+        "6000x6600 WebP lossless RGBA": encoded(solid, "WEBP", lossless=True),
+        f"{side}x{side} WebP lossless RGBA": encoded(rgba, "WEBP", lossless=True, method=0),
+        f"{side}x{side} WebP lossy RGB": encoded(tiled, "WEBP", quality=80, method=0),
+        f"{side}x{side} WebP lossy RGBA": encoded(rgba, "WEBP", quality=80, method=0),
+        # The most a WebP decoded through PIL's canvases may have (images.WEBP_CANVAS_MAX_PIXELS).
+        "4000x3000 WebP lossless RGBA": encoded(rgba.crop((0, 0, 4000, 3000)), "WEBP", lossless=True, method=0),
+        "4000x3000 WebP lossy RGBA": encoded(rgba.crop((0, 0, 4000, 3000)), "WEBP", quality=80, method=0),
+        f"{side}x{side} TIFF RGBA": encoded(rgba, "TIFF", compression="tiff_adobe_deflate"),
         "100000x1 PNG": encoded(Image.new("RGB", (100_000, 1)), "PNG"),
     }  # fmt: skip
 

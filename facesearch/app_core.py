@@ -7,21 +7,33 @@ chosen face cropped as the crop stage cropped the chosen model's gallery
 in a :class:`Gallery`: the test gallery the pipeline built
 (``data/embeddings/<backbone>/<state>_gallery.npy``, :func:`load_gallery`) or a
 photo index (``python -m facesearch index build``, :func:`load_index_gallery`).
-Each result carries its cosine similarity and a verdict against the gallery's
-model's own verdict for a gallery of that size (:func:`facesearch.contract.verdict`), and the
-answer says whether anything is the same person (:attr:`Answer.match`).
+Each result carries its cosine similarity; the answer is a match when the nearest
+face reaches the gallery's model's verdict for a gallery of that size
+(:func:`facesearch.contract.verdict`), and names who matched (:attr:`Answer.who`).
+Results are grouped by person where the gallery knows names (:func:`group`): the
+matched person's other faces are shown as that person's, other people once each.
 Finding, cutting and embedding are :mod:`facesearch.photos`' (shared with the
 photo index, :mod:`facesearch.index`); this module adds the upload checks, the
 choice of face (:func:`face_choices`, :func:`default_face`) and the
 visitor-facing errors.
+
+What a visitor may search is the operator's choice (:class:`Access`, from the
+environment): listed index folders, and typed ones only when turned on and only
+inside allowed roots, every refusal one message (:data:`NOT_AN_INDEX`). An index is
+data, not trusted: a result's photo is shown only from inside the index's own root,
+resolved (:func:`confined`), and only with the content that was indexed
+(:func:`photo_bytes`). Loaded indexes are bounded (:class:`IndexGalleries`: one live
+version per folder, a few folders, models shared).
 
 Uploads are hostile until proven otherwise: every function a query passes
 through (:func:`read_upload`, :func:`find_faces`, :func:`face_choices`,
 :func:`crop_face`, :func:`search`, and :func:`load_index_gallery`,
 :func:`source_photo` for what a visitor names or opens) raises only
 :class:`UploadError`, whose text is meant for the visitor, and an accepted upload
-costs a bounded amount of memory: its header is checked before any pixel is decoded,
-JPEGs are decoded at reduced scale, and the image is brought down to :data:`WORK_SIDE` right after decoding.
+costs a bounded amount of memory: its header is checked before any pixel is decoded
+(a WebP's from its RIFF chunks, before PIL allocates anything), JPEGs are decoded at
+reduced scale, and the image is brought down to :data:`WORK_SIDE` right after decoding
+(:func:`facesearch.images.decode_image` with ``max_side``: ~200 MB at most, ``bench/app.py --hostile``).
 """
 
 from __future__ import annotations
@@ -29,10 +41,15 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import stat
+import threading
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -49,8 +66,14 @@ from facesearch.celeba import ATTRIBUTE_NAMES
 from facesearch.cropping import read_photo
 from facesearch.detect import Box, Detection, crop_square, has_eye
 from facesearch.faces import FaceConfig
-from facesearch.images import ALLOWED_FORMATS, DecodedImage, ImageRejected, decode_image
-from facesearch.manifest import SchemaError
+from facesearch.images import (
+    ALLOWED_FORMATS,
+    WEBP_CANVAS_MAX_PIXELS,
+    DecodedImage,
+    ImageRejected,
+    decode_image,
+    webp_header,
+)
 from facesearch.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
 from facesearch.retrieval import attribute_matrix
@@ -58,7 +81,11 @@ from facesearch.search import ExactIndex, SearchIndex
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 10 * 2**20  # 10 MB
+# The upload limit, stated once: the app's own check, the caption under the uploader, the uploader's
+# own limit (st.file_uploader max_upload_size) and Streamlit's server.maxUploadSize in
+# .streamlit/config.toml (tests/test_app.py checks it) are all this many MiB (Streamlit's "MB").
+MAX_UPLOAD_MB = 10
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000  # 40 megapixels
 # Longer side a photo is brought down to right after decoding. Faces are found
 # on 160-256 px copies and cut to ~218 px, so 2048 px loses nothing a query
@@ -88,8 +115,12 @@ UPLOAD_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
 UPLOAD_EXTENSIONS = [ext for _, exts in UPLOAD_FORMATS.values() for ext in exts]
 _names = [name for name, _ in UPLOAD_FORMATS.values()]
 FORMATS_TEXT = ", ".join(_names[:-1]) + f" or {_names[-1]}"
-LIMITS_TEXT = (f"{FORMATS_TEXT}; at most {MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 1_000_000} "
-               f"megapixels, no side more than {MAX_ASPECT} times the other.")  # fmt: skip
+LIMITS_TEXT = (f"{FORMATS_TEXT}; at most {MAX_UPLOAD_MB} MB and {MAX_UPLOAD_PIXELS // 1_000_000} megapixels "
+               f"({WEBP_CANVAS_MAX_PIXELS // 1_000_000} for a WebP with transparency, lossless or animated), no side "
+               f"more than {MAX_ASPECT} times the other.")  # fmt: skip
+WEBP_TOO_LARGE = (f"A WebP with transparency, lossless or animated can be at most "
+                  f"{WEBP_CANVAS_MAX_PIXELS // 1_000_000} megapixels: its decoder holds the whole image several "
+                  "times over. Save it as JPEG or PNG, or smaller.")  # fmt: skip
 
 REJECT_MESSAGES = {
     "empty_file": "The file is empty.",
@@ -123,25 +154,37 @@ def failures_as(message: str) -> Iterator[None]:
         raise UploadError(message) from exc
 
 
-def _open(data: bytes) -> Image.Image:
-    """The image's header, parsed without decoding pixels, checked for format, size and shape."""
+def _check_header(data: bytes) -> None:
+    """The image's header, parsed without decoding pixels, checked for format, size and shape.
+
+    A WebP is read from its RIFF header (:func:`facesearch.images.webp_header`), never opened
+    by PIL here: PIL's WebP decoder allocates its full-size canvases on open.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise UploadError(REJECT_MESSAGES["too_large"]) from None
-    except Exception:
-        raise UploadError(REJECT_MESSAGES["not_an_image"]) from None
-    if img.format not in UPLOAD_FORMATS:
-        raise UploadError(REJECT_MESSAGES["unsupported_format"])
-    w, h = img.size
+        webp = webp_header(data)
+    except ImageRejected:
+        raise UploadError(REJECT_MESSAGES["corrupt"]) from None
+    if webp is not None:
+        w, h = webp.width, webp.height
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise UploadError(REJECT_MESSAGES["too_large"]) from None
+        except Exception:
+            raise UploadError(REJECT_MESSAGES["not_an_image"]) from None
+        if img.format not in UPLOAD_FORMATS:
+            raise UploadError(REJECT_MESSAGES["unsupported_format"])
+        w, h = img.size
     if w <= 0 or h <= 0 or w * h > MAX_UPLOAD_PIXELS:
         raise UploadError(REJECT_MESSAGES["too_large"])
+    if webp is not None and not webp.bounded and max(w, h) > WORK_SIDE and w * h > WEBP_CANVAS_MAX_PIXELS:
+        raise UploadError(WEBP_TOO_LARGE)
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise UploadError(f"The image is {w} x {h} pixels: too long and narrow for a face photo "
                           f"(at most {MAX_ASPECT}:1).")  # fmt: skip
-    return img
 
 
 def read_upload(data: bytes) -> DecodedImage:
@@ -151,10 +194,10 @@ def read_upload(data: bytes) -> DecodedImage:
     the returned image's coordinates, and the app draws them on that image.
     """
     if len(data) > MAX_UPLOAD_BYTES:
-        raise UploadError(f"The file is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
+        raise UploadError(f"The file is larger than {MAX_UPLOAD_MB} MB.")
     if not data:
         raise UploadError(REJECT_MESSAGES["empty_file"])
-    _open(data)  # the header: format, pixel count and shape, each with the app's own message
+    _check_header(data)  # format, pixel count and shape, each with the app's own message
     with failures_as(UNREADABLE):
         try:
             return decode_image(data, MAX_UPLOAD_PIXELS, max_side=WORK_SIDE)
@@ -225,6 +268,9 @@ def default_face(faces: list[Face]) -> Face | None:
 NAME = "name"  # who this face is, when known: "identity 123" (CelebA) or the index's person; else null
 CROP_FILE = "crop_file"  # absolute path of the face crop the pipeline wrote; null for an index
 SOURCE_FILE = "source_file"  # absolute path of the photo the face was found in; null when unknown
+SOURCE_ROOT = "source_root"  # the folder that photo must lie in (the index's root, the data root); null: unknown
+SOURCE_SHA = "source_sha256"  # SHA-256 of that photo's content when it was indexed; null when unknown
+PHOTO = "photo"  # that photo's path as visitors see it: relative to its root
 SOURCE_WIDTH = "source_width"  # that photo's decoded width, px: the box is in its pixels
 BOX = (M.BBOX_X, M.BBOX_Y, M.BBOX_W, M.BBOX_H)  # the face's box in the source photo; null when unknown
 
@@ -240,12 +286,14 @@ class Gallery:
     size: int  # the model's input side, px
     embeddings: np.ndarray  # (N, d), L2-normalised
     index: SearchIndex
-    table: pd.DataFrame  # NAME, CROP_FILE, SOURCE_FILE, SOURCE_WIDTH, BOX, attributes; row i <-> embeddings[i]
+    table: pd.DataFrame  # the columns above and the attributes; row i <-> embeddings[i]
     attributes: np.ndarray | None  # (N, 40) float, NaN where unknown; None: the gallery has no labels
     verdict: contract.Verdict  # when a result is the same person, and what that promises at this gallery's size
     people: int
     faces: int
     photos: int
+    version: str | None = None  # the index version loaded (its folder's name); None for the pipeline's gallery
+    embedder: X.Embedder | None = None  # an index's loaded model file, shared with other indexes of it (_embedder)
 
     @property
     def threshold(self) -> float:
@@ -339,16 +387,22 @@ def gallery_index(structure_dir: Path, embeddings: np.ndarray) -> SearchIndex:
 
 
 def _sources(root: Path) -> pd.DataFrame:
-    """crop_path -> SOURCE_FILE, SOURCE_WIDTH, BOX from the crop stage's manifest (empty when it is not there)."""
-    columns = [M.CROP_PATH, SOURCE_FILE, SOURCE_WIDTH, *BOX]
+    """crop_path -> where its photo is (SOURCE_FILE, SOURCE_ROOT, PHOTO), its content, width and box.
+
+    From the crop stage's manifest; empty when it is not there. The photos' root is the
+    data root: a source photo is shown only from inside it, and only with its manifest content.
+    """
+    columns = [M.CROP_PATH, SOURCE_FILE, SOURCE_ROOT, SOURCE_SHA, PHOTO, SOURCE_WIDTH, *BOX]
     manifest_file = root / "data" / "manifest.parquet"
     if not manifest_file.is_file():
         return pd.DataFrame(columns=columns)
-    manifest = pd.read_parquet(manifest_file, columns=[M.CROP_PATH, M.IMAGE_PATH, M.WIDTH, *BOX])
+    manifest = pd.read_parquet(manifest_file, columns=[M.CROP_PATH, M.IMAGE_PATH, M.SHA256, M.WIDTH, *BOX])
     manifest = manifest[manifest[M.CROP_PATH].notna()]
-    data_root = root / load_params(root / "params.yaml")["data"]["root"]
+    data_root = (root / load_params(root / "params.yaml")["data"]["root"]).absolute()
     manifest[SOURCE_FILE] = [str(data_root / p) for p in manifest[M.IMAGE_PATH]]
-    return manifest.rename(columns={M.WIDTH: SOURCE_WIDTH}).loc[:, columns]
+    manifest[SOURCE_ROOT] = str(data_root)
+    manifest = manifest.rename(columns={M.WIDTH: SOURCE_WIDTH, M.SHA256: SOURCE_SHA, M.IMAGE_PATH: PHOTO})
+    return manifest.loc[:, columns]
 
 
 def _load_state(root: Path, backbone: str, state: str) -> tuple[torch.nn.Module, dict]:
@@ -363,34 +417,221 @@ def load_embedder(root: Path, backbone: str, state: str) -> torch.nn.Module:
     return _load_state(root, backbone, state)[0]
 
 
-def load_index_gallery(folder: Path, threshold: float | None = None) -> Gallery:
+# --- photo indexes: which, and loaded how often -------------------------------------------------
+NOT_AN_INDEX = "That is not a photo index this app can search."
+PHOTO_UNKNOWN = "The photo this face was found in is not known."
+PHOTO_OUTSIDE = "This face's photo is not shown: the index places it outside the index's photo folders."
+PHOTO_CHANGED = ("This face's photo is not shown: the file has changed since it was indexed (update the index "
+                 "with python -m facesearch index add).")  # fmt: skip
+PHOTO_GONE = "This face's photo is no longer there or cannot be read."
+# Indexes loaded at once (each with its embeddings; models shared, see IndexGalleries). A visitor
+# switching between more of them reloads the least recently used one.
+MAX_LIVE_INDEXES = 4
+
+
+def index_failure(folder: Path) -> UploadError:
+    """What a visitor is told when a listed index cannot be searched: no path, no cause (both are logged)."""
+    return UploadError(f"The photo index {folder.name} cannot be searched right now; the app's log says why.")
+
+
+def index_version(folder: Path) -> str:
+    """The name of the live version of the index in ``folder``; ValueError or OSError when there is none.
+
+    The version must be a folder directly inside ``folder`` (not ``..``, not a link out of it).
+    ``CURRENT`` is read only when it is a small regular file, without blocking: a FIFO put
+    there would otherwise hang the visitor's session.
+    """
+    fd = os.open(folder / X.POINTER, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 4096:
+            raise ValueError(f"{folder / X.POINTER} is not a pointer file")
+        name = os.read(fd, 4096).decode("utf-8").strip()
+    finally:
+        os.close(fd)
+    real = os.path.realpath(folder)
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"{folder / X.POINTER} names {name!r}")
+    version = os.path.realpath(os.path.join(real, name))
+    if os.path.dirname(version) != real or not os.path.isdir(version):
+        raise ValueError(f"{folder / X.POINTER} names {name!r}, which is not a folder inside the index")
+    return name
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the operator lets visitors search, from the environment (``app/main.py`` documents the variables).
+
+    ``index_folders``: folders whose index sub-folders the sidebar lists ($FACESEARCH_INDEXES).
+    ``allow_paths``: whether a visitor may type an index folder at all ($FACESEARCH_ALLOW_PATHS=1).
+    ``allowed_roots``: the folders a typed one must lie in once resolved ($FACESEARCH_ALLOWED_ROOTS;
+    by default the index folders).
+    """
+
+    index_folders: tuple[Path, ...]
+    allow_paths: bool = False
+    allowed_roots: tuple[Path, ...] = ()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], root: Path) -> Access:
+        def paths(value: str) -> tuple[Path, ...]:
+            return tuple(Path(p).expanduser().absolute() for p in value.split(os.pathsep) if p.strip())
+
+        folders = paths(environ.get("FACESEARCH_INDEXES", "")) or (root.absolute() / "indexes",)
+        allow = environ.get("FACESEARCH_ALLOW_PATHS", "").strip().lower() in ("1", "true", "yes", "on")
+        return cls(folders, allow, paths(environ.get("FACESEARCH_ALLOWED_ROOTS", "")) or folders)
+
+    def listed(self) -> list[Path]:
+        """The index folders directly under the index folders, in order (:func:`find_indexes`)."""
+        return [p for folder in self.index_folders for p in find_indexes(folder)]
+
+    def typed_index(self, text: str) -> Path:
+        """The index folder ``text`` names, resolved (symlinks followed) and inside an allowed root.
+
+        ``text`` is an absolute path or one relative to an allowed root. Every refusal (typing
+        off, outside the roots, no such folder, not an index) is the same
+        :class:`UploadError` (:data:`NOT_AN_INDEX`): the answer tells a visitor nothing
+        about which folders exist on the server. The reason goes to the log.
+        """
+        try:
+            return self._typed_index(text)
+        except Exception as exc:  # one answer whatever the reason
+            log.info("typed index folder %r refused: %s", text, exc)
+            raise UploadError(NOT_AN_INDEX) from None
+
+    def _typed_index(self, text: str) -> Path:
+        if not self.allow_paths:
+            raise ValueError("typed index folders are off ($FACESEARCH_ALLOW_PATHS)")
+        text = text.strip()
+        if not text or "\0" in text:
+            raise ValueError("no path")
+        typed = Path(text)
+        roots = [os.path.realpath(r) for r in self.allowed_roots]
+        for candidate in [typed] if typed.is_absolute() else [Path(r) / typed for r in roots]:
+            real = os.path.realpath(candidate)
+            if any(os.path.commonpath([r, real]) == r for r in roots):
+                index_version(Path(real))  # an index, with a live version inside it
+                return Path(real)
+        raise ValueError("not inside an allowed root")
+
+
+class IndexGalleries:
+    """The loaded photo indexes: one live version per index folder, at most :data:`MAX_LIVE_INDEXES` folders.
+
+    ``st.cache_resource`` keyed by (folder, version) kept every version ever loaded, each
+    with its own copy of the model. Here a folder's entry is replaced when its ``CURRENT``
+    names another version (the old one is dropped once no search holds it), the least
+    recently used folder goes beyond the limit, and galleries whose model is the same
+    file share one loaded model while any of them is alive. One lock: two sessions asking
+    for the same new version load it once, and two large loads never run side by side.
+    """
+
+    def __init__(self, capacity: int = MAX_LIVE_INDEXES):
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._live: OrderedDict[str, tuple[str, float | None, Gallery]] = OrderedDict()
+        self._models: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def get(self, folder: Path, threshold: float | None = None) -> Gallery:
+        """The live version of the index in ``folder``; :func:`index_failure` when it cannot be searched."""
+        key = os.path.realpath(folder)
+        try:
+            version = index_version(Path(key))
+        except (OSError, ValueError, UnicodeError) as exc:
+            log.warning("index %s cannot be searched: %s", folder, exc)
+            raise index_failure(Path(folder)) from None
+        with self._lock:
+            entry = self._live.get(key)
+            if entry is not None and entry[:2] == (version, threshold):
+                self._live.move_to_end(key)
+                return entry[2]
+            gallery = load_index_gallery(Path(folder), threshold, self._models)  # its name, as listed
+            self._live.pop(key, None)
+            self._live[key] = (str(gallery.version), threshold, gallery)
+            while len(self._live) > self.capacity:
+                self._live.popitem(last=False)
+            return gallery
+
+
+def _embedder(index: X.PhotoIndex, models: MutableMapping | None) -> X.Embedder:
+    """The index's model, refused unless it is the one the index was built with.
+
+    With ``models`` (file identity -> loaded model, weakly held: a model lives as long as a
+    gallery holds it, :attr:`Gallery.embedder`), a model file already loaded for another
+    index is not loaded again: the fingerprint check still runs against it.
+    """
+    if models is None:
+        return index.embedder()
+    path = os.path.abspath(index.record["model"]["path"])
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise X.PhotoIndexError(f"model file {path} does not exist") from None
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    embedder = models.get(key)
+    if embedder is None:
+        embedder = X.Embedder.load(path)
+        embedder.model.eval()
+        # The payload's weights are a second copy of the model's: only its records (threshold,
+        # preprocessing) are read from here on, so the copy goes.
+        embedder = replace(embedder, payload={k: v for k, v in embedder.payload.items() if k != "state_dict"})
+        models[key] = embedder
+    index.check_model(embedder)
+    return embedder
+
+
+def load_index_gallery(folder: Path, threshold: float | None = None, models: MutableMapping | None = None) -> Gallery:
     """A photo index built by ``python -m facesearch index build`` (:func:`facesearch.index.load_index`).
 
     Searched with the model it was built with (refused if that file is now another
-    model), at that model's threshold; a broken or missing index is an :class:`UploadError`.
+    model), at that model's threshold. A broken or missing index, or its model, is
+    :func:`index_failure` for the visitor and its cause in the log. ``models``: loaded
+    models to share (:class:`IndexGalleries`).
     """
     try:
         index = X.load_index(folder)
-        embedder = index.embedder()
-    except (X.PhotoIndexError, SchemaError, OSError, ValueError) as exc:
-        raise UploadError(f"The index {folder} cannot be searched: {exc}") from None
-    structure = index.structure()
+        embedder = _embedder(index, models)
+        structure = index.structure()
+    except Exception as exc:  # a damaged index fails in ways no list of types covers
+        log.warning("index %s cannot be searched: %s: %s", folder, type(exc).__name__, exc)
+        raise index_failure(folder) from None
     if structure is None:
-        raise UploadError(f"The index {folder} holds no faces yet: add photos with `python -m facesearch index add`.")
+        raise UploadError(f"The photo index {folder.name} holds no faces yet.")
     f, p = index.faces, index.photos
-    sources = [str(Path(r) / ph) for r, ph in zip(f[X.ROOT], f[X.PHOTO], strict=True)]
     widths = p.set_index(X.SHA256)[X.WIDTH]
-    table = pd.DataFrame({NAME: f[X.PERSON], CROP_FILE: pd.Series([None] * len(f), dtype="string"),
-                          SOURCE_FILE: sources, SOURCE_WIDTH: widths.reindex(f[X.SHA256]).to_numpy()})  # fmt: skip
+    table = pd.DataFrame({
+        NAME: f[X.PERSON], CROP_FILE: pd.Series([None] * len(f), dtype="string"),
+        SOURCE_FILE: [os.path.join(r, ph) for r, ph in zip(f[X.ROOT], f[X.PHOTO], strict=True)],
+        SOURCE_ROOT: f[X.ROOT], SOURCE_SHA: f[X.SHA256], PHOTO: f[X.PHOTO],
+        SOURCE_WIDTH: widths.reindex(f[X.SHA256]).to_numpy(),
+    })  # fmt: skip
     for col in BOX:
         table[col] = f[col].to_numpy()
     return Gallery(
         title=f"the photo index {folder.name}", model_label=model_label(embedder.model.config.backbone),
-        model=embedder.model.eval(), settings=embedder.settings, size=embedder.size, embeddings=index.embeddings,
+        model=embedder.model, settings=embedder.settings, size=embedder.size, embeddings=index.embeddings,
         index=structure, table=table, attributes=None,
         verdict=contract.verdict(embedder.payload, len(f), threshold, "$FACESEARCH_THRESHOLD"),
-        people=int(f[X.PERSON].nunique()), faces=len(f), photos=int((p[X.N_FACES] > 0).sum()),
+        people=int(f[X.PERSON].nunique()), faces=len(f), photos=int((p[X.N_FACES] > 0).sum()), version=index.version,
+        embedder=embedder,
     )  # fmt: skip
+
+
+def typed_index_gallery(access: Access, galleries: IndexGalleries, text: str, threshold: float | None) -> Gallery:
+    """The index a visitor typed, loaded; any failure, whatever its reason, is :data:`NOT_AN_INDEX`.
+
+    A broken, empty or model-less index answers as a folder that is none would: a
+    different message would tell the visitor that something is there.
+    """
+    folder = access.typed_index(text)
+    try:
+        return galleries.get(folder, threshold)
+    except UploadError as exc:
+        log.info("typed index folder %s refused: %s", folder, exc)
+        raise UploadError(NOT_AN_INDEX) from None
 
 
 def query_labels(root: Path, data: bytes) -> dict[str, bool] | None:
@@ -411,37 +652,94 @@ def query_labels(root: Path, data: bytes) -> dict[str, bool] | None:
 
 
 # --- the search ----------------------------------------------------------------------------------
+# A result's verdict (Result.verdict), set by group():
+MATCH = "match"  # the nearest face, at or above the threshold: the answer's verdict rests on it
+SAME_PERSON = "same person"  # another face of the matched person: the gallery gives both the same name
+ABOVE = "above threshold"  # another person's face (or an unnamed one) that clears the threshold too
+BELOW = "below threshold"
+# Faces of the matched person shown with the match (the match included): one row of the page.
+MATCH_PHOTOS = 3
+# Nearest faces read per result shown, so that grouping by person still fills the page.
+CANDIDATES_PER_RESULT = 5
+
+
 @dataclass(frozen=True)
 class Result:
-    rank: int
+    rank: int  # its place among the nearest faces, by the search's order (1: the nearest)
     similarity: float  # cosine similarity of the L2-normalised embeddings
-    same_person: bool  # similarity >= the gallery's threshold
+    clears: bool  # similarity >= the gallery's threshold
     name: str | None  # who it is, when known
     crop_file: str | None  # the pipeline's crop of this face; None for an index
     source_file: str | None  # the photo it was found in; None when unknown
     box: Box | None  # the face's box in that photo's pixels
     source_width: int | None  # that photo's width, px (the box's scale)
     attributes: dict[str, bool]  # known attributes of this gallery face
+    photo: str | None = None  # the photo's path relative to its root: what visitors are shown
+    source_root: str | None = None  # the folder the photo must lie in to be shown
+    source_sha256: str | None = None  # the content it had when indexed: other content is not shown
+    verdict: str = BELOW  # MATCH, SAME_PERSON, ABOVE or BELOW (group)
 
 
 @dataclass(frozen=True)
 class Answer:
-    results: list[Result]
+    results: list[Result]  # what the page shows, grouped by person (group)
     threshold: float
     threshold_source: str
 
     @property
     def match(self) -> bool:
-        """Whether the best result is the same person: else "no match in this gallery"."""
-        return bool(self.results) and self.results[0].same_person
+        """Whether the nearest face is the same person: else "no match in this gallery"."""
+        return bool(self.results) and self.results[0].verdict == MATCH
+
+    @property
+    def who(self) -> str | None:
+        """Who matched: the gallery's name for the person, or "a face in photo X"; None without a match."""
+        if not self.match:
+            return None
+        top = self.results[0]
+        return top.name if top.name is not None else f"a face in photo {top.photo or 'not known'}"
+
+
+def group(nearest: list[Result], threshold: float, k: int = 9) -> list[Result]:
+    """The ``k`` results to show, each with its verdict, a person's faces together.
+
+    The nearest face decides: :data:`MATCH` when it reaches ``threshold``. When the
+    gallery names it, the matched person's other faces among ``nearest`` follow it as
+    :data:`SAME_PERSON` (up to :data:`MATCH_PHOTOS` in all), whatever their similarity:
+    the gallery says who they are, so they are that person's, not "below threshold".
+    Then every other person once, by their nearest face, so one person's photos do not
+    crowd out the rest; an unnamed face counts as its own person. Ranks stay the search's.
+    """
+    if not nearest:
+        return []
+
+    def level(r: Result) -> Result:
+        return replace(r, verdict=ABOVE if r.similarity >= threshold else BELOW)
+
+    top = nearest[0]
+    matched = top.similarity >= threshold
+    shown = [replace(top, verdict=MATCH) if matched else level(top)]
+    seen = {top.name} - {None}
+    if matched and top.name is not None:
+        same = [r for r in nearest[1:] if r.name == top.name][: MATCH_PHOTOS - 1]
+        shown += [replace(r, verdict=SAME_PERSON) for r in same]
+    for r in nearest[1:]:
+        if len(shown) >= k:
+            break
+        if r.name is not None:
+            if r.name in seen:
+                continue
+            seen.add(r.name)
+        shown.append(level(r))
+    return shown[:k]
 
 
 def search(gallery: Gallery, face: np.ndarray, k: int = 9) -> Answer:
-    """The ``k`` nearest gallery faces to a cropped face (RGB uint8, any square size), each with its verdict.
+    """The ``k`` results for a cropped face (RGB uint8, any square size), grouped by person (:func:`group`).
 
-    A result is the same person when its similarity reaches the gallery's threshold
-    (``>=``, :mod:`facesearch.verification`'s acceptance rule); whole-image queries
-    get the same verdict, so a landscape that scores high but below it is no match.
+    The answer is a match when the nearest face's similarity reaches the gallery's
+    threshold (``>=``, :mod:`facesearch.verification`'s acceptance rule); whole-image
+    queries get the same verdict, so a landscape that scores high but below it is no match.
     """
     with failures_as("The search failed; please try again."):
         return _search(gallery, face, k)
@@ -449,8 +747,8 @@ def search(gallery: Gallery, face: np.ndarray, k: int = 9) -> Answer:
 
 def _search(gallery: Gallery, face: np.ndarray, k: int) -> Answer:
     emb = X.unit(photos.embed(gallery.model, face[None], gallery.size, batch=1))
-    _, idx = gallery.index.search(emb, min(k, len(gallery.table)))
-    results = []
+    _, idx = gallery.index.search(emb, min(k * CANDIDATES_PER_RESULT, len(gallery.table)))
+    nearest = []
     for rank, g in enumerate(idx[0], start=1):
         row = gallery.table.iloc[int(g)]
         # The plain cosine similarity: a re-ranked search orders by another distance, the verdict is this.
@@ -461,24 +759,68 @@ def _search(gallery: Gallery, face: np.ndarray, k: int) -> Answer:
                 a: bool(v) for a, v in zip(ATTRIBUTE_NAMES, gallery.attributes[int(g)], strict=True) if not np.isnan(v)
             }
         known = not pd.isna(row[SOURCE_FILE]) and not any(pd.isna(row[c]) for c in BOX)
-        results.append(Result(
-            rank, sim, sim >= gallery.threshold, None if pd.isna(row[NAME]) else str(row[NAME]),
-            None if pd.isna(row[CROP_FILE]) else str(row[CROP_FILE]), str(row[SOURCE_FILE]) if known else None,
-            tuple(int(row[c]) for c in BOX) if known else None,
+        nearest.append(Result(
+            rank, sim, sim >= gallery.threshold, _text(row, NAME), _text(row, CROP_FILE),
+            _text(row, SOURCE_FILE) if known else None, tuple(int(row[c]) for c in BOX) if known else None,
             int(row[SOURCE_WIDTH]) if known and not pd.isna(row[SOURCE_WIDTH]) else None, own,
+            photo=_text(row, PHOTO), source_root=_text(row, SOURCE_ROOT), source_sha256=_text(row, SOURCE_SHA),
         ))  # fmt: skip
-    return Answer(results, gallery.threshold, gallery.threshold_source)
+    return Answer(group(nearest, gallery.threshold, k), gallery.threshold, gallery.threshold_source)
+
+
+def _text(row: pd.Series, col: str) -> str | None:
+    """A table cell as text; None when missing (or the gallery has no such column)."""
+    value = row.get(col)
+    return None if value is None or pd.isna(value) else str(value)
+
+
+# --- showing a result's photo ---------------------------------------------------------------------
+def confined(root: str, path: str) -> str:
+    """``path`` resolved (symlinks followed), when it lies inside ``root`` resolved; else :data:`PHOTO_OUTSIDE`.
+
+    An index's stored photo path is data: ``../secret/private.jpg``, an absolute path, or
+    a link inside the root that points out of it must not make the app show that file.
+    """
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if real == real_root or os.path.commonpath([real_root, real]) != real_root:
+        log.warning("photo %s lies outside its index root %s: not shown", path, root)
+        raise UploadError(PHOTO_OUTSIDE)
+    return real
+
+
+def is_indexed_content(data: bytes, sha256: str) -> bool:
+    """Whether ``data``, a photo file's bytes as just read, is the content that was indexed.
+
+    The bytes are hashed, not the file: what is decoded and shown is then exactly what
+    was checked, even if the file is replaced meanwhile. (A path-level check from
+    :mod:`facesearch.index`, when it has one, answers for the file, not these bytes.)
+    """
+    return hashlib.sha256(data).hexdigest() == sha256.lower()
+
+
+def photo_bytes(result: Result) -> bytes:
+    """The bytes of a result's source photo: inside its root, and the content indexed; else a message."""
+    if result.source_file is None or result.source_root is None or result.source_sha256 is None:
+        raise UploadError(PHOTO_UNKNOWN)
+    path = confined(result.source_root, result.source_file)
+    try:
+        data = read_photo(path, X.LIMITS.max_file_bytes)
+    except ImageRejected:
+        raise UploadError(PHOTO_GONE) from None
+    if not is_indexed_content(data, result.source_sha256):
+        raise UploadError(PHOTO_CHANGED)
+    return data
 
 
 def source_photo(result: Result) -> tuple[np.ndarray, Box]:
-    """The photo a result was found in (at most :data:`WORK_SIDE` px) and its face box in those pixels."""
-    if result.source_file is None or result.box is None:
-        raise UploadError("The photo this face was found in is not known.")
-    try:
-        data = read_photo(result.source_file, X.LIMITS.max_file_bytes)
-    except ImageRejected:
-        raise UploadError(f"The photo {result.source_file} is no longer there or cannot be read.") from None
-    with failures_as(f"The photo {result.source_file} cannot be read."):
+    """The photo a result was found in (at most :data:`WORK_SIDE` px) and its face box in those pixels.
+
+    Only a photo inside its index's root whose content is the one indexed (:func:`photo_bytes`).
+    """
+    if result.box is None:
+        raise UploadError(PHOTO_UNKNOWN)
+    data = photo_bytes(result)
+    with failures_as(PHOTO_GONE):
         image = decode_image(data, X.LIMITS.max_pixels, max_side=WORK_SIDE)
         scale = image.width / (result.source_width or image.width)
         return image.rgb, tuple(round(v * scale) for v in result.box)
