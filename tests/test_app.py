@@ -739,9 +739,19 @@ def test_index_photos_outside_their_root_or_changed_are_not_shown(people_index, 
     shutil.move(photos_root / linked, elsewhere)
     (photos_root / linked).symlink_to(elsewhere)  # the same content, outside the root
     (photos_root / changed).write_bytes((photos_root / kept).read_bytes())
+    # The index's own validator refuses a path that climbs out of its root: the index is not served at all,
+    # and the visitor learns nothing about the server.
+    with pytest.raises(core.UploadError, match="cannot be searched right now") as info:
+        core.load_index_gallery(index)
+    assert str(tmp_path) not in str(info.value)
+    with pytest.raises(core.UploadError) as info:  # the app's own rule stands behind it
+        core.confined(str(photos_root), str(photos_root / ".." / "secret" / "private.jpg"))
+    assert str(info.value) == core.PHOTO_OUTSIDE
+    for t in (faces, table):
+        t.loc[t[X.PHOTO] == "../secret/private.jpg", X.PHOTO] = outside
+        t.to_parquet(version / (X.FACES if t is faces else X.PHOTOS))
     gallery = core.load_index_gallery(index)
-    for photo, message in (("../secret/private.jpg", core.PHOTO_OUTSIDE), (linked, core.PHOTO_OUTSIDE),
-                           (changed, core.PHOTO_CHANGED)):  # fmt: skip
+    for photo, message in ((linked, core.PHOTO_OUTSIDE), (changed, core.PHOTO_CHANGED)):
         res = row_result(gallery, photo)
         assert res.source_root == str(photos_root), photo
         for show in (core.source_photo, core.result_face):
@@ -1036,22 +1046,19 @@ def test_app_typed_index_folders_only_when_the_operator_allows(app, root, people
 
 
 def test_app_shows_no_photo_the_index_may_not_show(app, root, people_index, monkeypatch, tmp_path):
-    """A listed index whose row points out of its root: that result's face and photo are a message; the
-    other results still show."""
+    """A listed index whose photo leads out of its root (a link to a private file; a ``..`` path the index
+    itself refuses to load): that result's face and photo are a message; the other results still show."""
     indexes = tmp_path / "indexes"
     index = copy_index(people_index, indexes / "crafted", tmp_path / "photos")
     version = index / core.index_version(index)
-    faces, table = pd.read_parquet(version / X.FACES), pd.read_parquet(version / X.PHOTOS)
-    victim = table[X.PHOTO].iloc[0]
+    victim = pd.read_parquet(version / X.PHOTOS)[X.PHOTO].iloc[0]
     (tmp_path / "secret").mkdir()
-    shutil.copy(tmp_path / "photos" / victim, tmp_path / "secret" / "private.jpg")
-    for t, name in ((faces, X.FACES), (table, X.PHOTOS)):
-        t.loc[t[X.PHOTO] == victim, X.PHOTO] = "../secret/private.jpg"
-        t.to_parquet(version / name)
+    shutil.move(tmp_path / "photos" / victim, tmp_path / "secret" / "private.jpg")
+    (tmp_path / "photos" / victim).symlink_to(tmp_path / "secret" / "private.jpg")
     gallery = core.load_index_gallery(index)
     search = core.search
     # The victim's face first, whatever the tiny model ranks first (it embeds every cartoon face alike).
-    first = row_result(gallery, "../secret/private.jpg")
+    first = row_result(gallery, victim)
 
     def victim_first(g, face, k=9):
         answer = search(g, face, k)
