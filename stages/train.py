@@ -65,6 +65,7 @@ from facesearch.models import (
     EmbeddingNet,
     ModelConfig,
     ModelFileError,
+    failure_line,
     load_model,
     resolve_device,
     save_model,
@@ -321,6 +322,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        run(args)
+    except OSError as exc:  # a missing or unreadable params file, split or arrays: why, in one line
+        raise SystemExit(f"train: {failure_line(exc)}") from None
+
+
+def run(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg = TrainConfig.from_params(params["train"][args.backbone])
     face = FaceConfig.from_params(params["crop"])

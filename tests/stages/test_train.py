@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, TINY_CROP, run_train, write_params
+from conftest import BAD_MODELS, REPO, TINY, TINY_CROP, bad_model_files, run_train, write_params
 
 from facesearch import manifest as M
 from facesearch import training
@@ -373,3 +373,28 @@ def test_distillation_fails_clearly_without_a_teacher_it_can_use(prepared, teach
     torch.save(leaky, tmp_path / "leaky.pt")
     with pytest.raises(SystemExit, match="trained on 1 of the student's validation identities"):
         run_train(prepared, "leaky", DISTILL, args=("--teacher", str(tmp_path / "leaky.pt")))
+
+
+def test_a_teacher_file_that_is_no_model_fails_in_one_line(prepared, tmp_path):
+    models = bad_model_files(tmp_path / "models")
+    for kind in BAD_MODELS:
+        with pytest.raises(SystemExit) as exc:
+            run_train(prepared, f"bad_{kind}", DISTILL, args=("--teacher", str(models[kind])))
+        message = exc.value.code
+        assert isinstance(message, str) and message.startswith("train: teacher") and "\n" not in message, kind
+        assert str(models[kind]) in message, kind
+
+
+def test_a_missing_data_folder_or_params_file_fails_in_one_line(tmp_path):
+    params = write_params(tmp_path / "p.yaml", TINY_CROP | {f"train.mobilenet_v2.{k}": v for k, v in TINY.items()})
+    gone = tmp_path / "gone"
+
+    def failure(params_file) -> str:
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--backbone", "mobilenet_v2", "--split", str(gone), "--arrays", str(gone),
+                        "--out", str(tmp_path / "m.pt"), "--checkpoint", str(tmp_path / "ckpt"),
+                        "--live", str(tmp_path / "live"), "--params", str(params_file)])  # fmt: skip
+        return exc.value.code
+
+    assert failure(params) == f"train: {gone / 'train.parquet'}: No such file or directory"
+    assert failure(tmp_path / "none.yaml") == f"train: {tmp_path / 'none.yaml'}: No such file or directory"
