@@ -27,7 +27,8 @@ epoch that was, the preprocessing its crops had (``params.yaml: crop``, see
 :mod:`facesearch.contract`), the train and val identities, and its verdict
 threshold: the cosine similarity at which ``params.yaml: verification.far`` of
 the validation identities' impostor pairs (different people) pass
-(:func:`facesearch.verification.calibrate`, with the saved weights). The test
+(:func:`facesearch.verification.calibrate`, with the saved weights, on unit-length
+embeddings also under ``normalize: false``, as every verdict compares them). The test
 identities (query/gallery) are never read here.
 
 The loop is written for an accelerator: the next batches are read from the
@@ -58,6 +59,7 @@ from tqdm import tqdm
 from facesearch import manifest as M
 from facesearch.augment import AugmentConfig, augment
 from facesearch.contract import crop_params, identities_record, model_preprocessing, preprocessing_record
+from facesearch.distances import unit_rows
 from facesearch.faces import FaceConfig
 from facesearch.inference import embed_array
 from facesearch.losses import MINING, distillation_loss, offline_triplet_loss, pairwise_distances
@@ -525,8 +527,10 @@ def train(
         best = best_epoch(history, cfg.keep)
         model.load_state_dict(best_state)
         best_val = validation_at(history, best)
-        # The verdict threshold of these weights, chosen on people the loss never saw.
-        threshold = calibrate(val_embeddings(), val_labels, verification["far"], verification["fars"],
+        # The verdict threshold of these weights, chosen on people the loss never saw. A cosine on
+        # unit rows whatever train.<backbone>.normalize says: the index and the app compare unit
+        # embeddings, so a threshold on raw dot products (normalize: false) would match nothing.
+        threshold = calibrate(unit_rows(val_embeddings()), val_labels, verification["far"], verification["fars"],
                               verification["impostor_pairs"], verification["seed"])  # fmt: skip
         if threshold is None:
             log.warning("fewer than two validation identities: the model gets no verdict threshold")

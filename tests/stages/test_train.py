@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -75,6 +76,25 @@ def test_the_verdict_threshold_is_chosen_on_the_validation_identities(prepared):
     assert set(record["at_far"]) == {"0.5", "0.2"} and record["at_far"]["0.2"] == record["similarity"]
     assert record["at_far"]["0.5"] <= record["similarity"]
     assert verdict_threshold(payload) == (record["similarity"], "model (validation identities, FAR 0.2)")
+
+
+def test_a_model_that_does_not_normalise_gets_a_cosine_threshold(prepared):
+    # normalize: false embeds at lengths far from 1; the index and the app compare unit rows, so
+    # the threshold must be a cosine of those, not of raw dot products (62.5 on norms of 5-9).
+    ver = {"verification.far": 0.2, "verification.fars": [0.5, 0.2], "verification.seed": 4}
+    model, payload = load_model(run_train(prepared, "raw", {"epochs": 1, "normalize": False}, params=ver) / "model.pt")
+    record = payload["threshold"]
+    val = pd.read_parquet(prepared / "data" / "split" / "val.parquet")[M.IDENTITY].to_numpy()
+    emb = embed_array(model, load_array(prepared / "data" / "arrays" / "val.npy"), 32, torch.device("cpu"))
+    assert not np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=0.05)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    params = load_params(prepared / "raw.yaml")["verification"]
+    expected = V.calibrate(unit, val, params["far"], params["fars"], params["impostor_pairs"], params["seed"])
+    assert -1.0 <= record["similarity"] <= 1.0 and record["resolved"]
+    assert record["similarity"] == pytest.approx(expected["similarity"], abs=1e-5)
+    assert record["tar"] == pytest.approx(expected["tar"]) and record["far_measured"] <= 0.2
+    raw = V.calibrate(emb, val, params["far"], params["fars"], params["impostor_pairs"], params["seed"])
+    assert abs(raw["similarity"] - record["similarity"]) > 1e-3  # what it was before: no cosine
 
 
 def test_best_validation_epoch_is_the_model_saved(prepared, monkeypatch):
