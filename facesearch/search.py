@@ -60,19 +60,21 @@ def lowest_k(d: np.ndarray, k: int) -> np.ndarray:
     ``argpartition`` alone took arbitrary ones of them, and the evaluation's rank counting,
     which orders ties by index, then saw a set it would not have chosen). ``0 < k < len(row)``.
 
-    ``argpartition`` places every value below the k-th before it, so only rows holding more
-    copies of the k-th value than it selected need another look: one comparison pass over the
-    chunk finds them (real embeddings tie only on duplicates, so there are rarely any), and
-    each of those rows is selected again as its values below the k-th plus the lowest-index
-    copies of it.
+    One ``argpartition`` places both the k-th and the (k+1)-th smallest value (no slower than
+    placing one): where they differ, every copy of the k-th value is among the first k, and
+    the partition is the answer. Only rows where they are equal (real embeddings tie only on
+    duplicates, so there are rarely any) are selected again: their values below the k-th,
+    plus as many of its copies as fit, lowest index first.
     """
-    part = np.argpartition(d, k - 1, axis=1)[:, :k]
-    kth = np.take_along_axis(d, part[:, k - 1 :], 1)
-    taken = np.count_nonzero(np.take_along_axis(d, part, 1) == kth, axis=1)
-    rows = np.flatnonzero(np.count_nonzero(d == kth, axis=1) > taken)
+    part = np.argpartition(d, (k - 1, k), axis=1)
+    kth = np.take_along_axis(d, part[:, k - 1 : k], 1)
+    rows = np.flatnonzero(np.take_along_axis(d, part[:, k : k + 1], 1) == kth)
+    part = part[:, :k]
     if len(rows):
-        eq = d[rows] == kth[rows]
-        keep = (d[rows] < kth[rows]) | (eq & (np.cumsum(eq, axis=1) <= taken[rows, None]))
+        d, kth = d[rows], kth[rows]
+        taken = np.count_nonzero(np.take_along_axis(d, part[rows], 1) == kth, axis=1)
+        eq = d == kth
+        keep = (d < kth) | (eq & (np.cumsum(eq, axis=1) <= taken[:, None]))
         part[rows] = np.nonzero(keep)[1].reshape(len(rows), k)  # row-major: each row's k columns, ascending
     return part
 
