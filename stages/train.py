@@ -242,6 +242,8 @@ def load_teacher(
     among those it was trained on: the student's epochs, recipes and "keeps X%" would be
     chosen on people the teacher has already learnt.
     """
+    if Path(path).is_dir():
+        raise SystemExit(f"train: teacher model {path} is a folder, not a model file")
     if not Path(path).is_file():
         raise SystemExit(f"train: teacher model {path} does not exist (train it first: dvc repro train@dlib_resnet)")
     try:
