@@ -52,7 +52,7 @@ from facesearch.cropping import image_guards
 from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.labelled import crop_entries, embed_crops, unseen_entries
 from facesearch.layouts import AUTO, FOLDERS, LABELLED_LAYOUTS, read_dataset
-from facesearch.models import load_model, resolve_device
+from facesearch.models import ModelFileError, failure_line, load_model, resolve_device
 from facesearch.params import load_params
 from facesearch.protocol import choose_queries, eligible_images
 from facesearch.retrieval import attribute_matrix, evaluate, readable
@@ -133,13 +133,16 @@ def results_table(metrics_dir: str, backbones: list[str]) -> str:
     lines = ["| backbone | model | " + " | ".join(t for _, t in RESULT_COLUMNS) + " | queries | gallery |",
              "| --- | --- | " + " | ".join("---" for _ in RESULT_COLUMNS) + " | --- | --- |"]  # fmt: skip
     for backbone in backbones:
-        m = json.loads((Path(metrics_dir) / f"{backbone}.json").read_text())
-        for state, label in M.STATE_LABELS.items():
-            row = m[state]
+        path = Path(metrics_dir) / f"{backbone}.json"
+        try:
+            m = json.loads(path.read_text())
+            rows = {label: (m[state], m[state]["n_queries"], m[state]["n_gallery"])
+                    for state, label in M.STATE_LABELS.items()}  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the evaluate stage's
+            raise SystemExit(f"results: {path} is no metrics file of the evaluate stage ({exc!r})") from None
+        for label, (row, n_queries, n_gallery) in rows.items():
             cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float | int) else "—" for k, _ in RESULT_COLUMNS]
-            lines.append(
-                f"| {backbone} | {label} | " + " | ".join(cells) + f" | {row['n_queries']} | {row['n_gallery']} |"
-            )
+            lines.append(f"| {backbone} | {label} | " + " | ".join(cells) + f" | {n_queries} | {n_gallery} |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,8 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         _run(args)
-    except DatasetError as exc:  # an unusable data folder: the message says why, for the user
-        raise SystemExit(f"{args.command}: {exc}") from None
+    except (DatasetError, ModelFileError, OSError) as exc:
+        # The failures every command expects of the paths it is given (an unusable data folder,
+        # a file that is no model, a missing or unreadable file or folder): one line saying why,
+        # for the user, whichever command read it (index and search included), not a traceback.
+        raise SystemExit(f"{args.command}: {failure_line(exc)}") from None
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -258,6 +264,8 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "dlib-reference":
         from facesearch.dlib_reference import reference_metrics, save_descriptors, set_tables
 
+        if not Path(args.data).is_dir():  # else the first photo would say so, after dlib's models are read
+            raise SystemExit(f"dlib-reference: data folder {args.data} does not exist")
         tables = set_tables(args.split, args.set, args.seed)
         rerank = cli_rerank(args.params, args.rerank)
         rr = R.RerankParams.from_dict(rerank)

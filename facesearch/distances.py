@@ -1,5 +1,7 @@
 """Squared Euclidean distances between two sets of rows: the one formula behind ranking, search and losses.
 
+Also :func:`unit_rows`, the rows whose dot products are cosine similarities (verdicts).
+
 ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b, a matrix product instead of |A| x |B| vector
 differences. Written with operators only (but for the numpy-only ``out``), so the same
 function serves numpy arrays (evaluation, search) and torch tensors (the triplet losses,
@@ -32,3 +34,19 @@ def squared_distances(a, b, b_sq, a_sq=None, out=None):
         return sq - 2 * a @ b.T
     np.matmul(2 * a, b.T, out=out)
     return np.subtract(sq, out, out=out)
+
+
+def unit_rows(x: np.ndarray, atol: float = 1e-4) -> np.ndarray:
+    """``x`` with every row scaled to length 1, so that a dot product of two rows is their cosine similarity.
+
+    A threshold chosen on the dot products of raw embeddings (``train.<backbone>.normalize:
+    false``, lengths of 5-9) is no cosine and meets no score of the index or the app, which
+    compare unit rows. Rows of length 1 already, up to float32 rounding (a normalising model's),
+    come back untouched, bit for bit: divided again, their last bits would move, and with them
+    committed thresholds and metrics. A zero row stays zero; float rows keep their dtype.
+    """
+    x = np.asarray(x)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.all(np.abs(norms - 1) <= atol):
+        return x
+    return x / np.maximum(norms, 1e-12)

@@ -147,6 +147,7 @@ from facesearch import photos
 from facesearch.celeba import DatasetError, raw_name, storable_name
 from facesearch.contract import Verdict, model_preprocessing, preprocessing_record, verdict
 from facesearch.cropping import CropLimits, read_photo, shape_reason
+from facesearch.distances import unit_rows
 from facesearch.faces import FaceConfig
 from facesearch.images import ImageRejected, decode_image
 from facesearch.io import normal_permissions, write_bytes_atomic, write_json_atomic, write_parquet_atomic
@@ -349,9 +350,9 @@ def enrol_threshold(embedder: Embedder) -> tuple[float, str]:
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1, float32 (a model saved with normalize false has longer ones)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """Rows scaled to length 1 (:func:`facesearch.distances.unit_rows`), float32: a model saved with
+    normalize false has longer ones."""
+    return unit_rows(np.asarray(x, np.float32))
 
 
 def read_file(path: bytes | str, limits: CropLimits) -> tuple[bytes, str]:

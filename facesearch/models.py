@@ -13,6 +13,7 @@ package (see :mod:`facesearch.dlib_resnet`), so it needs no download.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from collections.abc import Callable
@@ -34,6 +35,26 @@ class WeightsUnavailable(RuntimeError):
 
 class ModelFileError(ValueError):
     """A file that is no model :func:`save_model` wrote: empty, truncated, another format, another network."""
+
+
+def failure_line(exc: BaseException) -> str:
+    """``exc`` as the one line a command prints (``<command>: <line>``) for a file it cannot use.
+
+    For the failures every command expects of the files it is given: a :class:`ModelFileError`,
+    a missing, unreadable or misplaced path (OSError). Those that name their path (``open``,
+    numpy, torch) read ``<path>: <reason>``, not Python's ``[Errno 2] ...: '<path>'``; pandas
+    raises FileNotFoundError with the bare path, which gets the same form. Any other message is
+    kept, its line breaks folded into spaces. Here rather than in :mod:`facesearch.io`, which
+    every stage imports: a change to it would re-run them all, the crop stage included.
+    """
+    bare_path = isinstance(exc, FileNotFoundError) and exc.errno is None and len(str(exc).split()) == 1
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{os.fsdecode(exc.filename)}: {exc.strerror or exc}"
+    elif bare_path:
+        text = f"{exc}: No such file or directory"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 @dataclass(frozen=True)
@@ -268,17 +289,32 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
     A file that exists but holds no such model raises :class:`ModelFileError` naming it, one
     type for every way it can fail (torch's unpickler, a missing key, weights of another shape),
-    so each command that takes a model file can turn it into its message.
+    so each command that takes a model file can turn it into its message. A missing file raises
+    FileNotFoundError, a folder or an unreadable file its own OSError: those are about the path
+    (:func:`failure_line` words them all).
     """
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict):  # a bare tensor would answer payload["config"] with an IndexError
+            raise TypeError(f"it holds a {type(payload).__name__}, not a saved model's dict")
         config = ModelConfig(**payload["config"])
         model = _build(config, pretrained=False)  # weights come from the file
         model.load_state_dict(payload["state_dict"])
     except FileNotFoundError:
         raise
-    except (EOFError, pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except OSError as exc:
+        # torch's zip reader seeks past the end of some truncated files (EINVAL); any other
+        # OSError (a folder, no permission, a failing disk) is about the path, not its content.
+        if exc.errno != errno.EINVAL:
+            raise
+        raise ModelFileError(f"{path} is not a facesearch model file (truncated? {exc.strerror})") from exc
+    except pickle.UnpicklingError as exc:
+        # torch's message for it advises loading with weights_only=False: running the file's code.
+        reason = "not a torch file, or one holding more than tensors and plain data"
+        raise ModelFileError(f"{path} is not a facesearch model file ({reason})") from exc
+    except (EOFError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        # All its lines, folded: a state_dict mismatch says which weights only after its first.
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ModelFileError(f"{path} is not a facesearch model file ({reason[:200]})") from exc
     freeze_all_but_last(model, config.trainable_layers)
     return model.eval(), payload

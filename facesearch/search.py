@@ -12,6 +12,10 @@ Backends:
   on a CPU for galleries up to a few hundred thousand.
 - ``ckdtree``: scipy's KD-tree, as the original design had it. Exact too, but
   a KD-tree prunes little in 128 dimensions, so it is slower than ``exact``.
+
+  Both answer what a stable sort of each row by distance would: equal distances in
+  gallery index order, the k-th distance's ties included (the rule the evaluation's
+  rank counting and the re-ranking's neighbour graphs rely on).
 - ``faiss``: optional (``requirements-search.txt``, ``faiss-cpu``);
   ``faiss_index``:
 
@@ -48,6 +52,33 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def lowest_k(d: np.ndarray, k: int) -> np.ndarray:
+    """Column indices (unordered) of each row's k smallest values, equal values taken lowest index first.
+
+    The k that a stable sort of the row puts first, so a result set never depends on how
+    a partial sort picks among values tied at the cut-off (identical or quantised embeddings;
+    ``argpartition`` alone took arbitrary ones of them, and the evaluation's rank counting,
+    which orders ties by index, then saw a set it would not have chosen). ``0 < k < len(row)``.
+
+    One ``argpartition`` places both the k-th and the (k+1)-th smallest value (no slower than
+    placing one): where they differ, every copy of the k-th value is among the first k, and
+    the partition is the answer. Only rows where they are equal (real embeddings tie only on
+    duplicates, so there are rarely any) are selected again: their values below the k-th,
+    plus as many of its copies as fit, lowest index first.
+    """
+    part = np.argpartition(d, (k - 1, k), axis=1)
+    kth = np.take_along_axis(d, part[:, k - 1 : k], 1)
+    rows = np.flatnonzero(np.take_along_axis(d, part[:, k : k + 1], 1) == kth)
+    part = part[:, :k]
+    if len(rows):
+        d, kth = d[rows], kth[rows]
+        taken = np.count_nonzero(np.take_along_axis(d, part[rows], 1) == kth, axis=1)
+        eq = d == kth
+        keep = (d < kth) | (eq & (np.cumsum(eq, axis=1) <= taken[:, None]))
+        part[rows] = np.nonzero(keep)[1].reshape(len(rows), k)  # row-major: each row's k columns, ascending
+    return part
+
+
 class ExactIndex:
     """Brute force with :func:`~facesearch.distances.squared_distances`, in chunks of queries."""
 
@@ -68,7 +99,7 @@ class ExactIndex:
             # The query's norm added after the product, not as a_sq: this index's float order since
             # it was written, so its distances and its order of near-ties stay what they were.
             d2 += (q**2).sum(1)[:, None]
-            part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(q), 1))
+            part = lowest_k(d2, k) if k < n else np.tile(np.arange(n), (len(q), 1))
             pd = np.take_along_axis(d2, part, 1)
             # Ties (identical embeddings) ordered by gallery index, the rule the
             # evaluation's exact rank counting uses too.
@@ -79,7 +110,14 @@ class ExactIndex:
 
 
 class KDTreeIndex:
-    """scipy ``cKDTree``; queries run on all cores (``workers=-1``)."""
+    """scipy ``cKDTree``; queries run on all cores (``workers=-1``). Ties by gallery index, as :class:`ExactIndex`.
+
+    The tree returns equal distances in its own traversal order, and at the k-th distance any
+    of the tied items, so each row is asked for one more than k: where that one is as far as
+    the k-th, the row is asked again for twice as many, up to the whole gallery, until every
+    item tied at the k-th distance is in hand; then each row keeps its first k by (distance,
+    gallery index).
+    """
 
     def __init__(self, gallery: np.ndarray, leafsize: int = 32):
         from scipy.spatial import cKDTree
@@ -87,12 +125,25 @@ class KDTreeIndex:
         self.n = len(gallery)
         self.tree = cKDTree(_as_f32(gallery).astype(np.float64), leafsize=leafsize)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.n)
-        dist, idx = self.tree.query(np.asarray(queries, dtype=np.float64), k=k, workers=-1)
+    def _query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        dist, idx = self.tree.query(queries, k=k, workers=-1)
         if k == 1:  # scipy squeezes the k axis for k == 1
             dist, idx = dist[:, None], idx[:, None]
-        return dist.astype(np.float32), idx.astype(np.int64)
+        return dist, idx
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.n)
+        queries = np.asarray(queries, dtype=np.float64)
+        out_d, out_i = np.empty((len(queries), k)), np.empty((len(queries), k), np.int64)
+        rows, width = np.arange(len(queries) if k else 0), min(k + 1, self.n)
+        while len(rows):
+            dist, idx = self._query(queries[rows], width)
+            order = np.lexsort((idx, dist), axis=1)[:, :k]
+            out_d[rows], out_i[rows] = np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+            # Rows whose last item is as far as the k-th may hold more items that far beyond it.
+            rows = rows[dist[:, -1] == dist[:, k - 1]] if width < self.n else rows[:0]
+            width = min(2 * width, self.n)
+        return out_d.astype(np.float32), out_i
 
 
 class FaissIndex:

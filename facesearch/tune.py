@@ -85,6 +85,21 @@ def check_grid(grid: dict[str, dict], base: dict, backbone: str, teacher: str | 
                              else "loss: distill needs --teacher MODEL"))  # fmt: skip
 
 
+def check_inputs(split: str, arrays: str, teacher: str | None) -> None:
+    """The data folders exist and the teacher is a model (or a one-line failure naming ``tune``).
+
+    Each run of the train stage would find out too, but say ``train: ...``, from inside the
+    first recipe's run.
+    """
+    from facesearch.models import load_model
+
+    for folder in (split, arrays):
+        if not Path(folder).is_dir():
+            raise SystemExit(f"tune: data folder {folder} does not exist")
+    if teacher is not None:
+        load_model(teacher)  # ModelFileError or OSError: the command line words it as tune's
+
+
 def tune(
     backbone: str, grid: dict[str, dict], seeds: list[int], params_path: str, split: str, arrays: str,
     teacher: str | None = None,
@@ -97,6 +112,7 @@ def tune(
     zero_shot: list[dict[str, float]] = []
     per_run = []
     check_grid(grid, base["train"][backbone], backbone, teacher)
+    check_inputs(split, arrays, teacher)
     with tempfile.TemporaryDirectory(prefix="facesearch-tune-") as tmp:
         for name, overrides in grid.items():
             for seed in seeds:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
+from facesearch.distances import unit_rows
+
 
 def genuine_pairs(labels: np.ndarray) -> np.ndarray:
     """All (i, j), i < j, of the same label: shape (P, 2), sorted."""
@@ -254,8 +256,7 @@ def calibrate(emb: np.ndarray, labels: np.ndarray, far: float, fars, n_impostors
     outputs. None when the identities give no impostor pair (fewer than two of them): there is
     nothing to choose a threshold against.
     """
-    emb = np.asarray(emb, np.float64)
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = unit_rows(np.asarray(emb, np.float64))
     genuine, impostor = verification_scores(emb, labels, n_impostors, seed)
     if not len(impostor):
         return None

@@ -29,7 +29,7 @@ from facesearch import manifest as M
 from facesearch.contract import model_preprocessing, model_threshold
 from facesearch.inference import embed_array
 from facesearch.io import atomic_dir, write_json_atomic, write_parquet_atomic
-from facesearch.models import ModelConfig, load_model, resolve_device, seeded_model
+from facesearch.models import ModelConfig, ModelFileError, failure_line, load_model, resolve_device, seeded_model
 from facesearch.packing import load_array
 from facesearch.params import load_params
 
@@ -59,9 +59,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        embed(args)
+    except (ModelFileError, OSError) as exc:  # a missing or unusable model, split or arrays: why, in one line
+        raise SystemExit(f"embed: {failure_line(exc)}") from None
+
+
+def embed(args: argparse.Namespace) -> None:
     params = load_params(args.params)["embed"]
     device = resolve_device(params["device"])
     after, payload = load_model(args.model, map_location=device)
+    if "seed" not in (payload.get("train_config") or {}):
+        # "before" is rebuilt from the training seed: a model the train stage did not write has none.
+        raise SystemExit(f"embed: {args.model} has no training record (train_config): write it with the train stage")
     cl = torch.channels_last
     models = {
         "after": after.to(device, memory_format=cl),

@@ -16,7 +16,8 @@ Recall@k, the report's attribute agreement at each k, and
 against all the others (more queries than identities, so finer-grained);
 ``ver_*``: verification ("same person?") on the *validation* identities' pairs
 (all genuine pairs, ``verification.impostor_pairs`` seeded impostor pairs):
-ROC AUC, and TAR and the similarity threshold at each of ``verification.fars``;
+ROC AUC, and TAR and the similarity threshold at each of ``verification.fars``
+(cosines of unit-length embeddings, as every verdict, also under ``normalize: false``);
 ``open<gallery>_*``: open-set identification on the test identities as NIST FRVT 1:N
 reports it: a seeded half of them may be enrolled, the other half are strangers;
 galleries of ``verification.open_set_sizes`` people and of the whole half (``openall``)
@@ -56,6 +57,7 @@ from PIL import Image
 from facesearch import manifest as M
 from facesearch import rerank as R
 from facesearch import verification as V
+from facesearch.distances import unit_rows
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic
 from facesearch.packing import load_array
 from facesearch.params import load_params
@@ -137,13 +139,14 @@ def retrieval_figure(
     """
     rng = np.random.default_rng(seed)
     rows = sorted(rng.choice(len(q_table), size=min(n_queries, len(q_table)), replace=False))
+    unit_query, unit_gallery = unit_rows(query), unit_rows(gallery)  # the label is a cosine (normalize: false too)
     tiles = []
     for r in rows:
         q_id = int(q_table[M.IDENTITY].iloc[r])
         tiles.append(tile(np.asarray(q_images[r]), f"query id {q_id}", size, (40, 90, 230)))
         for g in top[r, :9]:
             g_id = int(g_table[M.IDENTITY].iloc[g])
-            sim = float(cosine_similarity(np.linalg.norm(query[r] - gallery[g])))
+            sim = float(cosine_similarity(np.linalg.norm(unit_query[r] - unit_gallery[g])))
             colour = (40, 200, 40) if g_id == q_id else (220, 40, 40)
             tiles.append(tile(np.asarray(g_images[g]), f"{sim:.2f} id {g_id}", size, colour))
     return grid(tiles, cols=10)
@@ -201,12 +204,15 @@ def main(argv: list[str] | None = None) -> None:
         results[state], timings[state], curves[state], tops[state], structures[state] = evaluate_state(
             query, q_table, gallery, g_table, params, rerank
         )
-        ver, rocs[state], record = verification_state(np.load(emb_dir / f"{state}_val.npy"), val_labels, ver_params)
+        # Verdicts are cosines of unit rows, as in the index and the app, also for a model saved
+        # with normalize: false (its raw dot products are no cosine, and its threshold is one).
+        ver, rocs[state], record = verification_state(unit_rows(np.load(emb_dir / f"{state}_val.npy")), val_labels,
+                                                      ver_params)  # fmt: skip
         if state == "after" and model_threshold is not None:
             record = model_threshold  # the verdict `facesearch search` and the app give
         elif state == "after":
             log.warning("the model carries no verdict threshold: open-set uses the one calibrated here")
-        test = np.concatenate([query, gallery])
+        test = unit_rows(np.concatenate([query, gallery]))
         test_labels = np.concatenate([q_table[M.IDENTITY].to_numpy(), g_table[M.IDENTITY].to_numpy()])
         open_set, dets[state] = V.open_set_report(test, test_labels, record, ver_params["open_set_sizes"],
                                                   ver_params["open_set_fpirs"], ver_params["seed"],

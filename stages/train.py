@@ -27,7 +27,8 @@ epoch that was, the preprocessing its crops had (``params.yaml: crop``, see
 :mod:`facesearch.contract`), the train and val identities, and its verdict
 threshold: the cosine similarity at which ``params.yaml: verification.far`` of
 the validation identities' impostor pairs (different people) pass
-(:func:`facesearch.verification.calibrate`, with the saved weights). The test
+(:func:`facesearch.verification.calibrate`, with the saved weights, on unit-length
+embeddings also under ``normalize: false``, as every verdict compares them). The test
 identities (query/gallery) are never read here.
 
 The loop is written for an accelerator: the next batches are read from the
@@ -67,6 +68,7 @@ from facesearch.models import (
     EmbeddingNet,
     ModelConfig,
     ModelFileError,
+    failure_line,
     load_model,
     resolve_device,
     save_model,
@@ -241,6 +243,8 @@ def load_teacher(
     among those it was trained on: the student's epochs, recipes and "keeps X%" would be
     chosen on people the teacher has already learnt.
     """
+    if Path(path).is_dir():
+        raise SystemExit(f"train: teacher model {path} is a folder, not a model file")
     if not Path(path).is_file():
         raise SystemExit(f"train: teacher model {path} does not exist (train it first: dvc repro train@dlib_resnet)")
     try:
@@ -325,6 +329,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        run(args)
+    except OSError as exc:  # a missing or unreadable params file, split or arrays: why, in one line
+        raise SystemExit(f"train: {failure_line(exc)}") from None
+
+
+def run(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg = TrainConfig.from_params(params["train"][args.backbone])
     face = FaceConfig.from_params(params["crop"])
@@ -521,7 +532,8 @@ def train(
         best = best_epoch(history, cfg.keep)
         model.load_state_dict(best_state)
         best_val = validation_at(history, best)
-        # The verdict threshold of these weights, chosen on people the loss never saw.
+        # The verdict threshold of these weights, chosen on people the loss never saw: a cosine of unit
+        # rows whatever train.<backbone>.normalize says (calibrate scales them), as the index and the app compare.
         source = json.loads(Path(args.source).read_text()) if args.source else None
         data = {"description": source_description(source or {}, val_df[M.IDENTITY].nunique(), len(val_df)),
                 "synthetic": bool(source and source.get("synthetic")), "identities": "validation"}  # fmt: skip

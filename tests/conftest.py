@@ -126,6 +126,34 @@ def broken_files(good_jpeg: bytes) -> dict[str, bytes]:
     }
 
 
+BAD_MODELS = ("missing", "empty", "truncated", "cut_short", "text", "tensor", "other_shape", "folder")
+
+
+def bad_model_files(folder: Path) -> dict[str, Path]:
+    """Each of :data:`BAD_MODELS` -> a path a command must refuse in one line (``missing`` is not written).
+
+    Also ``folder/good.pt``: a model with no more than :func:`~facesearch.models.save_model` writes.
+    """
+    import torch
+
+    from facesearch.models import get_model, save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    save_model(folder / "good.pt", get_model("mobilenet_v2", weights="none", embedding_dim=8, img_size=32))
+    good = (folder / "good.pt").read_bytes()
+    payload = torch.load(folder / "good.pt", weights_only=True)
+    out = {kind: folder / f"{kind}.pt" for kind in BAD_MODELS}
+    out["empty"].write_bytes(b"")
+    out["truncated"].write_bytes(good[: len(good) // 2])  # torch: no zip directory
+    out["cut_short"].write_bytes(good[:5000])  # torch: OSError EINVAL, reading past the end
+    out["text"].write_text("not a model\n")
+    torch.save(torch.zeros(3), out["tensor"])
+    torch.save({**payload, "config": {**payload["config"], "embedding_dim": 16}}, out["other_shape"])
+    out["folder"].mkdir(exist_ok=True)
+    return out
+
+
 def write_params(path: Path, overrides: dict | None = None) -> Path:
     """Copy the repo's params.yaml to ``path`` with dotted-key overrides ({"execution.n_jobs": 1})."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

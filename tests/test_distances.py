@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from facesearch.distances import squared_distances
+from facesearch.distances import squared_distances, unit_rows
 
 
 @pytest.fixture
@@ -65,3 +65,15 @@ def test_into_a_buffer_gives_the_same_floats(rows):
     assert squared_distances(a, b, b_sq, out=buf) is buf
     assert np.array_equal(buf, squared_distances(a, b, b_sq))
     assert np.array_equal(squared_distances(a, b, b_sq, a_sq, out=buf), squared_distances(a, b, b_sq, a_sq))
+
+
+def test_unit_rows_leaves_unit_rows_alone_and_scales_the_rest():
+    rng = np.random.default_rng(0)
+    raw = (rng.normal(size=(20, 16)) * rng.uniform(5, 9, size=(20, 1))).astype(np.float32)
+    unit = unit_rows(raw)
+    assert unit.dtype == np.float32 and np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6)
+    assert np.allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True))
+    # Already unit (a normalising model's rows): the same array, so thresholds and metrics keep their bits.
+    assert unit_rows(unit) is unit
+    assert np.array_equal(unit_rows(np.zeros((2, 4), np.float32)), np.zeros((2, 4)))  # nothing to scale
+    assert unit_rows(np.zeros((0, 4), np.float32)).shape == (0, 4)

@@ -120,7 +120,11 @@ def test_a_file_that_is_no_model_is_named_in_one_error(tmp_path):
     torch.save({**payload, "config": {**payload["config"], "embedding_dim": 16}}, tmp_path / "other_shape.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_text("not a model")
-    for name in ("empty", "text", "no_config", "other_shape"):
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:5000])
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")  # payload["config"] of a tensor: an IndexError
+    torch.save([1, 2], tmp_path / "list.pt")
+    torch.save({**payload, "config": {**payload["config"], "backbone": "vgg"}}, tmp_path / "other_backbone.pt")
+    for name in ("empty", "text", "no_config", "other_shape", "truncated", "tensor", "list", "other_backbone"):
         with pytest.raises(ModelFileError, match=rf"{name}\.pt is not a facesearch model file \(."):
             load_model(tmp_path / f"{name}.pt")
     with pytest.raises(FileNotFoundError):  # a missing file stays what it is

@@ -8,7 +8,17 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 
-from facesearch.search import CheckedIndex, FaissIndex, build_index, check_neighbours, cosine_similarity
+from facesearch.distances import squared_distances
+from facesearch.search import (
+    CheckedIndex,
+    ExactIndex,
+    FaissIndex,
+    KDTreeIndex,
+    build_index,
+    check_neighbours,
+    cosine_similarity,
+    lowest_k,
+)
 
 needs_faiss = pytest.mark.skipif(
     find_spec("faiss") is None, reason="faiss not installed (pip install -r requirements-search.txt)"
@@ -59,6 +69,74 @@ def test_distances_are_euclidean_and_ascending(data, backend, kind):
     expected = np.take_along_axis(brute(query, gallery), idx, 1)
     assert np.allclose(dist, expected, atol=1e-4)  # not squared: FAISS returns squared L2
     assert (np.diff(dist, axis=1) >= -1e-6).all()
+
+
+def tied(seed: int, n: int, n_queries: int = 30, dim: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings full of exact ties: coordinates in halves (every distance exact in float32), many rows repeated."""
+    rng = np.random.default_rng(seed)
+    gallery = np.round(rng.normal(size=(n, dim))) / 2
+    gallery[rng.integers(0, n, n // 3)] = gallery[rng.integers(0, n, n // 3)]  # duplicates, scattered
+    query = np.concatenate([np.round(rng.normal(size=(n_queries - 2, dim))) / 2, gallery[:2]])
+    return query.astype(np.float32), gallery.astype(np.float32)
+
+
+def stable_top(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rule: a stable sort of each row by exact distance, so equal distances in gallery index order."""
+    d2 = ((query[:, None, :].astype(np.float64) - gallery[None].astype(np.float64)) ** 2).sum(-1)
+    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return np.sqrt(np.take_along_axis(d2, order, 1)), order
+
+
+@pytest.mark.parametrize("index", [lambda g: ExactIndex(g, chunk=1), lambda g: ExactIndex(g, chunk=7),
+                                   ExactIndex, KDTreeIndex], ids=["exact chunk 1", "exact chunk 7",
+                                   "exact chunk 256", "ckdtree"])  # fmt: skip
+@pytest.mark.parametrize("n", [1, 2, 9, 60, 301])
+def test_ties_at_the_cut_off_go_to_the_lowest_gallery_index(index, n):
+    # argpartition (exact) and the tree's traversal (ckdtree) picked any of the items tied at the
+    # k-th distance: 13 of 300 random trials returned another set than a stable sort.
+    for seed in range(4):
+        query, gallery = tied(seed, n)
+        search = index(gallery)
+        for k in sorted({1, 2, 5, n // 2, n - 1, n, n + 3} - {0}):
+            dist, idx = search.search(query, k)
+            truth_d, truth_i = stable_top(query, gallery, k)
+            assert np.array_equal(idx, truth_i), (seed, k)
+            assert np.array_equal(dist, truth_d.astype(np.float32)), (seed, k)
+
+
+@pytest.mark.parametrize("index", [ExactIndex, KDTreeIndex])
+def test_a_collapsed_gallery_ranks_by_index(index):
+    # Every distance equal (a collapsed model): every row is the gallery in index order.
+    gallery = np.ones((50, 8), np.float32)
+    query = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    for k in (1, 17, 49, 50):
+        _, idx = index(gallery).search(query, k)
+        assert (idx == np.arange(k)).all()
+
+
+def test_lowest_k_is_a_stable_sorts_first_k():
+    rng = np.random.default_rng(3)
+    d = rng.integers(0, 6, size=(40, 90)).astype(np.float32)  # a handful of values, ties everywhere
+    d[5] = 2.0  # one value throughout
+    for k in (1, 2, 30, 89):
+        got = np.sort(lowest_k(d, k), axis=1)
+        assert np.array_equal(got, np.sort(np.argsort(d, axis=1, kind="stable")[:, :k], axis=1)), k
+    d[6, ::3] = np.nan  # a NaN embedding's distances: after every number, never an index out of range
+    assert np.array_equal(np.sort(lowest_k(d, 60)[6]), np.flatnonzero(~np.isnan(d[6])))
+
+
+def test_exact_distances_keep_their_float_order(data):
+    # The tie rule chooses among equal values only: each distance is still the chunk's
+    # ||g||^2 - 2 q.g, plus ||q||^2 after the product, bit for bit (committed metrics rest on them).
+    query, gallery = data
+    dist, idx = ExactIndex(gallery, chunk=16).search(query, 40)
+    for s in range(0, len(query), 16):
+        q = query[s : s + 16]
+        d2 = squared_distances(q, gallery, (gallery**2).sum(1))
+        d2 += (q**2).sum(1)[:, None]
+        expected = np.sqrt(np.maximum(np.take_along_axis(d2, idx[s : s + 16], 1), 0))
+        assert np.array_equal(dist[s : s + 16], expected)
+        assert np.array_equal(idx[s : s + 16], np.argsort(d2, axis=1, kind="stable")[:, :40])
 
 
 @needs_faiss

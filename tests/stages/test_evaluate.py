@@ -125,6 +125,45 @@ def test_verification_and_open_set_metrics_and_roc(evaluated, prepared):
     assert (np.diff(roc["after"]) >= 0).all() and roc["after"].iloc[-1] == 1.0
 
 
+def test_verdicts_are_cosines_whatever_the_embeddings_length(evaluated, prepared, tmp_path):
+    # A normalize: false model's embeddings: the same directions at lengths 5-9. Its verification
+    # and open-set figures are those of the unit rows (the index's and the app's), with cosine
+    # thresholds, not figures of raw dot products that no verdict compares. Random directions:
+    # the tiny model's embeddings lie within 1e-6 of one another, closer than float32 rescaling.
+    rng = np.random.default_rng(0)
+    unit, raw = tmp_path / "unit", tmp_path / "raw"
+    for folder in (unit, raw):
+        folder.mkdir()
+    for f in (evaluated / "emb").iterdir():
+        if f.suffix == ".npy":
+            emb = rng.normal(size=np.load(f).shape)
+            emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+            np.save(unit / f.name, emb.astype(np.float32))
+            np.save(raw / f.name, (emb * rng.uniform(5, 9, size=(len(emb), 1))).astype(np.float32))
+        else:
+            for folder in (unit, raw):
+                (folder / f.name).write_bytes(f.read_bytes())
+    cwd = os.getcwd()
+    os.chdir(prepared)
+    try:
+        for folder in (unit, raw):
+            out = folder / "out"
+            evaluate.main(["--backbone", "mobilenet_v2",
+                           "--embeddings", str(folder), "--split", "data/split", "--arrays", "data/arrays",
+                           "--metrics", str(out / "m.json"), "--cmc", str(out / "c.csv"), "--roc", str(out / "r.csv"),
+                           "--figure", str(out / "f.png"), "--timing", str(out / "t.json"),
+                           "--rerank", str(out / "rr"), "--params", str(prepared / "ev.yaml")])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    expected, got = (json.loads((folder / "out" / "m.json").read_text()) for folder in (unit, raw))
+    for state in ("before", "after"):
+        assert -1.0 <= got[state]["openset_threshold"] <= 1.0
+        for key, value in expected[state].items():
+            if key.startswith(("ver_", "openset_")):
+                assert got[state][key] == (pytest.approx(value, abs=2e-4) if isinstance(value, float) else value), key
+    assert pd.read_csv(raw / "out" / "r.csv").equals(pd.read_csv(unit / "out" / "r.csv"))
+
+
 def test_rerank_reaches_every_metric_leak_free(evaluated, prepared, tmp_path):
     """evaluate.rerank: the metrics are those of the re-ranked search, the structures are outputs."""
     from facesearch import rerank as R

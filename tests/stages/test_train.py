@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, TINY_CROP, run_train, write_params
+from conftest import BAD_MODELS, REPO, TINY, TINY_CROP, bad_model_files, run_train, write_params
 
 from facesearch import manifest as M
 from facesearch import training
@@ -85,6 +85,25 @@ def test_the_verdict_threshold_is_chosen_on_the_validation_identities(prepared):
     # The identification verdict rests on the same validation people's stranger comparisons.
     ident = record["identification"]
     assert ident["images"] == len(val) and ident["identities"] == val[M.IDENTITY].nunique()
+
+
+def test_a_model_that_does_not_normalise_gets_a_cosine_threshold(prepared):
+    # normalize: false embeds at lengths far from 1; the index and the app compare unit rows, so
+    # the threshold must be a cosine of those, not of raw dot products (62.5 on norms of 5-9).
+    ver = {"verification.far": 0.2, "verification.fars": [0.5, 0.2], "verification.seed": 4}
+    model, payload = load_model(run_train(prepared, "raw", {"epochs": 1, "normalize": False}, params=ver) / "model.pt")
+    record = payload["threshold"]
+    val = pd.read_parquet(prepared / "data" / "split" / "val.parquet")[M.IDENTITY].to_numpy()
+    emb = embed_array(model, load_array(prepared / "data" / "arrays" / "val.npy"), 32, torch.device("cpu"))
+    assert not np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=0.05)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    params = load_params(prepared / "raw.yaml")["verification"]
+    expected = V.calibrate(unit, val, params["far"], params["fars"], params["impostor_pairs"], params["seed"])
+    assert -1.0 <= record["similarity"] <= 1.0 and record["resolved"]
+    assert record["similarity"] == pytest.approx(expected["similarity"], abs=1e-5)
+    assert record["tar"] == pytest.approx(expected["tar"]) and record["far_measured"] <= 0.2
+    raw = V.calibrate(emb, val, params["far"], params["fars"], params["impostor_pairs"], params["seed"])
+    assert abs(raw["similarity"] - record["similarity"]) > 1e-3  # what it was before: no cosine
 
 
 def test_best_validation_epoch_is_the_model_saved(prepared, monkeypatch):
@@ -383,3 +402,28 @@ def test_distillation_fails_clearly_without_a_teacher_it_can_use(prepared, teach
     torch.save(leaky, tmp_path / "leaky.pt")
     with pytest.raises(SystemExit, match="trained on 1 of the student's validation identities"):
         run_train(prepared, "leaky", DISTILL, args=("--teacher", str(tmp_path / "leaky.pt")))
+
+
+def test_a_teacher_file_that_is_no_model_fails_in_one_line(prepared, tmp_path):
+    models = bad_model_files(tmp_path / "models")
+    for kind in BAD_MODELS:
+        with pytest.raises(SystemExit) as exc:
+            run_train(prepared, f"bad_{kind}", DISTILL, args=("--teacher", str(models[kind])))
+        message = exc.value.code
+        assert isinstance(message, str) and message.startswith("train: teacher") and "\n" not in message, kind
+        assert str(models[kind]) in message, kind
+
+
+def test_a_missing_data_folder_or_params_file_fails_in_one_line(tmp_path):
+    params = write_params(tmp_path / "p.yaml", TINY_CROP | {f"train.mobilenet_v2.{k}": v for k, v in TINY.items()})
+    gone = tmp_path / "gone"
+
+    def failure(params_file) -> str:
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--backbone", "mobilenet_v2", "--split", str(gone), "--arrays", str(gone),
+                        "--out", str(tmp_path / "m.pt"), "--checkpoint", str(tmp_path / "ckpt"),
+                        "--live", str(tmp_path / "live"), "--params", str(params_file)])  # fmt: skip
+        return exc.value.code
+
+    assert failure(params) == f"train: {gone / 'train.parquet'}: No such file or directory"
+    assert failure(tmp_path / "none.yaml") == f"train: {tmp_path / 'none.yaml'}: No such file or directory"
