@@ -254,7 +254,8 @@ def run_train(
     try:
         train.main(["--backbone", backbone, "--split", "data/split", "--arrays", "data/arrays",
                     "--out", f"{name}/model.pt", "--checkpoint", f"{name}/ckpt/last.ckpt", "--live", f"{name}/live",
-                    "--source", "data/source.json", "--params", str(params), *args])  # fmt: skip
+                    *(["--source", "data/source.json"] if (work / "data" / "source.json").is_file() else []),
+                    "--params", str(params), *args])  # fmt: skip
     finally:
         os.chdir(cwd)
     return out

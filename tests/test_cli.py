@@ -7,6 +7,7 @@ why, and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -45,7 +46,8 @@ def one_line_failure(command: str, argv: list[str]) -> str:
         cli.main(argv)
     message = exc.value.code
     # A str code: Python prints it to stderr and exits with status 1.
-    assert isinstance(message, str) and message.startswith(f"{command}: "), message
+    # The index commands name their sub-command too ("index build: ...").
+    assert isinstance(message, str) and re.match(rf"{command}( \w+)?: ", message), message
     assert "\n" not in message and "Traceback" not in message, message
     return message
 

@@ -151,15 +151,15 @@ def test_verdicts_are_cosines_whatever_the_embeddings_length(evaluated, prepared
             evaluate.main(["--backbone", "mobilenet_v2",
                            "--embeddings", str(folder), "--split", "data/split", "--arrays", "data/arrays",
                            "--metrics", str(out / "m.json"), "--cmc", str(out / "c.csv"), "--roc", str(out / "r.csv"),
-                           "--figure", str(out / "f.png"), "--timing", str(out / "t.json"),
+                           "--det", str(out / "d.csv"), "--figure", str(out / "f.png"), "--timing", str(out / "t.json"),
                            "--rerank", str(out / "rr"), "--params", str(prepared / "ev.yaml")])  # fmt: skip
     finally:
         os.chdir(cwd)
     expected, got = (json.loads((folder / "out" / "m.json").read_text()) for folder in (unit, raw))
     for state in ("before", "after"):
-        assert -1.0 <= got[state]["openset_threshold"] <= 1.0
+        assert -1.0 <= got[state]["openall_threshold"] <= 1.0
         for key, value in expected[state].items():
-            if key.startswith(("ver_", "openset_")):
+            if key.startswith(("ver_", "open")):
                 assert got[state][key] == (pytest.approx(value, abs=2e-4) if isinstance(value, float) else value), key
     assert pd.read_csv(raw / "out" / "r.csv").equals(pd.read_csv(unit / "out" / "r.csv"))
 

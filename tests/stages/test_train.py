@@ -19,6 +19,7 @@ from facesearch import manifest as M
 from facesearch import training
 from facesearch import verification as V
 from facesearch.contract import model_preprocessing, model_threshold, seen_identities, verdict
+from facesearch.distances import unit_rows
 from facesearch.faces import FaceConfig
 from facesearch.inference import embed_array
 from facesearch.models import load_model
@@ -71,7 +72,7 @@ def test_the_verdict_threshold_is_chosen_on_the_validation_identities(prepared):
     record = payload["threshold"]
     val = pd.read_parquet(prepared / "data" / "split" / "val.parquet")
     emb = embed_array(model, load_array(prepared / "data" / "arrays" / "val.npy"), 32, torch.device("cpu"))
-    emb = emb.astype(np.float64) / np.linalg.norm(emb.astype(np.float64), axis=1, keepdims=True)  # as calibrate
+    emb = unit_rows(emb.astype(np.float64))  # as calibrate
     params = load_params(prepared / "thr.yaml")["verification"]
     genuine, impostor = V.verification_scores(emb, val[M.IDENTITY].to_numpy(), params["impostor_pairs"], 4)
     assert record["n_impostor"] == len(impostor) >= 5 and record["n_genuine"] == len(genuine) > 0
@@ -96,14 +97,15 @@ def test_a_model_that_does_not_normalise_gets_a_cosine_threshold(prepared):
     val = pd.read_parquet(prepared / "data" / "split" / "val.parquet")[M.IDENTITY].to_numpy()
     emb = embed_array(model, load_array(prepared / "data" / "arrays" / "val.npy"), 32, torch.device("cpu"))
     assert not np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=0.05)
-    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     params = load_params(prepared / "raw.yaml")["verification"]
-    expected = V.calibrate(unit, val, params["far"], params["fars"], params["impostor_pairs"], params["seed"])
-    assert -1.0 <= record["similarity"] <= 1.0 and record["resolved"]
+    # calibrate scales the rows to length 1 itself: the record is that of the unit rows.
+    expected = V.calibrate(emb, val, params["far"], params["fars"], params["impostor_pairs"], params["seed"])
+    assert -1.0 <= record["similarity"] <= 1.0 + 1e-9 and record["resolved"]  # just above 1: rejects ties at 1
     assert record["similarity"] == pytest.approx(expected["similarity"], abs=1e-5)
     assert record["tar"] == pytest.approx(expected["tar"]) and record["far_measured"] <= 0.2
-    raw = V.calibrate(emb, val, params["far"], params["fars"], params["impostor_pairs"], params["seed"])
-    assert abs(raw["similarity"] - record["similarity"]) > 1e-3  # what it was before: no cosine
+    # What the raw dot products would have given: no cosine.
+    _, impostor = V.verification_scores(emb, val, params["impostor_pairs"], params["seed"])
+    assert abs(V.threshold_at_far(impostor, params["far"]) - record["similarity"]) > 1e-3
 
 
 def test_best_validation_epoch_is_the_model_saved(prepared, monkeypatch):
