@@ -23,7 +23,6 @@ content hash, so every later start loads a plain ``.pt``.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facesearch.converted import cached_conversion
 from facesearch.dlib_models import RECOGNITION_MODEL, find_model_file
 from facesearch.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -354,27 +354,7 @@ def state_dict_from_dlib(net: DlibNet) -> dict[str, torch.Tensor]:
     return sd
 
 
-def converted_cache_path(source: Path) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / f"{source.stem}.pt"
-
-
 def load_dlib_state_dict(source: Path | None = None) -> dict[str, torch.Tensor]:
-    """The ported weights: the cached conversion when its source hash matches, else convert and cache."""
-    from facesearch.io import atomic_path
-
+    """The ported weights (:func:`facesearch.converted.cached_conversion` of dlib's ``.dat``)."""
     source = Path(source) if source else find_model_file(RECOGNITION_MODEL)
-    data = source.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    cache = converted_cache_path(source)
-    if cache.is_file():
-        try:
-            payload = torch.load(cache, map_location="cpu", weights_only=True)
-            if payload.get("source_sha256") == digest:
-                return payload["state_dict"]
-        except Exception:  # a truncated or foreign file: convert again
-            pass
-    state = state_dict_from_dlib(read_dlib_net(data))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        torch.save({"source": source.name, "source_sha256": digest, "state_dict": state}, tmp)
-    return state
+    return cached_conversion(source, lambda data: state_dict_from_dlib(read_dlib_net(data)))

@@ -24,13 +24,13 @@ keyed by the ONNX file's SHA-256, so every later start loads a plain ``.pt``.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from facesearch.converted import cached_conversion
 from facesearch.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CHIP_SIZE = 112  # the network's input side, px (ArcFace-template chip)
@@ -243,34 +243,14 @@ def state_dict_from_onnx(data: bytes) -> dict[str, torch.Tensor]:
 # --- the cached conversion ---------------------------------------------------------------
 
 
-def converted_cache_path(source: Path) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / f"{Path(source).stem}.pt"
-
-
 def load_sface_state_dict(source: Path | str | None = None, model: str = "sface") -> dict[str, torch.Tensor]:
     """The ported weights of ``source`` (default: the verified zoo file ``model``, ``sface`` or
-    ``sface_int8bq``): the cached conversion when its source hash matches, else convert and cache."""
-    from facesearch.io import atomic_path
-
+    ``sface_int8bq``), converted once and cached (:func:`facesearch.converted.cached_conversion`)."""
     if source is None:
         from facesearch.zoo import verified_model_file
 
         source = verified_model_file(model)
-    source = Path(source)
-    data = source.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    cache = converted_cache_path(source)
-    if cache.is_file():
-        try:
-            payload = torch.load(cache, map_location="cpu", weights_only=True)
-            if payload.get("source_sha256") == digest:
-                return payload["state_dict"]
-        except Exception:  # a truncated or foreign file: convert again
-            pass
-    state = state_dict_from_onnx(data)
-    with atomic_path(cache) as tmp:
-        torch.save({"source": source.name, "source_sha256": digest, "state_dict": state}, tmp)
-    return state
+    return cached_conversion(Path(source), state_dict_from_onnx)
 
 
 def pretrained_sface(model: str = "sface") -> SFaceNet:

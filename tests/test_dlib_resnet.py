@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from facesearch import dlib_resnet as D
+from facesearch.converted import converted_cache_path
 from facesearch.dlib_models import MODELS_ENV, RECOGNITION_MODEL, SHAPE_PREDICTORS, find_model_file
 from facesearch.models import WeightsUnavailable, freeze_all_but_last, get_model, parameter_layers
 from facesearch.transforms import to_model_input
@@ -171,7 +172,7 @@ def test_pretrained_weights_are_converted_once_and_cached(models_dir, random_sta
     model = get_model("dlib_resnet")  # weights default to dlib for this backbone
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, random_state[k])
-    cache = D.converted_cache_path(models_dir / RECOGNITION_MODEL)
+    cache = converted_cache_path(models_dir / RECOGNITION_MODEL)
     assert cache.is_file() and cache.parent.name == "checkpoints"
 
     def fail(_):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from facesearch import sface as S
 from facesearch import zoo
+from facesearch.converted import converted_cache_path
 from facesearch.transforms import to_model_input
 
 onnx = pytest.importorskip("onnx", reason="onnx not installed: pip install -r requirements-face.txt")
@@ -274,7 +275,7 @@ def test_converted_once_and_cached(random_state, tmp_path, monkeypatch):
     state = S.load_sface_state_dict(source)
     for k, v in state.items():
         torch.testing.assert_close(v, random_state[k])
-    cache = S.converted_cache_path(source)
+    cache = converted_cache_path(source)
     assert cache.is_file() and cache.parent.name == "checkpoints"
 
     def fail(_):
