@@ -67,7 +67,7 @@ def small_sample(sample_factory, tmp_path) -> Path:
 def person_folders(celeba_root: Path, dst: Path) -> Path:
     """The photos of a CelebA-layout folder rearranged one folder per person: ``dst/Person_<id>/<name>``.
 
-    Zero-padded ids: the sorted folder names (the folder layout's identities 1..N) follow the CelebA ids.
+    Zero-padded ids: the sorted folder names follow the CelebA ids.
     """
     for line in (celeba_root / "identity_CelebA.txt").read_text().splitlines():
         name, ident = line.split()

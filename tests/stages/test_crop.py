@@ -17,6 +17,7 @@ from facesearch.celeba import ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IDENTITY_FILE, st
 from facesearch.cropping import crop_names, image_guards
 from facesearch.detect import DetectorConfig, detect_face
 from facesearch.faces import face_crop
+from facesearch.layouts import person_identity
 from facesearch.packing import pack_crops
 from stages import crop
 
@@ -302,12 +303,12 @@ def test_folder_layout_manifest_matches_celeba(small_sample, tmp_path):
     assert metrics["layout"] == "folders" and celeba_metrics["layout"] == "celeba"
     assert celeba[M.PERSON].isna().all()
     assert folders[M.IMAGE_PATH].tolist() == sorted(str(p.relative_to(people)) for p in people.rglob("*.jpg"))
-    rank = {ident: i for i, ident in enumerate(sorted(celeba[M.IDENTITY].unique()), 1)}
     same = [M.STATUS, M.REASON, M.SHA256, M.N_FACES, M.DETECTOR, M.BBOX_X, M.BBOX_Y, M.BBOX_W, M.BBOX_H]
     by_name = folders.assign(**{M.FILE_NAME: folders[M.FILE_NAME].str.split("/").str[1]}).set_index(M.FILE_NAME)
     expected = celeba.set_index(M.FILE_NAME).loc[by_name.index]
     pd.testing.assert_frame_equal(by_name[same], expected[same], check_index_type=False)
-    assert by_name[M.IDENTITY].tolist() == [rank[i] for i in expected[M.IDENTITY]]
+    # A person folder's identity is a function of its name (layouts.person_identity), not of its rank.
+    assert by_name[M.IDENTITY].tolist() == [person_identity(f"Person_{i:05d}") for i in expected[M.IDENTITY]]
     assert by_name[M.PERSON].tolist() == [f"Person_{i:05d}" for i in expected[M.IDENTITY]]
     assert folders[list(ATTRIBUTE_NAMES)].isna().all().all() and folders[M.PARTITION].isna().all()
     assert metrics["n_kept"] == celeba_metrics["n_kept"]
