@@ -168,7 +168,7 @@ def write_params(path: Path, overrides: dict | None = None) -> Path:
 
 
 def run_crop(workdir: Path, data: Path, overrides: dict | None = None) -> tuple[pd.DataFrame, dict]:
-    """Run the crop stage in ``workdir`` (as DVC would, from the repo root) and load its outputs."""
+    """Run the crop stage in ``workdir`` (as DVC would, from the repo root); its manifest and every metric."""
     workdir.mkdir(parents=True, exist_ok=True)
     params = write_params(workdir / "params.yaml", {"execution.n_jobs": 1, **(overrides or {})})
     from stages import crop
@@ -178,12 +178,13 @@ def run_crop(workdir: Path, data: Path, overrides: dict | None = None) -> tuple[
     try:
         crop.main(
             ["--data", str(data), "--crops", "data/crops", "--manifest", "data/manifest.parquet",
-             "--metrics", "metrics/crop.json", "--sheet", "reports/crops.png", "--source", "data/source.json",
-             "--params", str(params)]
+             "--metrics", "metrics/crop.json", "--details", "metrics/details/crop.json", "--sheet", "reports/crops.png",
+             "--source", "data/source.json", "--params", str(params)]
         )  # fmt: skip
     finally:
         os.chdir(cwd)
-    return pd.read_parquet(workdir / "data/manifest.parquet"), json.loads((workdir / "metrics/crop.json").read_text())
+    details = json.loads((workdir / "metrics/details/crop.json").read_text())
+    return pd.read_parquet(workdir / "data/manifest.parquet"), details
 
 
 def fake_manifest(counts: dict[int, int], partitions: dict[int, int] | None = None) -> pd.DataFrame:
@@ -229,7 +230,8 @@ def prepared(sample_factory, tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        split.main(["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json"])
+        split.main(["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json",
+                    "--details", "md.json"])  # fmt: skip
         pack.main(["--split", "data/split", "--out", "data/arrays"])
     finally:
         os.chdir(cwd)
