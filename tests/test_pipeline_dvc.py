@@ -59,8 +59,11 @@ def test_dvc_reruns_exactly_what_changed(repo_root, tmp_path):
     table = dvc(repo, "metrics", "show").splitlines()
     states = {f"metrics/{s}/{b}.json" for s in ("before", "after") for b in ("resnet50", "mobilenet_v2")}
     assert {line.split()[0] for line in table[1:]} == {"metrics/crop.json", "metrics/split.json"} | states
-    assert set(table[0].split()) == {"Path", "n_input", "keep_rate", "queries", "gallery", "rank1", "mAP", "loo_mAP",
-                                     "val_mAP", "tpir@fpir1e-2", "fpir", "fnir", "tar@far1e-3"}  # fmt: skip
+    # Every headline key but those null here (DVC shows no column of nulls): a 1% FPIR needs 100
+    # stranger searches, and this tiny run has a few.
+    headline = {"Path", "n_input", "keep_rate", "queries", "gallery", "rank1", "mAP", "loo_mAP", "val_mAP",
+                "tpir@fpir1e-2", "fpir", "fnir", "tar@far1e-3"}  # fmt: skip
+    assert headline - {"tpir@fpir1e-2", "tar@far1e-3"} <= set(table[0].split()) <= headline, table[0]
     assert max(map(len, table)) <= 170, "\n".join(table)
     # The details are outputs beside them, read on demand: every metric, both states.
     shown = json.loads(dvc(repo, "metrics", "show", "--json", "metrics/details/resnet50.json"))
