@@ -2,9 +2,11 @@
 
     streamlit run app/main.py
 
-Galleries (the sidebar): the pipeline's test gallery of each built model state
-(models/, data/embeddings/, data/split/, data/crops/ of the repository root),
-and the photo indexes (``python -m facesearch index build``) the operator lists.
+Galleries (the sidebar): the photo indexes (``python -m facesearch index build``) the
+operator lists, then the pipeline's test gallery of each built model state (models/,
+data/embeddings/, data/split/, data/crops/ of the repository root). The page opens on the
+first: an index of real photos when there is one, else the fine-tuned model's test gallery,
+with a note of whose faces it holds (the synthetic sample's cartoon people, by default).
 The answer names who matched (or says "No match in this gallery"); each result
 shows its cosine similarity and what it is: the match, the same person (another
 photo of the matched person), or another person above or below the threshold.
@@ -95,13 +97,18 @@ def pair(a: float, b: float) -> tuple[str, str]:
 
 
 def gallery_options() -> dict[str, tuple[str, str, str | None]]:
-    """Sidebar label -> (kind, backbone or folder, state): only what the operator serves."""
-    options = {f"Test gallery · {core.model_label(b, s)}": ("pipeline", b, s) for b, s in core.available(ROOT)}
+    """Sidebar label -> (kind, backbone or folder, state): only what the operator serves.
+
+    The most useful first, as the page opens on the first: the operator's photo indexes (their
+    own photos), then the test galleries, each backbone fine-tuned before its untrained twin.
+    """
+    options = {}
     listed = ACCESS.listed()
     names = [p.name for p in listed]
     for p in listed:  # two listed folders may hold indexes of the same name
         label = f"Index · {p.name}" + (f" ({p.parent.name})" if names.count(p.name) > 1 else "")
         options[label] = ("index", str(p), None)
+    options |= {f"Test gallery · {core.model_label(b, s)}": ("pipeline", b, s) for b, s in core.available(ROOT)}
     if ACCESS.allow_paths:
         options[OTHER_INDEX] = ("path", "", None)
     return options
@@ -129,6 +136,8 @@ def choose_gallery() -> core.Gallery | None:
         with st.spinner("Loading the index and its model…"):
             gallery = core.typed_index_gallery(ACCESS, index_galleries(), text, THRESHOLD)
     st.sidebar.markdown(f"Searching {gallery.title}: **{gallery.counts_text}**.")
+    if gallery.note:
+        st.sidebar.info(gallery.note)
     st.sidebar.markdown(f"Model: **{gallery.model_label}**. Same person at similarity ≥ "
                         f"**{gallery.threshold:.3f}** ({gallery.threshold_source}).")  # fmt: skip
     st.sidebar.caption(gallery.verdict.meaning())
@@ -227,10 +236,12 @@ def page() -> None:
         return
     upload_tab, camera_tab = st.tabs(["Upload a photo", "Take a photo"])
     with upload_tab:
-        # The same limit as the app's own check and Streamlit's server.maxUploadSize (core.MAX_UPLOAD_MB).
+        # The same limit as the app's own check and Streamlit's server.maxUploadSize (core.MAX_UPLOAD_MB);
+        # the uploader states it and the file types under its drop zone.
         upload = st.file_uploader("Photo", type=core.UPLOAD_EXTENSIONS, key="upload",
                                   max_upload_size=core.MAX_UPLOAD_MB)  # fmt: skip
-        # In view, not only in the uploader's tooltip: a refused file should not be a surprise.
+        # In view, and only what the uploader's own line does not say: a refused file should not be a
+        # surprise, and each limit is stated once.
         st.caption(core.LIMITS_TEXT)
     with camera_tab:
         shot = st.camera_input("Camera", key="camera")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import stat
@@ -81,9 +82,10 @@ from facesearch.search import ExactIndex, SearchIndex
 
 log = logging.getLogger(__name__)
 
-# The upload limit, stated once: the app's own check, the caption under the uploader, the uploader's
-# own limit (st.file_uploader max_upload_size) and Streamlit's server.maxUploadSize in
-# .streamlit/config.toml (tests/test_app.py checks it) are all this many MiB (Streamlit's "MB").
+# The upload limit, one number everywhere: the app's own check and its message, the uploader's own
+# limit (st.file_uploader max_upload_size, which the uploader states under its drop zone) and
+# Streamlit's server.maxUploadSize in .streamlit/config.toml (tests/test_app.py checks them, and the
+# README's statement) are all this many MiB (Streamlit's "MB").
 MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000  # 40 megapixels
@@ -115,9 +117,11 @@ UPLOAD_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
 UPLOAD_EXTENSIONS = [ext for _, exts in UPLOAD_FORMATS.values() for ext in exts]
 _names = [name for name, _ in UPLOAD_FORMATS.values()]
 FORMATS_TEXT = ", ".join(_names[:-1]) + f" or {_names[-1]}"
-LIMITS_TEXT = (f"{FORMATS_TEXT}; at most {MAX_UPLOAD_MB} MB and {MAX_UPLOAD_PIXELS // 1_000_000} megapixels "
-               f"({WEBP_CANVAS_MAX_PIXELS // 1_000_000} for a WebP with transparency, lossless or animated), no side "
-               f"more than {MAX_ASPECT} times the other.")  # fmt: skip
+# The limits the uploader's own line ("10MB per file • JPG, JPEG, ...", from max_upload_size and the
+# file types) cannot state, shown under it: each limit is stated once on the page.
+LIMITS_TEXT = (f"At most {MAX_UPLOAD_PIXELS // 1_000_000} megapixels ({WEBP_CANVAS_MAX_PIXELS // 1_000_000} for a "
+               f"WebP with transparency, lossless or animated), no side more than {MAX_ASPECT} times the "
+               "other.")  # fmt: skip
 WEBP_TOO_LARGE = (f"A WebP with transparency, lossless or animated can be at most "
                   f"{WEBP_CANVAS_MAX_PIXELS // 1_000_000} megapixels: its decoder holds the whole image several "
                   "times over. Save it as JPEG or PNG, or smaller.")  # fmt: skip
@@ -293,6 +297,7 @@ class Gallery:
     faces: int
     photos: int
     version: str | None = None  # the index version loaded (its folder's name); None for the pipeline's gallery
+    note: str | None = None  # what the gallery's people are, where its title does not say (pipeline_gallery_note)
     embedder: X.Embedder | None = None  # an index's loaded model file, shared with other indexes of it (_embedder)
 
     @property
@@ -363,13 +368,37 @@ def load_gallery(root: Path, backbone: str, state: str, threshold: float | None 
     search_index = gallery_index(root / "data" / "rerank" / backbone / state, embeddings)
     photos_known = table[SOURCE_FILE].notna()
     n_photos = int(table.loc[photos_known, SOURCE_FILE].nunique() + (~photos_known).sum())
+    people = int(table[M.IDENTITY].nunique())
     return Gallery(
         title="the pipeline's test gallery", model_label=model_label(backbone, state), model=model,
         settings=crop_settings(root, backbone), size=int(model.config.img_size), embeddings=embeddings,
         index=search_index, table=table, attributes=attribute_matrix(table),
-        verdict=state_verdict(payload, state, len(table), threshold), people=int(table[M.IDENTITY].nunique()),
-        faces=len(table), photos=n_photos,
+        verdict=state_verdict(payload, state, len(table), threshold), people=people, faces=len(table),
+        photos=n_photos, note=pipeline_gallery_note(root, payload, people),
     )  # fmt: skip
+
+
+def pipeline_gallery_note(root: Path, payload: dict, people: int) -> str:
+    """What the pipeline's test gallery is, in a sentence for the visitor: whose faces, and what for.
+
+    From the crop stage's record of the data (``data/source.json``), else the one the model
+    file carries (``identities["source"]``): the synthetic sample's cartoon people are said to
+    be that, with where real photos are searched instead.
+    """
+    source_file = root / "data" / "source.json"
+    try:
+        source = json.loads(source_file.read_text()) if source_file.is_file() else None
+    except (OSError, ValueError):
+        source = None
+    source = source or (payload.get("identities") or {}).get("source") or {}
+    if source.get("synthetic"):
+        return (f"The {people} people of this gallery are the built-in synthetic sample's cartoon faces, held out "
+                "from training: it shows that the pipeline runs, not how well it finds real people. To search "
+                "real photos, build an index of your own (python -m facesearch index build; README, \"Search your "
+                "own photos\") or run the pipeline on labelled real photos.")  # fmt: skip
+    name = source.get("name")
+    return (f"The {people} people of this gallery are held out from training: the pipeline's test identities"
+            + (f" of {name}." if name else "."))  # fmt: skip
 
 
 def gallery_index(structure_dir: Path, embeddings: np.ndarray) -> SearchIndex:

@@ -129,7 +129,11 @@ RESULT_COLUMNS = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"
 
 
 def results_table(metrics_dir: str, backbones: list[str]) -> str:
-    """Markdown table of ``<metrics_dir>/<backbone>.json``, before and after fine-tuning."""
+    """Markdown table of ``<metrics_dir>/<backbone>.json``, before and after fine-tuning.
+
+    Those are the evaluate stage's details (``metrics/details/``, every metric of both states),
+    not its headline files: the table has Rank-5/10, Recall@10 and the protocol's size too.
+    """
     lines = ["| backbone | model | " + " | ".join(t for _, t in RESULT_COLUMNS) + " | queries | gallery |",
              "| --- | --- | " + " | ".join("---" for _ in RESULT_COLUMNS) + " | --- | --- |"]  # fmt: skip
     for backbone in backbones:
@@ -144,6 +148,23 @@ def results_table(metrics_dir: str, backbones: list[str]) -> str:
             cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float | int) else "—" for k, _ in RESULT_COLUMNS]
             lines.append(f"| {backbone} | {label} | " + " | ".join(cells) + f" | {n_queries} | {n_gallery} |")
     return "\n".join(lines) + "\n"
+
+
+def metrics_show_block(repo: Path) -> str:
+    """``dvc metrics show`` of ``repo``'s working tree as a fenced block, as the README shows it.
+
+    DVC's own table (its column order and widths), lines stripped of the trailing spaces DVC pads
+    them with; run by ``results --readme``, so the README's block is a command's output, not typed.
+    """
+    import os
+    import subprocess
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show"], cwd=repo, env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"results: dvc metrics show failed in {repo}: {out.stderr.strip()}")
+    return "```text\n" + "".join(line.rstrip() + "\n" for line in out.stdout.splitlines()) + "```\n"
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -220,12 +241,15 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_parser(sub)
     pretrained.add_parser(sub)
     index.add_parsers(sub)  # index build|add|remove|info, search: your own photos (facesearch.index)
-    res = sub.add_parser("results", help="Markdown results table from metrics/<backbone>.json")
-    res.add_argument("--metrics", default="metrics", help="folder with <backbone>.json")
+    res = sub.add_parser("results", help="Markdown results table from metrics/details/<backbone>.json")
+    res.add_argument("--metrics", default="metrics/details", help="folder with the evaluate stage's <backbone>.json "
+                     "details")  # fmt: skip
     res.add_argument("--backbones", default=None, help="comma-separated (default: params.yaml backbones)")
     res.add_argument("--params", default="params.yaml")
     res.add_argument("--readme", default=None, help="rewrite this file's marked section instead of printing")
     res.add_argument("--section", default="results-sample", help="marker name in the README")
+    res.add_argument("--show-section", default="metrics-show", help="with --readme: marker name of the README's "
+                     "`dvc metrics show` block, rewritten from this checkout ('' to leave it)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         _run(args)
@@ -258,7 +282,10 @@ def _run(args: argparse.Namespace) -> None:
         table = results_table(args.metrics, backbones)
         if args.readme:
             path = Path(args.readme)
-            write_bytes_atomic(path, replace_section(path.read_text(), args.section, table).encode())
+            text = replace_section(path.read_text(), args.section, table)
+            if args.show_section:
+                text = replace_section(text, args.show_section, metrics_show_block(Path.cwd()))
+            write_bytes_atomic(path, text.encode())
         else:
             print(table, end="")
     elif args.command == "dlib-reference":

@@ -1,8 +1,8 @@
 """Stage ``crop``: detect and crop one face per photo, and write the manifest.
 
     python -m stages.crop --data data/sample --crops data/crops \
-        --manifest data/manifest.parquet --metrics metrics/crop.json --sheet reports/crops.png \
-        --timing reports/crop_timing.json --source data/source.json
+        --manifest data/manifest.parquet --metrics metrics/crop.json --details metrics/details/crop.json \
+        --sheet reports/crops.png --timing reports/crop_timing.json --source data/source.json
 
 Reads ``params.yaml: data.root`` (passed as ``--data``), ``data.layout`` (CelebA or
 one folder per person, or ``auto``: see facesearch.layouts) and ``crop``. Every
@@ -13,8 +13,10 @@ Photos are processed in parallel with joblib (``execution.n_jobs`` workers on
 the ``execution.backend`` backend, on the cluster at ``execution.address`` for
 dask/ray: how the stage runs, not what it produces, so no stage lists them in
 dvc.yaml); each worker writes its crops into a temporary folder that replaces
-``--crops`` only when the whole run succeeded. ``--metrics`` holds only results
-that compare across runs; speed goes to the log and ``--timing``. ``--source``
+``--crops`` only when the whole run succeeded. ``--details`` holds only results
+that compare across runs (every reject reason, the annotation problems found), ``--metrics``
+their headline (:data:`HEADLINE`: the one row ``dvc metrics show`` prints for this stage);
+speed goes to the log and ``--timing`` (not a DVC output: it differs on every run). ``--source``
 says where the identities come from (:func:`facesearch.layouts.dataset_source`:
 the layout, the CelebA identity file's fingerprint, whether the photos are the
 synthetic sample's), for the model files trained on them.
@@ -93,6 +95,11 @@ def crop_timing(n_input: int, seconds: float, n_jobs: int, backend: str) -> dict
         "n_jobs": n_jobs,
         "backend": backend,
     }
+
+
+# The crop metrics `dvc metrics show` prints: how many photos came in and the share kept (the
+# reasons for the rest are in the details).
+HEADLINE = ("n_input", "keep_rate")
 
 
 def crop_metrics(df: pd.DataFrame, dataset: Dataset) -> dict:
@@ -265,7 +272,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="labelled data folder (params: data.root, data.layout)")
     parser.add_argument("--crops", required=True, help="folder for the face crops (replaced whole)")
     parser.add_argument("--manifest", required=True, help="Parquet manifest to write")
-    parser.add_argument("--metrics", required=True, help="JSON metrics to write")
+    parser.add_argument("--metrics", required=True, help="JSON of the headline metrics to write (DVC metrics)")
+    parser.add_argument("--details", required=True, help="JSON of every metric to write (a plain output)")
     parser.add_argument("--sheet", required=True, help="contact sheet PNG to write")
     parser.add_argument("--timing", default=None, help="JSON with this run's speed (not a metric), optional")
     parser.add_argument("--source", default=None, help="JSON of where the identities come from (layout, identity "
@@ -333,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     M.validate_manifest(df, base_dir=".")
     write_parquet_atomic(args.manifest, df)
     metrics = crop_metrics(df, dataset)
-    write_json_atomic(args.metrics, metrics)
+    write_json_atomic(args.details, metrics)
+    write_json_atomic(args.metrics, {k: metrics[k] for k in HEADLINE})
     if args.source:
         write_json_atomic(args.source, dataset_source(data_root, dataset.layout))
     timing = crop_timing(len(df), seconds, execution["n_jobs"], execution["backend"])

@@ -1,7 +1,8 @@
 """Stage ``evaluate@<backbone>``: retrieval and verification metrics before and after fine-tuning.
 
     python -m stages.evaluate --backbone resnet50 --embeddings data/embeddings/resnet50 --split data/split \
-        --arrays data/arrays --metrics metrics/resnet50.json --cmc metrics/cmc/resnet50.csv \
+        --arrays data/arrays --details metrics/details/resnet50.json --metrics-before metrics/before/resnet50.json \
+        --metrics-after metrics/after/resnet50.json --cmc metrics/cmc/resnet50.csv \
         --roc metrics/roc/resnet50.csv --det metrics/det/resnet50.csv --figure reports/retrieval_resnet50.png \
         --timing reports/timing/resnet50.json --rerank data/rerank/resnet50
 
@@ -9,11 +10,14 @@ Reads ``params.yaml: evaluate`` and ``verification``. Every query (one photo of 
 identity) searches the gallery (all their other photos) with the
 ``evaluate.backend`` search index, re-ranked by ``evaluate.rerank`` (the method of
 ``--backbone`` in ``method_by_backbone``, else ``method``; :mod:`facesearch.rerank`, whose
-gallery structures go to ``--rerank``: built from the gallery alone, once). ``--metrics`` gets
+gallery structures go to ``--rerank``: built from the gallery alone, once). ``--details`` gets
 ``{"before": {...}, "after": {...}}`` with identity Rank-1/5/10 and mAP,
 Recall@k, the report's attribute agreement at each k, and
 ``loo_*``: Rank-k and mAP with every held-out image in turn as the query
 against all the others (more queries than identities, so finer-grained);
+``val_*``: the same leave-one-out Rank-k and mAP on the *validation* identities, without
+re-ranking, as training scores its epochs (the numbers to choose a recipe by: the test
+identities are for reporting, never for choosing);
 ``ver_*``: verification ("same person?") on the *validation* identities' pairs
 (all genuine pairs, ``verification.impostor_pairs`` seeded impostor pairs):
 ROC AUC, and TAR and the similarity threshold at each of ``verification.fars``
@@ -28,10 +32,14 @@ verdict a user is told does at that gallery's size: "after" the model's own reco
 (``threshold.json`` from embed, calibrated by train on the validation identities),
 "before" one calibrated here on the validation identities the same way. Nothing is
 chosen on the test identities. ``--det`` gets the DET curve (FNIR at each FPIR) of the
-largest gallery. Metrics only,
-so ``dvc metrics diff`` shows quality changes and nothing else.
+largest gallery. ``--metrics-before`` and ``--metrics-after`` get each state's headline
+(:func:`headline`: a few of those numbers under short names), the files dvc.yaml declares as
+metrics, so that ``dvc metrics show`` prints one narrow row per backbone and state; the
+details stay a plain output (``dvc metrics diff --all --targets <file>`` reads them).
+Metrics only, so ``dvc metrics diff`` shows quality changes and nothing else.
 ``--timing`` gets the search timings (index build, batch search, one-query
-p50/p99), which differ on every run and machine;
+p50/p99), which differ on every run and machine: not a DVC output at all (git-ignored),
+so that a re-run on the same kind of machine leaves ``dvc.lock`` and the git tree as they were;
 ``--cmc`` the CMC curves and ``--roc`` the ROC curves (TAR at each FAR target,
 validation identities; DVC plots); ``--figure`` a few seeded queries with
 their 9 nearest gallery faces, correct identities framed green. The faces are
@@ -61,14 +69,31 @@ from facesearch.distances import unit_rows
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic
 from facesearch.packing import load_array
 from facesearch.params import load_params
-from facesearch.retrieval import attribute_matrix, evaluate, readable
+from facesearch.retrieval import attribute_matrix, evaluate, leave_one_out_metrics, readable
 from facesearch.search import cosine_similarity
 from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.evaluate")
 
-# Logged per state: the headline retrieval, verification and open-set figures.
-SUMMARY = ("rank1", "mAP", "ver_auc", "openall_tpir@fpir1e-2", "openall_fnir", "openall_fpir")
+
+def headline(metrics: dict, verification: dict) -> dict:
+    """The numbers of one state that ``dvc metrics show`` prints, under short names (one narrow row).
+
+    Rank-1 and mAP of the queries, leave-one-out mAP of the test and of the validation
+    identities, and the two operating points the verdicts are calibrated for
+    (``verification.fpir``, ``verification.far``): TPIR at that FPIR and the shipped verdict's
+    FPIR / FNIR on the largest open-set gallery, and 1:1 TAR at that FAR. The details keep their
+    long names (``openall_tpir@fpir1e-2`` here is ``tpir@fpir1e-2``). A point that
+    ``verification.open_set_fpirs`` / ``fars`` does not report is left out, said in the log.
+    """
+    fpir, far = V.far_key(verification["fpir"]), V.far_key(verification["far"])
+    names = {"rank1": "rank1", "mAP": "mAP", "loo_mAP": "loo_mAP", "val_mAP": "val_mAP",
+             f"tpir@fpir{fpir}": f"openall_tpir@fpir{fpir}", "fpir": "openall_fpir", "fnir": "openall_fnir",
+             f"tar@far{far}": f"ver_tar@far{far}"}  # fmt: skip
+    missing = [long for long in names.values() if long not in metrics]
+    if missing:
+        log.warning("not in the metrics, so not in the headline: %s", missing)
+    return {short: metrics[long] for short, long in names.items() if long in metrics}
 
 
 def single_query_latency(index, queries: np.ndarray, n: int, k: int = 9) -> tuple[float, float]:
@@ -169,13 +194,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embeddings", required=True, help="folder written by the embed stage")
     parser.add_argument("--split", required=True, help="folder with query/gallery .parquet (identities, attributes)")
     parser.add_argument("--arrays", required=True, help="folder with the packed query/gallery .npy (the faces drawn)")
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--details", required=True, help="JSON of every metric, before and after (a plain output)")
+    parser.add_argument("--metrics-before", required=True, help="JSON of the headline before fine-tuning (DVC metrics)")
+    parser.add_argument("--metrics-after", required=True, help="JSON of the headline after fine-tuning (DVC metrics)")
     parser.add_argument("--cmc", required=True, help="CSV of the CMC curves (rank, before, after)")
     parser.add_argument("--roc", required=True, help="CSV of the ROC curves (far, before, after: TAR)")
     parser.add_argument("--det", required=True, help="CSV of the DET curves (fpir, before, after: FNIR) of the "
                         "largest open-set gallery")  # fmt: skip
     parser.add_argument("--figure", required=True, help="PNG of seeded queries and their top 9")
-    parser.add_argument("--timing", required=True, help="JSON of the search timings (not a metrics file)")
+    parser.add_argument("--timing", required=True, help="JSON of the search timings (not a metrics file, not a "
+                        "DVC output)")  # fmt: skip
     parser.add_argument("--rerank", required=True, help="folder for each state's gallery re-ranking structure")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
@@ -217,9 +245,16 @@ def main(argv: list[str] | None = None) -> None:
         open_set, dets[state] = V.open_set_report(test, test_labels, record, ver_params["open_set_sizes"],
                                                   ver_params["open_set_fpirs"], ver_params["seed"],
                                                   ver_params["roc_points"])  # fmt: skip
-        results[state] |= ver | open_set
-        log.info("%s: %s", state, {k: results[state][k] for k in SUMMARY})
-    write_json_atomic(args.metrics, {s: readable(m) for s, m in results.items()})
+        # Scored as training scores its epochs (the same function, unit rows or not, no re-ranking):
+        # "after" is the kept epoch's validation score, "before" the starting network's.
+        val_loo = leave_one_out_metrics(np.load(emb_dir / f"{state}_val.npy"), val_labels)
+        results[state] |= ver | open_set | {f"val_{k}": v for k, v in val_loo.items()}
+    details = {s: readable(m) for s, m in results.items()}
+    write_json_atomic(args.details, details)
+    for state, path in (("before", args.metrics_before), ("after", args.metrics_after)):
+        numbers = headline(details[state], ver_params)
+        write_json_atomic(path, numbers)
+        log.info("%s: %s", state, numbers)
     with atomic_dir(args.rerank) as tmp:
         for state, structure in structures.items():
             structure.save(tmp / state)

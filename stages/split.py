@@ -1,7 +1,7 @@
 """Stage ``split``: identity-disjoint train/val/test split, triplets, query and gallery.
 
     python -m stages.split --manifest data/manifest.parquet --out data/split \
-        --metrics metrics/split.json
+        --metrics metrics/split.json --details metrics/details/split.json
 
 Reads ``params.yaml: split``. Every identity goes to exactly one of train, val
 and test. Writes ``train.parquet`` (kept images of train identities),
@@ -10,7 +10,9 @@ never trains on, so per-epoch validation and the choice of the best epoch
 never look at the test identities), ``triplets.parquet`` (offline triplets
 over train), and for the test identities ``query.parquet`` (one seeded image
 per identity) and ``gallery.parquet`` (all their other images; the other
-identities act as distractors for each query).
+identities act as distractors for each query). ``--details`` gets the size of each
+part, ``--metrics`` their headline (:data:`HEADLINE`: the one row ``dvc metrics show``
+prints for this stage).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from facesearch.params import load_params
 from facesearch.protocol import choose_queries, eligible_images
 
 log = logging.getLogger("facesearch.split")
+# The split metrics `dvc metrics show` prints: the test protocol every score is measured on (each
+# query moves Rank-1 by 1/queries); the other parts' sizes are in the details.
+HEADLINE = ("queries", "gallery")
 
 SPLIT_FILES = ("train", "val", "triplets", "query", "gallery")
 
@@ -122,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True, help="folder for train/val/triplets/query/gallery .parquet")
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--metrics", required=True, help="JSON of the headline metrics to write (DVC metrics)")
+    parser.add_argument("--details", required=True, help="JSON of every metric to write (a plain output)")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in SPLIT_FILES:
         write_parquet_atomic(out / f"{name}.parquet", tables[name])
     metrics = split_metrics(manifest, tables, params["min_images"])
-    write_json_atomic(args.metrics, metrics)
+    write_json_atomic(args.details, metrics)
+    write_json_atomic(args.metrics, {k: metrics[k] for k in HEADLINE})
     log.info("%s", metrics)
 
 

@@ -275,14 +275,19 @@ def test_timing_is_written_apart_from_metrics(small_sample, tmp_path):
     os.chdir(tmp_path)
     try:
         crop.main(["--data", str(small_sample), "--crops", "data/crops", "--manifest", "data/manifest.parquet",
-                   "--metrics", "metrics/crop.json", "--sheet", "reports/crops.png", "--params", str(params),
+                   "--metrics", "metrics/crop.json", "--details", "metrics/details/crop.json",
+                   "--sheet", "reports/crops.png", "--params", str(params),
                    "--timing", "reports/crop_timing.json"])  # fmt: skip
     finally:
         os.chdir(cwd)
     timing = json.loads((tmp_path / "reports/crop_timing.json").read_text())
     assert timing["n_jobs"] == 1 and timing["images_per_second"] > 0
-    metrics = json.loads((tmp_path / "metrics/crop.json").read_text())
-    assert not {"seconds", "images_per_second", "images_per_second_per_job", "n_jobs"} & set(metrics)
+    details = json.loads((tmp_path / "metrics/details/crop.json").read_text())
+    assert not {"seconds", "images_per_second", "images_per_second_per_job", "n_jobs"} & set(details)
+    # The headline (what `dvc metrics show` prints for crop) is the details' few keys, the same values.
+    headline = json.loads((tmp_path / "metrics/crop.json").read_text())
+    assert headline == {k: details[k] for k in crop.HEADLINE}
+    assert headline == {"n_input": details["n_input"], "keep_rate": details["keep_rate"]}
 
 
 def test_execution_knobs_left_in_crop_block_fail_loudly(tmp_path):
@@ -307,6 +312,7 @@ def test_folder_layout_manifest_matches_celeba(small_sample, tmp_path):
     by_name = folders.assign(**{M.FILE_NAME: folders[M.FILE_NAME].str.split("/").str[1]}).set_index(M.FILE_NAME)
     expected = celeba.set_index(M.FILE_NAME).loc[by_name.index]
     pd.testing.assert_frame_equal(by_name[same], expected[same], check_index_type=False)
+    # A person folder's identity is a function of its name (layouts.person_identity), not of its rank.
     assert by_name[M.IDENTITY].tolist() == [person_identity(f"Person_{i:05d}") for i in expected[M.IDENTITY]]
     assert by_name[M.PERSON].tolist() == [f"Person_{i:05d}" for i in expected[M.IDENTITY]]
     assert folders[list(ATTRIBUTE_NAMES)].isna().all().all() and folders[M.PARTITION].isna().all()

@@ -17,6 +17,7 @@ from facesearch.cli import main as cli_main
 from facesearch.models import load_model
 from facesearch.packing import load_array
 from facesearch.params import load_params
+from facesearch.retrieval import leave_one_out_metrics
 from stages import embed, evaluate
 
 
@@ -33,7 +34,8 @@ def evaluated(prepared):
                     "--params", str(params)])  # fmt: skip
         evaluate.main(["--backbone", "mobilenet_v2",
                        "--embeddings", "ev/emb", "--split", "data/split", "--arrays", "data/arrays",
-                       "--metrics", "ev/metrics/m.json",
+                       "--details", "ev/metrics/m.json", "--metrics-before", "ev/before.json",
+                       "--metrics-after", "ev/after.json",
                        "--cmc", "ev/cmc.csv", "--roc", "ev/roc.csv", "--det", "ev/det.csv", "--figure", "ev/fig.png",
                        "--timing", "ev/timing.json", "--rerank", "ev/rerank", "--params", str(params)])  # fmt: skip
     finally:
@@ -83,6 +85,26 @@ def test_metrics_shape_cmc_and_figure(evaluated):
     assert table.count("\n") == 4 and "fine-tuned" in table
     text = replace_section("a\n<!-- r:start -->\nold\n<!-- r:end -->\nb", "r", table)
     assert "old" not in text and table in text
+
+
+def test_headline_is_a_few_details_under_short_names(evaluated, prepared):
+    """What `dvc metrics show` prints per state: the details' own values, one narrow row."""
+    details = json.loads((evaluated / "metrics" / "m.json").read_text())
+    long_names = {"rank1": "rank1", "mAP": "mAP", "loo_mAP": "loo_mAP", "val_mAP": "val_mAP",
+                  "tpir@fpir1e-2": "openall_tpir@fpir1e-2", "fpir": "openall_fpir", "fnir": "openall_fnir",
+                  "tar@far1e-3": "ver_tar@far1e-3"}  # fmt: skip
+    for state in ("before", "after"):
+        headline = json.loads((evaluated / f"{state}.json").read_text())
+        assert headline == {short: details[state][long] for short, long in long_names.items()}, state
+        # The validation identities scored as training scores its epochs (its own function, its embeddings).
+        labels = pd.read_parquet(prepared / "data/split/val.parquet")[M.IDENTITY].to_numpy()
+        val = leave_one_out_metrics(np.load(evaluated / "emb" / f"{state}_val.npy"), labels)
+        assert (details[state]["val_mAP"], details[state]["val_rank1"]) == (round(val["mAP"], 4),
+                                                                             round(val["rank1"], 4))  # fmt: skip
+    # The operating points follow verification.fpir / far; one no metric reports is left out.
+    other = {"rank1", "mAP", "loo_mAP", "val_mAP", "tpir@fpir1e-1", "fpir", "fnir", "tar@far1e-2"}
+    assert set(evaluate.headline(details["after"], {"fpir": 0.1, "far": 0.01})) == other
+    assert "tar@far1e-4" not in evaluate.headline(details["after"], {"fpir": 0.01, "far": 1e-4})
 
 
 def test_verification_and_open_set_metrics_and_roc(evaluated, prepared):
@@ -150,8 +172,10 @@ def test_verdicts_are_cosines_whatever_the_embeddings_length(evaluated, prepared
             out = folder / "out"
             evaluate.main(["--backbone", "mobilenet_v2",
                            "--embeddings", str(folder), "--split", "data/split", "--arrays", "data/arrays",
-                           "--metrics", str(out / "m.json"), "--cmc", str(out / "c.csv"), "--roc", str(out / "r.csv"),
-                           "--det", str(out / "d.csv"), "--figure", str(out / "f.png"), "--timing", str(out / "t.json"),
+                           "--details", str(out / "m.json"), "--metrics-before", str(out / "b.json"),
+                           "--metrics-after", str(out / "a.json"), "--cmc", str(out / "c.csv"),
+                           "--roc", str(out / "r.csv"), "--det", str(out / "d.csv"),
+                           "--figure", str(out / "f.png"), "--timing", str(out / "t.json"),
                            "--rerank", str(out / "rr"), "--params", str(prepared / "ev.yaml")])  # fmt: skip
     finally:
         os.chdir(cwd)
@@ -179,7 +203,8 @@ def test_rerank_reaches_every_metric_leak_free(evaluated, prepared, tmp_path):
     try:
         evaluate.main(["--backbone", "mobilenet_v2",
                        "--embeddings", str(evaluated / "emb"), "--split", "data/split", "--arrays", "data/arrays",
-                       "--metrics", str(out / "m.json"), "--cmc", str(out / "c.csv"), "--roc", str(out / "r.csv"),
+                       "--details", str(out / "m.json"), "--metrics-before", str(out / "b.json"),
+                       "--metrics-after", str(out / "a.json"), "--cmc", str(out / "c.csv"), "--roc", str(out / "r.csv"),
                        "--det", str(out / "d.csv"),
                        "--figure", str(out / "f.png"), "--timing", str(out / "t.json"), "--rerank", str(out / "rr"),
                        "--params", str(params)])  # fmt: skip
@@ -265,7 +290,8 @@ def test_stale_embeddings_are_refused(evaluated, prepared, tmp_path):
         with pytest.raises(SystemExit, match="re-run embed"):
             evaluate.main(["--backbone", "mobilenet_v2",
                        "--embeddings", str(bad), "--split", "data/split", "--arrays", "data/arrays",
-                           "--metrics", str(tmp_path / "m.json"),
+                           "--details", str(tmp_path / "m.json"), "--metrics-before", str(tmp_path / "b.json"),
+                           "--metrics-after", str(tmp_path / "a.json"),
                            "--cmc", str(tmp_path / "c.csv"), "--roc", str(tmp_path / "r.csv"),
                            "--det", str(tmp_path / "d.csv"), "--figure", str(tmp_path / "f.png"),
                            "--timing", str(tmp_path / "t.json"), "--rerank", str(tmp_path / "rr"),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def cropped_project(small_sample, tmp_path, monkeypatch):
     params = write_params(tmp_path / "params.yaml", {"split.test_fraction": 0.34})
     monkeypatch.chdir(tmp_path)  # the manifest's crop paths are relative to the project folder
     return ["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "metrics/split.json",
-            "--params", str(params)]  # fmt: skip
+            "--details", "metrics/details/split.json", "--params", str(params)]  # fmt: skip
 
 
 def read_tables() -> dict[str, bytes]:
@@ -106,6 +107,10 @@ def test_stage_writes_validated_byte_identical_tables(cropped_project):
     tables = {n: pd.read_parquet(f"data/split/{n}.parquet") for n in split.SPLIT_FILES}
     M.validate_split(tables["train"], tables["query"], tables["gallery"], tables["triplets"], base_dir=".")
     assert len(tables["query"]) == 2 and len(tables["triplets"]) > 0
+    # Every size in the details; the headline (what `dvc metrics show` prints) is the test protocol's.
+    details = json.loads(Path("metrics/details/split.json").read_text())
+    assert details["train_images"] == len(tables["train"]) and details["triplets"] == len(tables["triplets"])
+    assert json.loads(Path("metrics/split.json").read_text()) == {"queries": 2, "gallery": len(tables["gallery"])}
 
 
 def test_stage_reads_the_manifest_not_the_crops(cropped_project):
