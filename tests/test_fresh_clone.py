@@ -1,12 +1,12 @@
 """The README's Quick start on a fresh clone: its two commands pass in either order, and leave the clone clean.
 
 The maintainer's side is a copy of this project with tiny pipeline params, run once and committed
-with what the real repository commits of a run (``dvc.lock``, ``metrics/``, the README's tables);
+with what the real repository commits of a run (``dvc.lock``, ``metrics/``, the tables of ``docs/results.md``);
 the newcomer's side is a ``git clone`` of it that runs the tests reading the committed run, then
 ``dvc repro`` from nothing (no ``dvc pull``), then those tests again. On the machine that made the
 committed run the outputs come out the same bytes, so the clone is as it was cloned: ``git status``
 and ``dvc status`` say nothing. On another CPU kind the trained models and what follows from them
-differ (README, "After dvc repro"); the tests do not read them.
+differ (docs/reliability.md, "After dvc repro"); the tests do not read them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from conftest import GIT, dvc, repro, tiny_repo_copy
 
 pytestmark = pytest.mark.slow
 
-# The tests that read what a run commits (the README's results table and `dvc metrics show` block
+# The tests that read what a run commits (the results page's table and `dvc metrics show` block
 # against the committed metrics): the ones a `dvc repro` before them could break.
 RUN_READERS = ["tests/test_readme.py"]
 STAGES = {"sample", "crop", "split", "pack"} | {f"{s}@{b}" for s in ("train", "embed", "evaluate")
@@ -43,9 +43,9 @@ def git_status(repo: Path) -> str:
 def test_fresh_clone_runs_the_quick_start_in_either_order_and_stays_clean(repo_root, tmp_path):
     origin = tiny_repo_copy(repo_root, tmp_path / "origin")
     assert repro(origin) == STAGES
-    # What a maintainer does after a run: the README's tables from its metrics, then one commit.
-    subprocess.run([sys.executable, "-m", "facesearch", "results", "--readme", "README.md"], cwd=origin, check=True,
-                   env={**os.environ, "DVC_NO_ANALYTICS": "1"}, capture_output=True)  # fmt: skip
+    # What a maintainer does after a run: the results page's tables from its metrics, then one commit.
+    subprocess.run([sys.executable, "-m", "facesearch", "results", "--readme", "docs/results.md"], cwd=origin,
+                   check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"}, capture_output=True)  # fmt: skip
     subprocess.run([*GIT, "add", "-A"], cwd=origin, check=True)
     subprocess.run([*GIT, "commit", "-qm", "pipeline run"], cwd=origin, check=True)
     assert git_status(origin) == ""
