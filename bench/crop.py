@@ -29,11 +29,11 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch.celeba import find_image_dir, list_images
-from facesearch.cropping import CropLimits, read_photo
-from facesearch.detect import FRONTAL_CASCADE, detect_face, load_cascade
-from facesearch.faces import FaceConfig, face_crop, find_faces
-from facesearch.images import ImageRejected, decode_image
+from facesearch.data.celeba import find_image_dir, list_images
+from facesearch.data.images import ImageRejected, decode_image
+from facesearch.faces.config import FaceConfig, face_crop, find_faces
+from facesearch.faces.cropping import CropLimits, read_photo
+from facesearch.faces.haar import FRONTAL_CASCADE, detect_face, load_cascade
 from facesearch.params import load_params
 
 

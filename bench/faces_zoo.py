@@ -35,12 +35,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch import zoo
-from facesearch.celeba import find_image_dir, list_images
-from facesearch.cropping import CropLimits, read_photo
-from facesearch.detect import detect_face
-from facesearch.faces import FaceConfig
-from facesearch.images import ImageRejected, decode_image
+from facesearch.data.celeba import find_image_dir, list_images
+from facesearch.data.images import ImageRejected, decode_image
+from facesearch.faces import zoo
+from facesearch.faces.config import FaceConfig
+from facesearch.faces.cropping import CropLimits, read_photo
+from facesearch.faces.haar import detect_face
 from facesearch.params import load_params
 
 
@@ -66,7 +66,7 @@ def run(name: str, keep_fn, blobs: list[bytes], max_pixels: int) -> tuple[float,
 
 def yunet_align(detector, chips: list | None = None):
     """Detect, then cut the best face's 112 px ArcFace chip (collected in ``chips`` when given)."""
-    from facesearch.yunet import align_face
+    from facesearch.faces.yunet import align_face
 
     def keep(rgb) -> bool:
         faces = detector.detect(rgb)
@@ -82,7 +82,7 @@ def yunet_align(detector, chips: list | None = None):
 
 def embedding_speed(chips: np.ndarray) -> None:
     """SFace's CPU milliseconds per chip: the PyTorch port (batch 1 and 32) and OpenCV, per installed file."""
-    from facesearch import sface
+    from facesearch.nets import sface
 
     ports = {}
     for name in ("sface", "sface_int8bq"):
@@ -146,7 +146,7 @@ def main() -> None:
     print(f"{len(blobs)} photos from {image_dir}, one core, crop.policy {cfg.policy}")
     mp = limits.max_pixels
     haar, _ = run("haar (crop.haar), detect", lambda rgb: detect_face(rgb, cfg.haar).chosen is not None, blobs, mp)
-    from facesearch.faces import detect_hog
+    from facesearch.faces.config import detect_hog
 
     def hog_keep(rgb) -> bool:
         return detect_hog(rgb, cfg.hog_upsample, cfg.policy, cfg.hog_max_side).chosen is not None
@@ -157,7 +157,7 @@ def main() -> None:
     except RuntimeError as exc:  # dlib not installed: faces.py says which pip install
         print(f"dlib hog skipped: {exc}")
 
-    from facesearch.yunet import YuNet
+    from facesearch.faces.yunet import YuNet
 
     chips: list[np.ndarray] = []
     for model in ("yunet_int8bq", "yunet"):

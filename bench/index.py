@@ -38,10 +38,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch import index as X
-from facesearch.layouts import list_photo_files
-from facesearch.search import CheckedIndex, FaissIndex, build_index
-from facesearch.synth import SampleSpec, generate_sample
+from facesearch.data.layouts import list_photo_files
+from facesearch.data.synth import SampleSpec, generate_sample
+from facesearch.gallery import store as X
+from facesearch.retrieval.knn import CheckedIndex, FaissIndex, build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_search", ROOT / "bench" / "search.py")

@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search import face_like  # bench/search.py
 
-from facesearch import manifest as M
-from facesearch.distances import squared_distances
-from facesearch.retrieval import leave_one_out_metrics, loo_queries, padded_rank_scores, summary
+from facesearch.data import manifest as M
+from facesearch.nets.distances import squared_distances
+from facesearch.retrieval.metrics import leave_one_out_metrics, loo_queries, padded_rank_scores, summary
 
 
 def previous_leave_one_out(emb, labels, ks=(1, 5, 10), chunk=1024) -> dict[str, float]:

@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch.rerank import build_rerank_index, prepare
-from facesearch.retrieval import evaluate
-from facesearch.search import build_index
+from facesearch.retrieval.knn import build_index
+from facesearch.retrieval.metrics import evaluate
+from facesearch.retrieval.rerank import build_rerank_index, prepare
 
 KS = (10, 20, 50, 100, 1000)  # params.yaml evaluate.ks: the evaluation searches the top 1000
 

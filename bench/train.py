@@ -46,11 +46,11 @@ def worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from facesearch.augment import AugmentConfig, augment
-    from facesearch.losses import semi_hard_loss
-    from facesearch.models import get_model, resolve_device
-    from facesearch.training import Prefetcher, identity_groups, pk_batches, read_batch
-    from facesearch.transforms import to_model_input
+    from facesearch.nets.augment import AugmentConfig, augment
+    from facesearch.nets.losses import semi_hard_loss
+    from facesearch.nets.models import get_model, resolve_device
+    from facesearch.nets.training import Prefetcher, identity_groups, pk_batches, read_batch
+    from facesearch.nets.transforms import to_model_input
     from stages.train import PREFETCH_BATCHES
 
     device = resolve_device(args.device)

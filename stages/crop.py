@@ -40,13 +40,13 @@ from joblib.parallel import get_active_backend
 from PIL import Image
 from tqdm import tqdm
 
-from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_NAMES, Annotations, Entry
-from facesearch.cropping import CropLimits, check_format, crop_names, pre_reason, process_image, read_photo
-from facesearch.faces import FaceConfig
-from facesearch.images import decode_image
+from facesearch.data import manifest as M
+from facesearch.data.celeba import ATTRIBUTE_NAMES, Annotations, Entry
+from facesearch.data.images import decode_image
+from facesearch.data.layouts import Dataset, dataset_source, read_dataset
+from facesearch.faces.config import FaceConfig
+from facesearch.faces.cropping import CropLimits, check_format, crop_names, pre_reason, process_image, read_photo
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
-from facesearch.layouts import Dataset, dataset_source, read_dataset
 from facesearch.params import load_params
 from facesearch.viz import grid, tile
 

@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from facesearch import manifest as M
-from facesearch.contract import model_preprocessing, model_threshold
-from facesearch.inference import embed_array
+from facesearch.data import manifest as M
+from facesearch.data.packing import load_array
 from facesearch.io import atomic_dir, write_json_atomic, write_parquet_atomic
-from facesearch.models import ModelConfig, ModelFileError, failure_line, load_model, resolve_device, seeded_model
-from facesearch.packing import load_array
+from facesearch.nets.contract import model_preprocessing, model_threshold
+from facesearch.nets.inference import embed_array
+from facesearch.nets.models import ModelConfig, ModelFileError, failure_line, load_model, resolve_device, seeded_model
 from facesearch.params import load_params
 
 log = logging.getLogger("facesearch.embed")

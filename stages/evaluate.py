@@ -62,15 +62,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from facesearch import manifest as M
-from facesearch import rerank as R
-from facesearch import verification as V
-from facesearch.distances import unit_rows
+from facesearch.data import manifest as M
+from facesearch.data.packing import load_array
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic
-from facesearch.packing import load_array
+from facesearch.nets.distances import unit_rows
 from facesearch.params import load_params
-from facesearch.retrieval import attribute_matrix, evaluate, leave_one_out_metrics, readable
-from facesearch.search import cosine_similarity
+from facesearch.retrieval import rerank as R
+from facesearch.retrieval import verification as V
+from facesearch.retrieval.knn import cosine_similarity
+from facesearch.retrieval.metrics import attribute_matrix, evaluate, leave_one_out_metrics, readable
 from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.evaluate")

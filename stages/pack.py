@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from facesearch import manifest as M
-from facesearch.packing import pack_crops
+from facesearch.data import manifest as M
+from facesearch.data.packing import pack_crops
 from facesearch.params import load_params
 
 log = logging.getLogger("facesearch.pack")

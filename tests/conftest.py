@@ -19,9 +19,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_NAMES
-from facesearch.synth import SampleSpec, generate_sample
+from facesearch.data import manifest as M
+from facesearch.data.celeba import ATTRIBUTE_NAMES
+from facesearch.data.synth import SampleSpec, generate_sample
 
 REPO = Path(__file__).resolve().parents[1]
 CELEBA_DEV = REPO.parent / "shared" / "data" / "celeba-dev"
@@ -136,7 +136,7 @@ def bad_model_files(folder: Path) -> dict[str, Path]:
     """
     import torch
 
-    from facesearch.models import get_model, save_model
+    from facesearch.nets.models import get_model, save_model
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from facesearch.cli import metrics_show_block, results_table
+from facesearch.tools.cli import metrics_show_block, results_table
 
 
 def committed(repo_root, path: str) -> str:

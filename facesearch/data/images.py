@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from facesearch.manifest import Reason
+from facesearch.data.manifest import Reason
 
 # Formats a face photo plausibly comes in; anything else PIL can parse (EPS,
 # ICNS, PSD, ...) widens the attack surface for no benefit.

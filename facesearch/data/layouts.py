@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from facesearch.celeba import (
+from facesearch.data.celeba import (
     ATTRIBUTE_NAMES,
     AnnotationReport,
     Annotations,
@@ -56,7 +56,7 @@ from facesearch.celeba import (
     read_annotations,
     storable_name,
 )
-from facesearch.manifest import Reason
+from facesearch.data.manifest import Reason
 
 log = logging.getLogger("facesearch.layouts")
 
@@ -103,7 +103,7 @@ def dataset_source(root: str | os.PathLike, layout: str) -> dict:
     root = Path(root)
     out: dict = {"layout": layout, "name": root.resolve().name, "synthetic": is_synthetic(root)}
     if layout == CELEBA:
-        from facesearch.celeba import IDENTITY_FILE
+        from facesearch.data.celeba import IDENTITY_FILE
 
         out["identity_file_sha256"] = file_sha256(root / IDENTITY_FILE)
     return out

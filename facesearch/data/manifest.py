@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from facesearch import celeba
-from facesearch.celeba import ATTRIBUTE_NAMES
+from facesearch.data import celeba
+from facesearch.data.celeba import ATTRIBUTE_NAMES
 
 
 class Status(StrEnum):

@@ -33,13 +33,13 @@ import numpy as np
 from joblib import Parallel, delayed
 from PIL import Image
 
-from facesearch.celeba import (
+from facesearch.data.celeba import (
     ATTRIBUTE_FILE,
     ATTRIBUTE_NAMES,
     IDENTITY_FILE,
     PARTITION_FILE,
 )
-from facesearch.layouts import SAMPLE_MARKER
+from facesearch.data.layouts import SAMPLE_MARKER
 
 # Attributes whose value is decided by what is drawn (per identity or per photo).
 DRAWN_ATTRIBUTES = frozenset({

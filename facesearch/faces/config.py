@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from facesearch.detect import Box, Detection, DetectorConfig, choose_face, crop_square, detect_face
+from facesearch.faces.haar import Box, Detection, DetectorConfig, choose_face, crop_square, detect_face
 
 DETECTORS = ("haar", "dlib_hog")
 ALIGNMENTS = ("none", "landmarks")
@@ -92,7 +92,7 @@ def hog_detector():
 
 @functools.cache
 def shape_predictor(points: int):
-    from facesearch.dlib_models import SHAPE_PREDICTORS, find_model_file
+    from facesearch.faces.dlib_models import SHAPE_PREDICTORS, find_model_file
 
     return _dlib().shape_predictor(str(find_model_file(SHAPE_PREDICTORS[points])))
 

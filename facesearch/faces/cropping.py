@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 import cv2
 from PIL import Image
 
-from facesearch import manifest as M
-from facesearch.celeba import Annotations, Entry, file_type_problem
-from facesearch.faces import FaceConfig, face_crop, find_faces
-from facesearch.images import DecodedImage, ImageRejected, decode_image
+from facesearch.data import manifest as M
+from facesearch.data.celeba import Annotations, Entry, file_type_problem
+from facesearch.data.images import DecodedImage, ImageRejected, decode_image
+from facesearch.faces.config import FaceConfig, face_crop, find_faces
 
 log = logging.getLogger("facesearch.crop")
 

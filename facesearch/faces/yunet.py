@@ -70,13 +70,13 @@ def _empty() -> YuNetFaces:
 
 def create_detector(model: str, score_threshold: float, nms_threshold: float, top_k: int) -> cv2.FaceDetectorYN:
     """OpenCV's detector on the verified zoo file ``model``; int8bq weights folded to float32 first."""
-    from facesearch.zoo import MODELS, verified_model_file
+    from facesearch.faces.zoo import MODELS, verified_model_file
 
     path = verified_model_file(model)
     args = ((320, 320), score_threshold, nms_threshold, top_k)
     if not MODELS[model].quantized:
         return cv2.FaceDetectorYN.create(str(path), "", *args)
-    from facesearch.onnx_weights import load_folded
+    from facesearch.faces.onnx_weights import load_folded
 
     buffer = np.frombuffer(load_folded(path.read_bytes()).SerializeToString(), np.uint8)
     return cv2.FaceDetectorYN.create("onnx", buffer, np.zeros(0, np.uint8), *args)

@@ -59,15 +59,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from facesearch import contract, photos
-from facesearch import index as X
-from facesearch import manifest as M
-from facesearch import rerank as R
-from facesearch.celeba import ATTRIBUTE_NAMES
-from facesearch.cropping import read_photo
-from facesearch.detect import Box, Detection, crop_square, has_eye
-from facesearch.faces import FaceConfig
-from facesearch.images import (
+from facesearch.data import manifest as M
+from facesearch.data.celeba import ATTRIBUTE_NAMES
+from facesearch.data.images import (
     ALLOWED_FORMATS,
     WEBP_CANVAS_MAX_PIXELS,
     DecodedImage,
@@ -75,10 +69,17 @@ from facesearch.images import (
     decode_image,
     webp_header,
 )
-from facesearch.models import ModelConfig, load_model, seeded_model
+from facesearch.faces.config import FaceConfig
+from facesearch.faces.cropping import read_photo
+from facesearch.faces.haar import Box, Detection, crop_square, has_eye
+from facesearch.gallery import photos
+from facesearch.gallery import store as X
+from facesearch.nets import contract
+from facesearch.nets.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
-from facesearch.retrieval import attribute_matrix
-from facesearch.search import ExactIndex, SearchIndex
+from facesearch.retrieval import rerank as R
+from facesearch.retrieval.knn import ExactIndex, SearchIndex
+from facesearch.retrieval.metrics import attribute_matrix
 
 log = logging.getLogger(__name__)
 

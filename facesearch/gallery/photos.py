@@ -23,10 +23,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from facesearch.detect import Box, Detection, crop_square
-from facesearch.faces import FaceConfig, face_crop, find_faces
-from facesearch.images import shrink
-from facesearch.inference import embed_array
+from facesearch.data.images import shrink
+from facesearch.faces.config import FaceConfig, face_crop, find_faces
+from facesearch.faces.haar import Box, Detection, crop_square
+from facesearch.nets.inference import embed_array
 
 
 def detect(rgb: np.ndarray, settings: FaceConfig) -> Detection:

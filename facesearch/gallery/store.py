@@ -142,20 +142,29 @@ import numpy as np
 import pandas as pd
 import torch
 
-from facesearch import manifest as M
-from facesearch import photos
-from facesearch.celeba import DatasetError, raw_name, storable_name
-from facesearch.contract import Verdict, model_preprocessing, preprocessing_record, verdict
-from facesearch.cropping import CropLimits, read_photo, shape_reason
-from facesearch.distances import unit_rows
-from facesearch.faces import FaceConfig
-from facesearch.images import ImageRejected, decode_image
+from facesearch.data import manifest as M
+from facesearch.data.celeba import DatasetError, raw_name, storable_name
+from facesearch.data.images import ImageRejected, decode_image
+from facesearch.data.layouts import (
+    AUTO,
+    FOLDERS,
+    GALLERY_LAYOUTS,
+    PLAIN,
+    PhotoFile,
+    Skip,
+    assign_people,
+    list_photo_files,
+)
+from facesearch.data.manifest import Reason, SchemaError
+from facesearch.data.manifest import _check_columns as check_columns  # the manifest's column and dtype check
+from facesearch.faces.config import FaceConfig
+from facesearch.faces.cropping import CropLimits, read_photo, shape_reason
+from facesearch.gallery import photos
 from facesearch.io import normal_permissions, write_bytes_atomic, write_json_atomic, write_parquet_atomic
-from facesearch.layouts import AUTO, FOLDERS, GALLERY_LAYOUTS, PLAIN, PhotoFile, Skip, assign_people, list_photo_files
-from facesearch.manifest import Reason, SchemaError
-from facesearch.manifest import _check_columns as check_columns  # the manifest's column and dtype check
-from facesearch.models import ModelFileError, load_model, resolve_device
-from facesearch.search import CheckedIndex, FaissIndex, build_index, cosine_similarity
+from facesearch.nets.contract import Verdict, model_preprocessing, preprocessing_record, verdict
+from facesearch.nets.distances import unit_rows
+from facesearch.nets.models import ModelFileError, load_model, resolve_device
+from facesearch.retrieval.knn import CheckedIndex, FaissIndex, build_index, cosine_similarity
 
 log = logging.getLogger("facesearch.index")
 

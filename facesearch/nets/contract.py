@@ -33,8 +33,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from facesearch import verification as V
-from facesearch.faces import FaceConfig
+from facesearch.faces.config import FaceConfig
+from facesearch.retrieval import verification as V
 
 log = logging.getLogger("facesearch.contract")
 
@@ -141,7 +141,7 @@ def seen_in(payload: dict, source: dict) -> Seen:
     folder layout (by person name). Otherwise numbers mean other people here, and everyone is
     scored: the rule says so, never silently.
     """
-    from facesearch.layouts import same_source  # the data room, only when deciding
+    from facesearch.data.layouts import same_source  # the data room, only when deciding
 
     record = payload.get("identities") or {}
     mine = record.get("source")

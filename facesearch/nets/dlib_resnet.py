@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facesearch.converted import cached_conversion
-from facesearch.dlib_models import RECOGNITION_MODEL, find_model_file
-from facesearch.transforms import IMAGENET_MEAN, IMAGENET_STD
+from facesearch.faces.dlib_models import RECOGNITION_MODEL, find_model_file
+from facesearch.nets.converted import cached_conversion
+from facesearch.nets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # dlib's input_rgb_image: (pixel - mean) / 256 per channel, pixels on the 0..255 scale.
 DLIB_MEAN = (122.782, 117.001, 104.298)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from facesearch.transforms import jittered, to_model_input
+from facesearch.nets.transforms import jittered, to_model_input
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from facesearch.distances import squared_distances
+from facesearch.nets.distances import squared_distances
 
 
 def pairwise_distances(emb: torch.Tensor) -> torch.Tensor:

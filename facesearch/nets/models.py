@@ -108,8 +108,8 @@ def _mobilenet_v2(pretrained: bool, embedding_dim: int) -> Backbone:
 
 
 def _dlib_resnet(pretrained: bool, embedding_dim: int) -> Backbone:
-    from facesearch import dlib_resnet
-    from facesearch.dlib_models import DlibModelMissing
+    from facesearch.faces.dlib_models import DlibModelMissing
+    from facesearch.nets import dlib_resnet
 
     if pretrained and embedding_dim != dlib_resnet.EMBEDDING_DIM:
         raise ValueError(f"dlib_resnet's pretrained head is {dlib_resnet.EMBEDDING_DIM}-d, not {embedding_dim}")

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from facesearch.converted import cached_conversion
-from facesearch.transforms import IMAGENET_MEAN, IMAGENET_STD
+from facesearch.nets.converted import cached_conversion
+from facesearch.nets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CHIP_SIZE = 112  # the network's input side, px (ArcFace-template chip)
 EMBEDDING_DIM = 128
@@ -186,7 +186,7 @@ def state_dict_from_onnx(data: bytes) -> dict[str, torch.Tensor]:
     """
     from onnx import numpy_helper
 
-    from facesearch.onnx_weights import load_folded
+    from facesearch.faces.onnx_weights import load_folded
 
     try:
         model = load_folded(data)
@@ -247,7 +247,7 @@ def load_sface_state_dict(source: Path | str | None = None, model: str = "sface"
     """The ported weights of ``source`` (default: the verified zoo file ``model``, ``sface`` or
     ``sface_int8bq``), converted once and cached (:func:`facesearch.converted.cached_conversion`)."""
     if source is None:
-        from facesearch.zoo import verified_model_file
+        from facesearch.faces.zoo import verified_model_file
 
         source = verified_model_file(model)
     return cached_conversion(Path(source), state_dict_from_onnx)

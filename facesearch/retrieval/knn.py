@@ -39,7 +39,7 @@ from typing import Protocol
 
 import numpy as np
 
-from facesearch.distances import squared_distances
+from facesearch.nets.distances import squared_distances
 
 BACKENDS = ("exact", "ckdtree", "faiss")
 

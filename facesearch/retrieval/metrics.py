@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facesearch.distances import squared_distances
+from facesearch.nets.distances import squared_distances
 
 
 def exact_ranking(query: np.ndarray, gallery: np.ndarray, chunk: int = 1024) -> np.ndarray:
@@ -223,7 +223,7 @@ def _count_before(d2: np.ndarray, targets: np.ndarray, top: np.ndarray, ties_pos
 
 def attribute_matrix(table) -> np.ndarray:
     """(N, 40) float array of 0/1 from a manifest-shaped table, NaN rows where an image has no attributes."""
-    from facesearch.celeba import ATTRIBUTE_NAMES
+    from facesearch.data.celeba import ATTRIBUTE_NAMES
 
     return table.loc[:, list(ATTRIBUTE_NAMES)].astype("float64").to_numpy(na_value=np.nan)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from facesearch import manifest as M
+from facesearch.data import manifest as M
 
 
 def eligible_images(manifest: pd.DataFrame, min_images: int) -> pd.DataFrame:

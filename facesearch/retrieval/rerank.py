@@ -81,10 +81,10 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-from facesearch.retrieval import leave_one_out_metrics as plain_leave_one_out
-from facesearch.retrieval import loo_metrics as plain_loo_metrics
-from facesearch.retrieval import loo_queries, padded_rank_scores, summary
-from facesearch.search import CheckedIndex, ExactIndex, build_index, cosine_similarity
+from facesearch.retrieval.knn import CheckedIndex, ExactIndex, build_index, cosine_similarity
+from facesearch.retrieval.metrics import leave_one_out_metrics as plain_leave_one_out
+from facesearch.retrieval.metrics import loo_metrics as plain_loo_metrics
+from facesearch.retrieval.metrics import loo_queries, padded_rank_scores, summary
 
 METHODS = ("none", "k_reciprocal", "dba_qe")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
-from facesearch.distances import unit_rows
+from facesearch.nets.distances import unit_rows
 
 
 def genuine_pairs(labels: np.ndarray) -> np.ndarray:

@@ -29,15 +29,15 @@ import logging
 import tempfile
 from pathlib import Path
 
-from facesearch import manifest as M
-from facesearch import verification as V
-from facesearch.contract import crop_settings, verdict
-from facesearch.cropping import image_guards
-from facesearch.labelled import crop_entries, embed_crops, unseen_entries
-from facesearch.layouts import AUTO, LABELLED_LAYOUTS, read_dataset, source_description
-from facesearch.models import load_model, resolve_device, save_model
+from facesearch.data import manifest as M
+from facesearch.data.layouts import AUTO, LABELLED_LAYOUTS, read_dataset, source_description
+from facesearch.faces.cropping import image_guards
+from facesearch.nets.contract import crop_settings, verdict
+from facesearch.nets.models import load_model, resolve_device, save_model
 from facesearch.params import load_params
-from facesearch.protocol import eligible_images
+from facesearch.retrieval import verification as V
+from facesearch.retrieval.protocol import eligible_images
+from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
 log = logging.getLogger("facesearch.calibrate")
 

@@ -20,10 +20,10 @@ import stat
 from collections import Counter
 from pathlib import Path
 
-from facesearch import manifest as M
-from facesearch.celeba import file_type_problem, storable_name
-from facesearch.cropping import CropLimits, inspect_photo, pre_reason
-from facesearch.layouts import AUTO, read_dataset
+from facesearch.data import manifest as M
+from facesearch.data.celeba import file_type_problem, storable_name
+from facesearch.data.layouts import AUTO, read_dataset
+from facesearch.faces.cropping import CropLimits, inspect_photo, pre_reason
 
 
 def dvc_blockers(root: str | os.PathLike) -> list[dict]:

@@ -42,11 +42,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from facesearch import manifest as M
-from facesearch import rerank as R
-from facesearch import verification as V
+from facesearch.data import manifest as M
 from facesearch.params import load_params
-from facesearch.retrieval import identity_metrics
+from facesearch.retrieval import rerank as R
+from facesearch.retrieval import verification as V
+from facesearch.retrieval.metrics import identity_metrics
 
 log = logging.getLogger("facesearch.choose")
 
@@ -167,10 +167,10 @@ def model_embeddings(
     model_path: str, split: Path, arrays: Path, device: str, jitters: list[int],
 ) -> dict[str, tuple[np.ndarray, int]]:  # fmt: skip
     """The val embeddings and forward passes per photo of each :func:`tta_variants` of the model, by name."""
-    from facesearch.contract import model_preprocessing
-    from facesearch.inference import embed_array
-    from facesearch.models import load_model, resolve_device
-    from facesearch.packing import load_array
+    from facesearch.data.packing import load_array
+    from facesearch.nets.contract import model_preprocessing
+    from facesearch.nets.inference import embed_array
+    from facesearch.nets.models import load_model, resolve_device
 
     dev = resolve_device(device)
     model, payload = load_model(model_path, map_location=dev)

@@ -42,20 +42,21 @@ from pathlib import Path
 
 import numpy as np
 
-from facesearch import calibrate, choose, index, pretrained, tune
-from facesearch import manifest as M
-from facesearch import rerank as R
-from facesearch import verification as V
-from facesearch.celeba import DatasetError
-from facesearch.contract import crop_settings
-from facesearch.cropping import image_guards
+from facesearch.data import manifest as M
+from facesearch.data.celeba import DatasetError
+from facesearch.data.layouts import AUTO, FOLDERS, LABELLED_LAYOUTS, read_dataset
+from facesearch.faces.cropping import image_guards
+from facesearch.gallery import store as index
 from facesearch.io import write_bytes_atomic, write_json_atomic
-from facesearch.labelled import crop_entries, embed_crops, unseen_entries
-from facesearch.layouts import AUTO, FOLDERS, LABELLED_LAYOUTS, read_dataset
-from facesearch.models import ModelFileError, failure_line, load_model, resolve_device
+from facesearch.nets.contract import crop_settings
+from facesearch.nets.models import ModelFileError, failure_line, load_model, resolve_device
 from facesearch.params import load_params
-from facesearch.protocol import choose_queries, eligible_images
-from facesearch.retrieval import attribute_matrix, evaluate, readable
+from facesearch.retrieval import rerank as R
+from facesearch.retrieval import verification as V
+from facesearch.retrieval.metrics import attribute_matrix, evaluate, readable
+from facesearch.retrieval.protocol import choose_queries, eligible_images
+from facesearch.tools import calibrate, choose, pretrained, tune
+from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
 log = logging.getLogger("facesearch.cli")
 
@@ -272,7 +273,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command in ("index", "search"):
         return index.main(args)
     if args.command == "check-data":
-        from facesearch.checkdata import run
+        from facesearch.tools.checkdata import run
 
         raise SystemExit(run(args.dir, args.params, args.json, args.layout))
     if args.command == "results":
@@ -289,7 +290,7 @@ def _run(args: argparse.Namespace) -> None:
         else:
             print(table, end="")
     elif args.command == "dlib-reference":
-        from facesearch.dlib_reference import reference_metrics, save_descriptors, set_tables
+        from facesearch.tools.dlib_reference import reference_metrics, save_descriptors, set_tables
 
         if not Path(args.data).is_dir():  # else the first photo would say so, after dlib's models are read
             raise SystemExit(f"dlib-reference: data folder {args.data} does not exist")

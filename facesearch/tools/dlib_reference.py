@@ -32,14 +32,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from facesearch import manifest as M
-from facesearch import rerank as R
-from facesearch.dlib_models import RECOGNITION_MODEL, find_model_file
-from facesearch.faces import shape_predictor
-from facesearch.images import decode_image
+from facesearch.data import manifest as M
+from facesearch.data.images import decode_image
+from facesearch.faces.config import shape_predictor
+from facesearch.faces.dlib_models import RECOGNITION_MODEL, find_model_file
 from facesearch.io import atomic_path, write_parquet_atomic
-from facesearch.protocol import choose_queries
-from facesearch.retrieval import evaluate, readable
+from facesearch.retrieval import rerank as R
+from facesearch.retrieval.metrics import evaluate, readable
+from facesearch.retrieval.protocol import choose_queries
 
 SETS = ("test", "val")
 ROLE = "role"  # saved tables: query or gallery

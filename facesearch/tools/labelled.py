@@ -27,14 +27,14 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from facesearch import manifest as M
-from facesearch.celeba import Entry
-from facesearch.contract import Seen, seen_in
-from facesearch.cropping import crop_names, process_image
-from facesearch.faces import FaceConfig
-from facesearch.inference import embed_array
-from facesearch.layouts import Dataset, dataset_source
-from facesearch.packing import load_array, pack_crops
+from facesearch.data import manifest as M
+from facesearch.data.celeba import Entry
+from facesearch.data.layouts import Dataset, dataset_source
+from facesearch.data.packing import load_array, pack_crops
+from facesearch.faces.config import FaceConfig
+from facesearch.faces.cropping import crop_names, process_image
+from facesearch.nets.contract import Seen, seen_in
+from facesearch.nets.inference import embed_array
 
 log = logging.getLogger("facesearch.labelled")
 

@@ -31,11 +31,11 @@ from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
-from facesearch.contract import identities_record, preprocessing_record, verdict
-from facesearch.faces import FaceConfig
-from facesearch.index import model_fingerprint
+from facesearch.faces.config import FaceConfig
+from facesearch.gallery.store import model_fingerprint
 from facesearch.io import write_json_atomic
-from facesearch.models import WeightsUnavailable, get_model, load_model, save_model
+from facesearch.nets.contract import identities_record, preprocessing_record, verdict
+from facesearch.nets.models import WeightsUnavailable, get_model, load_model, save_model
 
 log = logging.getLogger("facesearch.pretrained")
 

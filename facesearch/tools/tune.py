@@ -91,7 +91,7 @@ def check_inputs(split: str, arrays: str, teacher: str | None) -> None:
     Each run of the train stage would find out too, but say ``train: ...``, from inside the
     first recipe's run.
     """
-    from facesearch.models import load_model
+    from facesearch.nets.models import load_model
 
     for folder in (split, arrays):
         if not Path(folder).is_dir():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from facesearch.celeba import (
+from facesearch.data.celeba import (
     ATTRIBUTE_FILE,
     ATTRIBUTE_NAMES,
     IDENTITY_FILE,
@@ -152,7 +152,7 @@ def test_conflicting_attribute_and_partition_rows_are_dropped(tmp_path):
 def test_listing_names_every_entry(tmp_path):
     import os
 
-    from facesearch.celeba import list_entries
+    from facesearch.data.celeba import list_entries
 
     d = tmp_path / "img_celeba"
     d.mkdir()

@@ -8,9 +8,9 @@ import pytest
 from conftest import bomb_png, broken_files, jpeg_bytes, png_bytes, variants_of
 from PIL import Image
 
-from facesearch import images
-from facesearch.images import ImageRejected, decode_image
-from facesearch.manifest import Reason
+from facesearch.data import images
+from facesearch.data.images import ImageRejected, decode_image
+from facesearch.data.manifest import Reason
 
 MAX = 40_000_000
 

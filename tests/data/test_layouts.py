@@ -8,9 +8,9 @@ import hostile as H
 import pytest
 from conftest import person_folders
 
-from facesearch import manifest as M
-from facesearch.celeba import DatasetError, read_annotations
-from facesearch.layouts import (
+from facesearch.data import manifest as M
+from facesearch.data.celeba import DatasetError, read_annotations
+from facesearch.data.layouts import (
     CELEBA,
     FOLDERS,
     PLAIN,

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from conftest import fake_manifest
 
-from facesearch import manifest as M
+from facesearch.data import manifest as M
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_two_kept_rows_cannot_share_a_crop(manifest):
 def test_file_names_must_be_storable(manifest):
     # A raw os.fsdecode of a non-UTF-8 name (lone surrogate) cannot even enter the string column:
     # names go through celeba.storable_name, whose output always can.
-    from facesearch.celeba import storable_name
+    from facesearch.data.celeba import storable_name
 
     df = manifest.copy()
     with pytest.raises(UnicodeEncodeError):

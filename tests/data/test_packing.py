@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from facesearch import packing
-from facesearch.packing import info_path, load_array, pack_crops, read_info
-from facesearch.transforms import to_model_input
+from facesearch.data import packing
+from facesearch.data.packing import info_path, load_array, pack_crops, read_info
+from facesearch.nets.transforms import to_model_input
 
 
 def face_like(rng: np.random.Generator, side: int) -> np.ndarray:

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from facesearch.celeba import ATTRIBUTE_NAMES, find_image_dir, list_images, read_annotations
-from facesearch.detect import DetectorConfig, detect_face
-from facesearch.synth import SampleSpec, generate_sample
+from facesearch.data.celeba import ATTRIBUTE_NAMES, find_image_dir, list_images, read_annotations
+from facesearch.data.synth import SampleSpec, generate_sample
+from facesearch.faces.haar import DetectorConfig, detect_face
 
 
 def digest(root) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from facesearch.faces import FaceConfig
+from facesearch.faces.config import FaceConfig
 
 
 def test_policy_is_read_once_and_drives_the_haar_passes():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facesearch.detect import DetectorConfig, crop_square, detect_face, largest_face
+from facesearch.faces.haar import DetectorConfig, crop_square, detect_face, largest_face
 
 
 def test_crop_square_centres_the_box_with_margin():

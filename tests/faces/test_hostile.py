@@ -20,12 +20,12 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-from facesearch import cropping
-from facesearch import manifest as M
-from facesearch.celeba import list_entries, raw_name, storable_name
-from facesearch.cropping import CropLimits, crop_names, process_image, read_photo
-from facesearch.faces import FaceConfig
-from facesearch.images import ImageRejected, decode_image
+from facesearch.data import manifest as M
+from facesearch.data.celeba import list_entries, raw_name, storable_name
+from facesearch.data.images import ImageRejected, decode_image
+from facesearch.faces import cropping
+from facesearch.faces.config import FaceConfig
+from facesearch.faces.cropping import CropLimits, crop_names, process_image, read_photo
 
 MAX = 40_000_000
 
@@ -178,7 +178,7 @@ def test_crop_names_are_unique_safe_and_bounded(seed):
 
 @pytest.fixture(scope="module")
 def face_jpeg(sample_factory) -> bytes:
-    from facesearch.detect import DetectorConfig, detect_face
+    from facesearch.faces.haar import DetectorConfig, detect_face
 
     root = sample_factory(identities=6, images_per_identity=4, seed=3)
     for p in sorted((root / "img_celeba").glob("*.jpg")):

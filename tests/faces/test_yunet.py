@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facesearch import yunet as Y
-from facesearch import zoo
+from facesearch.faces import yunet as Y
+from facesearch.faces import zoo
 
 
 def zoo_or_skip(name: str) -> None:
@@ -195,7 +195,7 @@ def test_keeps_most_celeba_photos(model, celeba_dev):
 @pytest.mark.slow
 def test_own_chip_matches_align_crop_on_real_faces(celeba_photos):
     """Our chip and OpenCV's alignCrop of the same landmarks: within a few grey levels, same SFace embedding."""
-    from facesearch import sface
+    from facesearch.nets import sface
 
     zoo_or_skip("yunet_int8bq")
     zoo_or_skip("sface_int8bq")

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from facesearch import zoo
+from facesearch.faces import zoo
 
 PAYLOAD = b"not really an onnx file, but bytes with a known digest\n"
 

@@ -29,15 +29,16 @@ import torch
 from conftest import bomb_png, jpeg_bytes, png_bytes, write_params
 from PIL import Image
 
-from facesearch import app_core as core
-from facesearch import contract, photos
-from facesearch import index as X
-from facesearch.detect import crop_square
-from facesearch.images import ALLOWED_FORMATS, WEBP_CANVAS_MAX_PIXELS
-from facesearch.models import load_model, save_model
+from facesearch.data.images import ALLOWED_FORMATS, WEBP_CANVAS_MAX_PIXELS
+from facesearch.faces.haar import crop_square
+from facesearch.gallery import app_core as core
+from facesearch.gallery import photos
+from facesearch.gallery import store as X
+from facesearch.nets import contract
+from facesearch.nets.models import load_model, save_model
 from facesearch.params import load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "app" / "main.py"
 
 
@@ -1206,8 +1207,8 @@ def test_browser_upload_shows_results(root, people_index, tmp_path):
 
 
 def test_gallery_index_uses_the_stages_rerank_structure_only_when_current(tmp_path):
-    from facesearch import rerank as R
-    from facesearch.search import ExactIndex
+    from facesearch.retrieval import rerank as R
+    from facesearch.retrieval.knn import ExactIndex
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(30, 8)).astype(np.float32)

@@ -18,16 +18,16 @@ import torch
 from conftest import broken_files, jpeg_bytes
 from PIL import Image
 
-from facesearch import index as X
-from facesearch import manifest as M
-from facesearch import photos
-from facesearch.cli import main as cli
-from facesearch.contract import FALLBACK_THRESHOLD, preprocessing_record, verdict
-from facesearch.faces import FaceConfig
-from facesearch.images import ImageRejected, decode_image
-from facesearch.manifest import SchemaError
-from facesearch.models import get_model, save_model
-from facesearch.transforms import to_model_input
+from facesearch.data import manifest as M
+from facesearch.data.images import ImageRejected, decode_image
+from facesearch.data.manifest import SchemaError
+from facesearch.faces.config import FaceConfig
+from facesearch.gallery import photos
+from facesearch.gallery import store as X
+from facesearch.nets.contract import FALLBACK_THRESHOLD, preprocessing_record, verdict
+from facesearch.nets.models import get_model, save_model
+from facesearch.nets.transforms import to_model_input
+from facesearch.tools.cli import main as cli
 
 CROP = FaceConfig(size=40)  # the tiny models' preprocessing
 
@@ -960,7 +960,7 @@ def test_validator_rejects_inconsistent_versions(models, people, tmp_path):
 
 def test_photos_module_is_what_the_app_uses(monkeypatch):
     """The app's find/crop/embed go through facesearch.photos (one home for the per-photo path)."""
-    from facesearch import app_core as core
+    from facesearch.gallery import app_core as core
 
     def two_faces(rgb, settings):  # as a detector may return them: not in photo order
         return core.Detection(((50, 5, 10, 10), (5, 5, 10, 10)), "haar_frontal", (50, 5, 10, 10), None)
@@ -977,7 +977,7 @@ def test_search_fpir_moves_the_verdict_with_the_promise(models, people, tmp_path
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(60, 16))
     labels = np.repeat(np.arange(12), 5)
-    from facesearch import verification as V
+    from facesearch.retrieval import verification as V
 
     payload["threshold"] = V.calibrate(emb, labels, 1e-2, (1e-2,), 1000, 0, fpir=0.01)
     torch.save(payload, tmp_path / "calibrated.pt")

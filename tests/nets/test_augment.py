@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from facesearch.augment import AugmentConfig, augment
+from facesearch.nets.augment import AugmentConfig, augment
 
 
 def test_augment_is_seeded_and_does_what_it_says():

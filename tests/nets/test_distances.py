@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from facesearch.distances import squared_distances, unit_rows
+from facesearch.nets.distances import squared_distances, unit_rows
 
 
 @pytest.fixture

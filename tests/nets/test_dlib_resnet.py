@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from facesearch import dlib_resnet as D
-from facesearch.converted import converted_cache_path
-from facesearch.dlib_models import MODELS_ENV, RECOGNITION_MODEL, SHAPE_PREDICTORS, find_model_file
-from facesearch.models import WeightsUnavailable, freeze_all_but_last, get_model, parameter_layers
-from facesearch.transforms import to_model_input
+from facesearch.faces.dlib_models import MODELS_ENV, RECOGNITION_MODEL, SHAPE_PREDICTORS, find_model_file
+from facesearch.nets import dlib_resnet as D
+from facesearch.nets.converted import converted_cache_path
+from facesearch.nets.models import WeightsUnavailable, freeze_all_but_last, get_model, parameter_layers
+from facesearch.nets.transforms import to_model_input
 
 
 # --- a writer of dlib's serialization, the reader's mirror ------------------------------------
@@ -207,8 +207,8 @@ def _dlib_or_skip():
 
 def aligned_chips(celeba_dev, n: int, points: int = 5) -> list[np.ndarray]:
     """The first ``n`` faces of celeba-dev (sorted), found by dlib's HOG and aligned by dlib."""
-    from facesearch.faces import aligned_chip, detect_hog
-    from facesearch.images import ImageRejected, decode_image
+    from facesearch.data.images import ImageRejected, decode_image
+    from facesearch.faces.config import aligned_chip, detect_hog
 
     chips = []
     for path in sorted((celeba_dev / "img_celeba").iterdir()):

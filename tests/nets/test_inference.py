@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from facesearch.inference import embed_array
-from facesearch.models import get_model, load_model, save_model
-from facesearch.transforms import jittered, to_model_input
+from facesearch.nets.inference import embed_array
+from facesearch.nets.models import get_model, load_model, save_model
+from facesearch.nets.transforms import jittered, to_model_input
 
 CPU = torch.device("cpu")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facesearch.losses import (
+from facesearch.nets.losses import (
     DISTILL_ACTIVE_COSINE,
     batch_hard_loss,
     distillation_loss,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from facesearch import models
-from facesearch.models import (
+from facesearch.nets import models
+from facesearch.nets.models import (
     ModelFileError,
     WeightsUnavailable,
     get_model,

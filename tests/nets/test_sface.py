@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facesearch import sface as S
-from facesearch import zoo
-from facesearch.converted import converted_cache_path
-from facesearch.transforms import to_model_input
+from facesearch.faces import zoo
+from facesearch.nets import sface as S
+from facesearch.nets.converted import converted_cache_path
+from facesearch.nets.transforms import to_model_input
 
 onnx = pytest.importorskip("onnx", reason="onnx not installed: pip install -r requirements-face.txt")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -164,7 +164,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- int8bq folding ----------------------------------------------------------------------------
 def test_dequantize_linear_blocks_axes_and_zero_points():
-    from facesearch.onnx_weights import dequantize_linear
+    from facesearch.faces.onnx_weights import dequantize_linear
 
     q = np.arange(-5, 5, dtype=np.int8).reshape(2, 5)
     scale = np.array([[1.0, 10.0], [2.0, 20.0]], np.float32)  # blocks of 3 along axis 1: the last one is short
@@ -177,7 +177,7 @@ def test_dequantize_linear_blocks_axes_and_zero_points():
 
 
 def test_fold_weights_leaves_a_float_graph_with_only_real_inputs():
-    from facesearch.onnx_weights import fold_weights
+    from facesearch.faces.onnx_weights import fold_weights
 
     q = numpy_helper.from_array(np.array([[2, -4]], np.int8), "w_q")
     s = numpy_helper.from_array(np.array([[0.5]], np.float32), "w_s")
@@ -308,7 +308,7 @@ def zoo_or_skip(name: str) -> None:
 
 def real_chips(celeba_dev, n: int) -> np.ndarray:
     """BGR chips of the first ``n`` celeba-dev photos with a face: YuNet's best face, cut by OpenCV's alignCrop."""
-    from facesearch.yunet import YuNet
+    from facesearch.faces.yunet import YuNet
 
     zoo_or_skip("yunet_int8bq")
     zoo_or_skip("sface_int8bq")

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from facesearch import training as T
-from facesearch.models import resolve_device
+from facesearch.nets import training as T
+from facesearch.nets.models import resolve_device
 
 
 # ---------------------------------------------------------------- sampling ---

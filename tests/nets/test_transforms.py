@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from facesearch.transforms import (
+from facesearch.nets.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     JITTER_MAX_DEGREES,

@@ -8,8 +8,8 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 
-from facesearch.distances import squared_distances
-from facesearch.search import (
+from facesearch.nets.distances import squared_distances
+from facesearch.retrieval.knn import (
     CheckedIndex,
     ExactIndex,
     FaissIndex,

@@ -5,15 +5,15 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 
-from facesearch import retrieval
-from facesearch.retrieval import (
+from facesearch.retrieval import metrics as retrieval
+from facesearch.retrieval.knn import build_index
+from facesearch.retrieval.metrics import (
     attribute_agreement,
     evaluate,
     exact_ranking,
     identity_metrics,
     leave_one_out_metrics,
 )
-from facesearch.search import build_index
 
 
 def test_exact_ranking_matches_brute_force():

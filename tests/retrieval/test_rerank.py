@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from bench.rerank import few_counts, many_counts, synthetic_faces
-from facesearch.rerank import (
+from facesearch.retrieval.knn import build_index
+from facesearch.retrieval.metrics import evaluate
+from facesearch.retrieval.rerank import (
     GalleryStructure,
     RerankParams,
     build_rerank_index,
@@ -17,8 +19,6 @@ from facesearch.rerank import (
     prepare,
     without,
 )
-from facesearch.retrieval import evaluate
-from facesearch.search import build_index
 
 DBA = {"method": "dba_qe"}
 PLAIN = {"method": "dba_qe", "adaptive": False}
@@ -293,7 +293,7 @@ def test_graph_without_an_item_is_the_smaller_gallerys_graph(small):
 @pytest.mark.parametrize("params", ALL)
 def test_leave_one_out_equals_one_fresh_structure_per_query(small, params):
     """Brute force: each image against a structure built from scratch on all the others."""
-    from facesearch.retrieval import identity_metrics
+    from facesearch.retrieval.metrics import identity_metrics
 
     _, g = small
     rng = np.random.default_rng(3)
@@ -319,8 +319,8 @@ def test_leave_one_out_stops_at_its_photo_limit(small):
 
 
 def test_loo_metrics_over_query_and_gallery_reranked_up_to_the_limit(small):
-    from facesearch.rerank import loo_metrics
-    from facesearch.retrieval import loo_metrics as plain
+    from facesearch.retrieval.metrics import loo_metrics as plain
+    from facesearch.retrieval.rerank import loo_metrics
 
     q, g = small
     ql, gl = np.arange(len(q)) % 5, np.arange(len(g)) % 5

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from facesearch import verification as V
+from facesearch.retrieval import verification as V
 
 
 def clustered(n_ids: int, per_id: int, noise: float, seed: int = 0, d: int = 16):

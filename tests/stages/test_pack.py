@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from conftest import TINY_CROP, write_params
 
-from facesearch import manifest as M
-from facesearch.packing import load_array, load_crop, read_info
+from facesearch.data import manifest as M
+from facesearch.data.packing import load_array, load_crop, read_info
 from stages import pack
 from stages.pack import PACKED, pack_size
 

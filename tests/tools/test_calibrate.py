@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import person_folders
 
-from facesearch import calibrate as C
-from facesearch.cli import main as cli
-from facesearch.contract import identities_record, preprocessing_record, verdict
-from facesearch.faces import FaceConfig
-from facesearch.index import model_fingerprint
-from facesearch.layouts import dataset_source
-from facesearch.models import get_model, load_model, save_model
+from facesearch.data.layouts import dataset_source
+from facesearch.faces.config import FaceConfig
+from facesearch.gallery.store import model_fingerprint
+from facesearch.nets.contract import identities_record, preprocessing_record, verdict
+from facesearch.nets.models import get_model, load_model, save_model
+from facesearch.tools import calibrate as C
+from facesearch.tools.cli import main as cli
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import hostile as H
 import pytest
 from conftest import write_params
 
-from facesearch.celeba import IDENTITY_FILE
-from facesearch.cli import main
+from facesearch.data.celeba import IDENTITY_FILE
+from facesearch.tools.cli import main
 
 
 @pytest.fixture

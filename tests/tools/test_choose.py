@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from conftest import run_train
 
-from facesearch import manifest as M
-from facesearch.choose import best_of, choose, round_scores, rounds, tta_name, tta_variants
-from facesearch.cli import main as cli_main
-from facesearch.rerank import RerankParams
+from facesearch.data import manifest as M
+from facesearch.retrieval.rerank import RerankParams
+from facesearch.tools.choose import best_of, choose, round_scores, rounds, tta_name, tta_variants
+from facesearch.tools.cli import main as cli_main
 
 
 def test_each_round_queries_one_photo_of_every_person_against_the_rest():

@@ -16,10 +16,10 @@ import pytest
 import yaml
 from conftest import BAD_MODELS, REPO, bad_model_files
 
-from facesearch import cli
-from facesearch import manifest as M
-from facesearch.celeba import DatasetError
-from facesearch.models import ModelFileError, failure_line
+from facesearch.data import manifest as M
+from facesearch.data.celeba import DatasetError
+from facesearch.nets.models import ModelFileError, failure_line
+from facesearch.tools import cli
 
 PARAMS = str(REPO / "params.yaml")
 

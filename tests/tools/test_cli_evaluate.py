@@ -9,15 +9,15 @@ import pytest
 import torch
 from conftest import person_folders, write_params
 
-from facesearch import cli, labelled
-from facesearch.celeba import read_annotations
-from facesearch.cli import evaluate_folder
-from facesearch.contract import identities_record, model_preprocessing, preprocessing_record
-from facesearch.faces import FaceConfig
-from facesearch.inference import embed_array
-from facesearch.labelled import embed_packed
-from facesearch.layouts import dataset_source, person_identity
-from facesearch.models import get_model, save_model
+from facesearch.data.celeba import read_annotations
+from facesearch.data.layouts import dataset_source, person_identity
+from facesearch.faces.config import FaceConfig
+from facesearch.nets.contract import identities_record, model_preprocessing, preprocessing_record
+from facesearch.nets.inference import embed_array
+from facesearch.nets.models import get_model, save_model
+from facesearch.tools import cli, labelled
+from facesearch.tools.cli import evaluate_folder
+from facesearch.tools.labelled import embed_packed
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_chips_are_written_and_guarded_as_the_crop_stage_does(folder, tmp_path, 
 
 
 def test_old_models_fall_back_with_a_warning(tmp_path, caplog):
-    from facesearch.models import load_model
+    from facesearch.nets.models import load_model
 
     _, payload = load_model(tiny_model(tmp_path / "old.pt", [], record=False))
     caplog.set_level(logging.WARNING)

@@ -10,9 +10,9 @@ import pytest
 from conftest import fake_manifest
 from PIL import Image
 
-from facesearch import manifest as M
-from facesearch.cli import main as cli_main
-from facesearch.dlib_reference import ROLE, dlib_descriptors, save_descriptors, score, set_tables
+from facesearch.data import manifest as M
+from facesearch.tools.cli import main as cli_main
+from facesearch.tools.dlib_reference import ROLE, dlib_descriptors, save_descriptors, score, set_tables
 
 
 def _split(tmp_path):
@@ -63,7 +63,7 @@ def test_score_ignores_descriptor_norms_and_matches_brute_force():
 
 
 def test_score_reranks_like_the_evaluate_stage():
-    from facesearch.rerank import RerankParams, loo_metrics
+    from facesearch.retrieval.rerank import RerankParams, loo_metrics
 
     rng = np.random.default_rng(1)
     gl, ql = np.repeat(np.arange(6), 6), np.arange(6)
@@ -90,7 +90,7 @@ def test_saved_descriptors_name_their_rows(tmp_path):
 
 def _real_faces(celeba_dev, tmp_path, n=2):
     """A manifest-shaped table of the first celeba-dev photos dlib's HOG detector finds a face in."""
-    from facesearch.faces import detect_hog
+    from facesearch.faces.config import detect_hog
 
     rows = []
     for path in sorted((celeba_dev / "img_celeba").glob("*.jpg")):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from facesearch import pretrained as P
-from facesearch import verification as V
-from facesearch.cli import main as cli
-from facesearch.contract import model_preprocessing, seen_in, verdict
-from facesearch.dlib_models import RECOGNITION_MODEL, DlibModelMissing, find_model_file
-from facesearch.index import model_fingerprint
-from facesearch.models import load_model, save_model
+from facesearch.faces.dlib_models import RECOGNITION_MODEL, DlibModelMissing, find_model_file
+from facesearch.gallery.store import model_fingerprint
+from facesearch.nets.contract import model_preprocessing, seen_in, verdict
+from facesearch.nets.models import load_model, save_model
+from facesearch.retrieval import verification as V
+from facesearch.tools import pretrained as P
+from facesearch.tools.cli import main as cli
 
 
 def _has_dlib_weights() -> bool:

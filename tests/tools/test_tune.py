@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import TINY, run_train, write_params
 
-from facesearch.cli import main as cli_main
-from facesearch.tune import check_grid, summarise
+from facesearch.tools.cli import main as cli_main
+from facesearch.tools.tune import check_grid, summarise
 
 
 def test_summary_is_mean_and_sd_best_first():
@@ -53,7 +53,7 @@ def test_tune_trains_every_recipe_and_seed_on_validation_only(prepared, tmp_path
 
 
 def test_a_run_scores_its_best_trained_epoch_even_when_the_start_was_kept():
-    from facesearch.tune import run_scores
+    from facesearch.tools.tune import run_scores
 
     def rec(epoch, m):
         return {"epoch": epoch, "val_mAP": m, "val_rank1": m, "val_rank5": m}
@@ -64,7 +64,7 @@ def test_a_run_scores_its_best_trained_epoch_even_when_the_start_was_kept():
 
 
 def test_on_a_tie_no_fine_tuning_is_chosen():
-    from facesearch.tune import ZERO_SHOT
+    from facesearch.tools.tune import ZERO_SHOT
 
     same = [{"mAP": 0.9, "rank1": 1.0, "rank5": 1.0}]
     assert summarise({"a": same, ZERO_SHOT: same})[0]["recipe"] == ZERO_SHOT
