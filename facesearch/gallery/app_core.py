@@ -9,7 +9,7 @@ in a :class:`Gallery`: the test gallery the pipeline built
 photo index (``python -m facesearch index build``, :func:`load_index_gallery`).
 Each result carries its cosine similarity; the answer is a match when the nearest
 face reaches the gallery's model's verdict for a gallery of that size
-(:func:`facesearch.contract.verdict`), and names who matched (:attr:`Answer.who`).
+(:func:`facesearch.retrieval.verdict.verdict`), and names who matched (:attr:`Answer.who`).
 Results are grouped by person where the gallery knows names (:func:`group`): the
 matched person's other faces are shown as that person's, other people once each.
 Finding, cutting and embedding are :mod:`facesearch.photos`' (shared with the
@@ -78,6 +78,7 @@ from facesearch.nets import contract
 from facesearch.nets.models import ModelConfig, load_model, seeded_model
 from facesearch.params import load_params
 from facesearch.retrieval import rerank as R
+from facesearch.retrieval import verdict as V
 from facesearch.retrieval.knn import ExactIndex, SearchIndex
 from facesearch.retrieval.metrics import attribute_matrix
 
@@ -213,7 +214,7 @@ def read_upload(data: bytes) -> DecodedImage:
 def crop_settings(root: Path, backbone: str) -> FaceConfig:
     """How ``backbone``'s gallery was cropped, so queries are cut the same way.
 
-    :func:`facesearch.contract.crop_settings`: the model file's record, and
+    :func:`facesearch.nets.contract.crop_settings`: the model file's record, and
     ``params.yaml: crop`` only for models saved before they carried one.
     """
     # mmap: only the small preprocessing entry is read, not the weights.
@@ -293,7 +294,7 @@ class Gallery:
     index: SearchIndex
     table: pd.DataFrame  # the columns above and the attributes; row i <-> embeddings[i]
     attributes: np.ndarray | None  # (N, 40) float, NaN where unknown; None: the gallery has no labels
-    verdict: contract.Verdict  # when a result is the same person, and what that promises at this gallery's size
+    verdict: V.Verdict  # when a result is the same person, and what that promises at this gallery's size
     people: int
     faces: int
     photos: int
@@ -344,14 +345,14 @@ def find_indexes(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and (p / X.POINTER).is_file())
 
 
-def state_verdict(payload: dict, state: str, faces: int, override: float | None) -> contract.Verdict:
-    """The verdict of one model state in a gallery of ``faces`` faces (:func:`facesearch.contract.verdict`).
+def state_verdict(payload: dict, state: str, faces: int, override: float | None) -> V.Verdict:
+    """The verdict of one model state in a gallery of ``faces`` faces (:func:`facesearch.retrieval.verdict.verdict`).
 
     A model file's threshold was calibrated on its own (fine-tuned) embeddings;
     the untrained twin ("before") embeds on another scale, so it gets the
     fallback, labelled as such, rather than a threshold measured for another model.
     """
-    return contract.verdict(payload if state == "after" else {}, faces, override, "$FACESEARCH_THRESHOLD")
+    return V.verdict(payload if state == "after" else {}, faces, override, "$FACESEARCH_THRESHOLD")
 
 
 def load_gallery(root: Path, backbone: str, state: str, threshold: float | None = None) -> Gallery:
@@ -644,7 +645,7 @@ def load_index_gallery(folder: Path, threshold: float | None = None, models: Mut
         title=f"the photo index {folder.name}", model_label=model_label(embedder.model.config.backbone),
         model=embedder.model, settings=embedder.settings, size=embedder.size, embeddings=index.embeddings,
         index=structure, table=table, attributes=None,
-        verdict=contract.verdict(embedder.payload, len(f), threshold, "$FACESEARCH_THRESHOLD"),
+        verdict=V.verdict(embedder.payload, len(f), threshold, "$FACESEARCH_THRESHOLD"),
         people=int(f[X.PERSON].nunique()), faces=len(f), photos=int((p[X.N_FACES] > 0).sum()), version=index.version,
         embedder=embedder,
     )  # fmt: skip

@@ -161,10 +161,11 @@ from facesearch.faces.config import FaceConfig
 from facesearch.faces.cropping import CropLimits, read_photo, shape_reason
 from facesearch.gallery import photos
 from facesearch.io import normal_permissions, write_bytes_atomic, write_json_atomic, write_parquet_atomic
-from facesearch.nets.contract import Verdict, model_preprocessing, preprocessing_record, verdict
+from facesearch.nets.contract import model_preprocessing, preprocessing_record
 from facesearch.nets.distances import unit_rows
 from facesearch.nets.models import ModelFileError, load_model, resolve_device
 from facesearch.retrieval.knn import CheckedIndex, FaissIndex, build_index, cosine_similarity
+from facesearch.retrieval.verdict import Verdict, verdict
 
 log = logging.getLogger("facesearch.index")
 

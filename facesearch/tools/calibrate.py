@@ -32,11 +32,12 @@ from pathlib import Path
 from facesearch.data import manifest as M
 from facesearch.data.layouts import AUTO, LABELLED_LAYOUTS, read_dataset, source_description
 from facesearch.faces.cropping import image_guards
-from facesearch.nets.contract import crop_settings, verdict
+from facesearch.nets.contract import crop_settings
 from facesearch.nets.models import load_model, resolve_device, save_model
 from facesearch.params import load_params
 from facesearch.retrieval import verification as V
 from facesearch.retrieval.protocol import eligible_images
+from facesearch.retrieval.verdict import verdict
 from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
 log = logging.getLogger("facesearch.calibrate")

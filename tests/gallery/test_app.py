@@ -34,9 +34,9 @@ from facesearch.faces.haar import crop_square
 from facesearch.gallery import app_core as core
 from facesearch.gallery import photos
 from facesearch.gallery import store as X
-from facesearch.nets import contract
 from facesearch.nets.models import load_model, save_model
 from facesearch.params import load_params
+from facesearch.retrieval import verdict as V
 
 REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "app" / "main.py"
@@ -408,11 +408,11 @@ def test_thresholds_are_each_states_own(root, caplog):
     assert core.state_verdict(calibrated, "after", 100, None).similarity == 0.61
     with caplog.at_level(logging.WARNING):
         fallback = core.state_verdict(calibrated, "before", 100, None)
-    assert (fallback.similarity, fallback.source) == (contract.FALLBACK_THRESHOLD, "fallback")
+    assert (fallback.similarity, fallback.source) == (V.FALLBACK_THRESHOLD, "fallback")
     assert core.state_verdict(calibrated, "before", 100, 0.3).similarity == 0.3
     gallery = core.load_gallery(root, "mobilenet_v2", "after")  # train calibrated it on val identities
     payload = torch.load(root / "models" / "mobilenet_v2.pt", map_location="cpu", weights_only=True)
-    assert payload["threshold"] and gallery.verdict == contract.verdict(payload, gallery.faces)
+    assert payload["threshold"] and gallery.verdict == V.verdict(payload, gallery.faces)
 
 
 def test_pipeline_gallery_counts_and_sources(root):

@@ -24,9 +24,10 @@ from facesearch.data.manifest import SchemaError
 from facesearch.faces.config import FaceConfig
 from facesearch.gallery import photos
 from facesearch.gallery import store as X
-from facesearch.nets.contract import FALLBACK_THRESHOLD, preprocessing_record, verdict
+from facesearch.nets.contract import preprocessing_record
 from facesearch.nets.models import get_model, save_model
 from facesearch.nets.transforms import to_model_input
+from facesearch.retrieval.verdict import FALLBACK_THRESHOLD, verdict
 from facesearch.tools.cli import main as cli
 
 CROP = FaceConfig(size=40)  # the tiny models' preprocessing

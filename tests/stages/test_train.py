@@ -19,7 +19,7 @@ from facesearch.data import manifest as M
 from facesearch.data.packing import load_array
 from facesearch.faces.config import FaceConfig
 from facesearch.nets import training
-from facesearch.nets.contract import model_preprocessing, model_threshold, seen_identities, verdict
+from facesearch.nets.contract import model_preprocessing, model_threshold, seen_identities
 from facesearch.nets.distances import unit_rows
 from facesearch.nets.inference import embed_array
 from facesearch.nets.models import load_model
@@ -27,6 +27,7 @@ from facesearch.nets.transforms import to_model_input
 from facesearch.params import load_params
 from facesearch.provenance import module_closure
 from facesearch.retrieval import verification as V
+from facesearch.retrieval.verdict import verdict
 from stages import embed, train
 
 

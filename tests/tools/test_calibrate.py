@@ -11,8 +11,9 @@ from conftest import person_folders
 from facesearch.data.layouts import dataset_source
 from facesearch.faces.config import FaceConfig
 from facesearch.gallery.store import model_fingerprint
-from facesearch.nets.contract import identities_record, preprocessing_record, verdict
+from facesearch.nets.contract import identities_record, preprocessing_record
 from facesearch.nets.models import get_model, load_model, save_model
+from facesearch.retrieval.verdict import verdict
 from facesearch.tools import calibrate as C
 from facesearch.tools.cli import main as cli
 

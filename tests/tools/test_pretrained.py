@@ -10,9 +10,10 @@ import torch
 
 from facesearch.faces.dlib_models import RECOGNITION_MODEL, DlibModelMissing, find_model_file
 from facesearch.gallery.store import model_fingerprint
-from facesearch.nets.contract import model_preprocessing, seen_in, verdict
+from facesearch.nets.contract import model_preprocessing, seen_in
 from facesearch.nets.models import load_model, save_model
 from facesearch.retrieval import verification as V
+from facesearch.retrieval.verdict import verdict
 from facesearch.tools import pretrained as P
 from facesearch.tools.cli import main as cli
 
