@@ -9,7 +9,7 @@ photo is kept when the path finds at least one face (the crop stage's ``policy: 
 then keeps the largest). Paths:
 
 - Haar: ``facesearch.detect.detect_face`` with ``params.yaml: crop.haar`` (detection only);
-- dlib HOG: ``facesearch.faces.detect_hog`` (``dlib.get_frontal_face_detector()``, with
+- dlib HOG: ``facesearch.faces.dlib_hog.detect_hog`` (``dlib.get_frontal_face_detector()``, with
   ``crop.hog_upsample`` and ``crop.hog_max_side``; detection only);
 - YuNet + the ArcFace chip: ``facesearch.yunet.YuNet(...).detect`` then
   ``align_face`` of the best face (112 px), for each installed YuNet file and ``--sides``.
@@ -146,7 +146,7 @@ def main() -> None:
     print(f"{len(blobs)} photos from {image_dir}, one core, crop.policy {cfg.policy}")
     mp = limits.max_pixels
     haar, _ = run("haar (crop.haar), detect", lambda rgb: detect_face(rgb, cfg.haar).chosen is not None, blobs, mp)
-    from facesearch.faces.config import detect_hog
+    from facesearch.faces.dlib_hog import detect_hog
 
     def hog_keep(rgb) -> bool:
         return detect_hog(rgb, cfg.hog_upsample, cfg.policy, cfg.hog_max_side).chosen is not None

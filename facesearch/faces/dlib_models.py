@@ -1,4 +1,4 @@
-"""Where dlib's pretrained model files are: the ``face_recognition_models`` package, or a folder.
+"""dlib itself, and where its pretrained model files are: the ``face_recognition_models`` package, or a folder.
 
 Kept apart from the network code so the crop stage (landmark alignment) does
 not depend on, and re-run for, changes to the models module.
@@ -41,3 +41,14 @@ def find_model_file(name: str) -> Path:
     if not path.is_file():
         raise DlibModelMissing(f"face_recognition_models is installed but has no {path}")
     return path
+
+
+def import_dlib():
+    """The ``dlib`` module, or a RuntimeError saying how to install it (imported only when configured)."""
+    try:
+        import dlib
+    except ImportError as exc:
+        raise RuntimeError(
+            "crop.detector dlib_hog and crop.align landmarks need dlib: pip install -r requirements-face.txt"
+        ) from exc
+    return dlib

@@ -1,4 +1,4 @@
-"""Haar-cascade face detection and cropping, shared by the crop stage and the app.
+"""Haar-cascade face detection (OpenCV's cascades): the report's detector, ``crop.detector: haar``.
 
 Speed comes from scanning a downscaled copy: the cascade's cost grows with the
 number of pixels and scales scanned, while CelebA faces are large relative to
@@ -17,7 +17,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-Box = tuple[int, int, int, int]  # x, y, w, h in pixels
+from facesearch.faces.detection import Box, Detection, choose_face
 
 FRONTAL_CASCADE = "haarcascade_frontalface_default.xml"
 PROFILE_CASCADE = "haarcascade_profileface.xml"
@@ -50,14 +50,6 @@ class DetectorConfig:
         if unknown:
             raise ValueError(f"params.yaml crop.haar: unknown keys {sorted(unknown)}")
         return cls(**params)
-
-
-@dataclass(frozen=True)
-class Detection:
-    boxes: tuple[Box, ...]  # all faces of the deciding pass, full-resolution coordinates
-    detector: str  # "haar_frontal", "haar_frontal_retry", "haar_profile"
-    chosen: Box | None  # the face to crop, or None (see ``reason``)
-    reason: str | None  # None, "no_face" or "multiple_faces"
 
 
 @functools.cache
@@ -116,19 +108,6 @@ def has_eye(gray: np.ndarray, box: Box) -> bool:
     return len(eyes) > 0
 
 
-def largest_face(boxes: tuple[Box, ...], width: int, height: int) -> Box:
-    """The largest box; among near-equal sizes (within 10%) the most central one."""
-    cx, cy = width / 2, height / 2
-
-    def key(b: Box) -> tuple[float, float]:
-        area = b[2] * b[3]
-        dist = ((b[0] + b[2] / 2 - cx) ** 2 + (b[1] + b[3] / 2 - cy) ** 2) ** 0.5
-        # Quantise area on a log scale so sizes within ~10% tie and centrality decides.
-        return (-round(np.log(area) / np.log(1.21)), dist)
-
-    return min(boxes, key=key)
-
-
 def detect_face(rgb: np.ndarray, cfg: DetectorConfig) -> Detection:
     """Find the one face to crop in an RGB image.
 
@@ -163,33 +142,6 @@ def detect_face(rgb: np.ndarray, cfg: DetectorConfig) -> Detection:
     return choose_face(boxes, detector, cfg.policy, w, h)
 
 
-def choose_face(boxes: tuple[Box, ...], detector: str, policy: str, width: int, height: int) -> Detection:
-    """The detection outcome for ``boxes``: one face, none, or several resolved by ``policy``."""
-    if len(boxes) == 1:
-        return Detection(boxes, detector, boxes[0], None)
-    if not boxes:
-        return Detection(boxes, detector, None, "no_face")
-    if policy == "largest":
-        return Detection(boxes, detector, largest_face(boxes, width, height), None)
-    return Detection(boxes, detector, None, "multiple_faces")
-
-
-def crop_square(rgb: np.ndarray, box: Box, margin: float, size: int) -> np.ndarray:
-    """Cut a square around ``box`` grown by ``margin`` (fraction of the box side per side).
-
-    Parts outside the image are filled by replicating the border, so a face at
-    the edge keeps its position in the crop instead of being shifted.
-    """
-    x, y, bw, bh = box
-    side = max(bw, bh) * (1 + 2 * margin)
-    cx, cy = x + bw / 2, y + bh / 2
-    x0, y0 = round(cx - side / 2), round(cy - side / 2)
-    s = max(1, round(side))
-    h, w = rgb.shape[:2]
-    pad_l, pad_t = max(0, -x0), max(0, -y0)
-    pad_r, pad_b = max(0, x0 + s - w), max(0, y0 + s - h)
-    region = rgb[max(0, y0) : min(h, y0 + s), max(0, x0) : min(w, x0 + s)]
-    if pad_l or pad_t or pad_r or pad_b:
-        region = cv2.copyMakeBorder(region, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REPLICATE)
-    interp = cv2.INTER_AREA if s > size else cv2.INTER_LINEAR
-    return cv2.resize(region, (size, size), interpolation=interp)
+def detect(rgb: np.ndarray, face) -> Detection:
+    """The detector interface (:mod:`facesearch.faces.detectors`): ``face`` is a FaceConfig, its ``haar`` block."""
+    return detect_face(rgb, face.haar)

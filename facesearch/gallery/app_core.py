@@ -71,7 +71,8 @@ from facesearch.data.images import (
 )
 from facesearch.faces.config import FaceConfig
 from facesearch.faces.cropping import read_photo
-from facesearch.faces.haar import Box, Detection, crop_square, has_eye
+from facesearch.faces.detection import Box, Detection, crop_square
+from facesearch.faces.haar import has_eye
 from facesearch.gallery import photos
 from facesearch.gallery import store as X
 from facesearch.nets import contract

@@ -25,7 +25,7 @@ import torch
 
 from facesearch.data.images import shrink
 from facesearch.faces.config import FaceConfig, face_crop, find_faces
-from facesearch.faces.haar import Box, Detection, crop_square
+from facesearch.faces.detection import Box, Detection, crop_square
 from facesearch.nets.inference import embed_array
 
 

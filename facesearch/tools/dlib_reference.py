@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from facesearch.data import manifest as M
 from facesearch.data.images import decode_image
-from facesearch.faces.config import shape_predictor
 from facesearch.faces.dlib_models import RECOGNITION_MODEL, find_model_file
+from facesearch.faces.landmarks import shape_predictor
 from facesearch.io import atomic_path, write_parquet_atomic
 from facesearch.retrieval import rerank as R
 from facesearch.retrieval.metrics import evaluate, readable

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facesearch.faces.haar import DetectorConfig, crop_square, detect_face, largest_face
+from facesearch.faces.detection import crop_square, largest_face
+from facesearch.faces.haar import DetectorConfig, detect_face
 
 
 def test_crop_square_centres_the_box_with_margin():

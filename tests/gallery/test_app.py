@@ -30,7 +30,7 @@ from conftest import bomb_png, jpeg_bytes, png_bytes, write_params
 from PIL import Image
 
 from facesearch.data.images import ALLOWED_FORMATS, WEBP_CANVAS_MAX_PIXELS
-from facesearch.faces.haar import crop_square
+from facesearch.faces.detection import crop_square
 from facesearch.gallery import app_core as core
 from facesearch.gallery import photos
 from facesearch.gallery import store as X

@@ -208,7 +208,8 @@ def _dlib_or_skip():
 def aligned_chips(celeba_dev, n: int, points: int = 5) -> list[np.ndarray]:
     """The first ``n`` faces of celeba-dev (sorted), found by dlib's HOG and aligned by dlib."""
     from facesearch.data.images import ImageRejected, decode_image
-    from facesearch.faces.config import aligned_chip, detect_hog
+    from facesearch.faces.dlib_hog import detect_hog
+    from facesearch.faces.landmarks import aligned_chip
 
     chips = []
     for path in sorted((celeba_dev / "img_celeba").iterdir()):

@@ -90,7 +90,7 @@ def test_saved_descriptors_name_their_rows(tmp_path):
 
 def _real_faces(celeba_dev, tmp_path, n=2):
     """A manifest-shaped table of the first celeba-dev photos dlib's HOG detector finds a face in."""
-    from facesearch.faces.config import detect_hog
+    from facesearch.faces.dlib_hog import detect_hog
 
     rows = []
     for path in sorted((celeba_dev / "img_celeba").glob("*.jpg")):
