@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facesearch.faces.dlib_models import RECOGNITION_MODEL, find_model_file
+from facesearch.faces.dlib_models import RECOGNITION_MODEL, DlibModelMissing, find_model_file
+from facesearch.nets.backbone import Backbone, WeightsUnavailable
 from facesearch.nets.converted import cached_conversion
 from facesearch.nets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -358,3 +359,20 @@ def load_dlib_state_dict(source: Path | None = None) -> dict[str, torch.Tensor]:
     """The ported weights (:func:`facesearch.converted.cached_conversion` of dlib's ``.dat``)."""
     source = Path(source) if source else find_model_file(RECOGNITION_MODEL)
     return cached_conversion(source, lambda data: state_dict_from_dlib(read_dlib_net(data)))
+
+
+def build(pretrained: bool, embedding_dim: int) -> Backbone:
+    """The backbone ``dlib_resnet`` (:data:`facesearch.nets.models.BACKBONES`): the trunk and dlib's own head."""
+    if pretrained and embedding_dim != EMBEDDING_DIM:
+        raise ValueError(f"dlib_resnet's pretrained head is {EMBEDDING_DIM}-d, not {embedding_dim}")
+    # dlib's own head (global average + bias-free Linear(256, 128)), not the report's two layers:
+    # the pretrained descriptor is the point of this backbone.
+    trunk, head = DlibTrunk(), dlib_head(embedding_dim)
+    if pretrained:
+        try:
+            state = load_dlib_state_dict()
+        except DlibModelMissing as exc:
+            raise WeightsUnavailable(str(exc)) from exc
+        for prefix, module in (("backbone.", trunk), ("head.", head)):
+            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return Backbone(trunk, 256, head)

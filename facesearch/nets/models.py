@@ -2,13 +2,15 @@
 
 ``get_model(name)`` is the one factory the training stage, the export and the
 app use; backbones are data (``params.yaml: train.<backbone>``), not code paths.
+Each backbone is one file (``facesearch/nets/<name>.py``: ``build``) and a line of
+:data:`BACKBONES` and :data:`BACKBONE_DEFAULTS`.
 
 ImageNet weights come through torchvision's weights API and its cache
-(``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``).
-Where they are neither cached nor downloadable, :class:`WeightsUnavailable`
-names the exact file and folder to put it in. ``dlib_resnet`` is face-pretrained
-instead: dlib's recognition network, read from the ``face_recognition_models``
-package (see :mod:`facesearch.dlib_resnet`), so it needs no download.
+(:mod:`facesearch.nets.backbone`: where they are neither cached nor downloadable,
+``WeightsUnavailable`` names the exact file and folder to put it in). ``dlib_resnet``
+is face-pretrained instead: dlib's recognition network, read from the
+``face_recognition_models`` package (see :mod:`facesearch.nets.dlib_resnet`), so it
+needs no download.
 """
 
 from __future__ import annotations
@@ -18,19 +20,15 @@ import os
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import models as tvm
+
+from facesearch.nets import dlib_resnet, mobilenet_v2, resnet50
+from facesearch.nets.backbone import Backbone
 
 # ImageNet statistics the torchvision weights were trained with (RGB, 0..1 scale).
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights are not cached and could not be downloaded."""
 
 
 class ModelFileError(ValueError):
@@ -85,51 +83,11 @@ class ModelConfig:
     tta_jitters: int = 0
 
 
-@dataclass
-class Backbone:
-    features: nn.Module  # image -> feature map with `channels` channels
-    channels: int
-    head: nn.Module | None = None  # the backbone's own embedding head; None: the report's head
-
-
-def _resnet50(pretrained: bool, embedding_dim: int) -> Backbone:
-    net = tvm.resnet50(weights=None)
-    if pretrained:
-        net.load_state_dict(load_pretrained_state_dict("resnet50", tvm.ResNet50_Weights.IMAGENET1K_V2))
-    features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    return Backbone(features, 2048)
-
-
-def _mobilenet_v2(pretrained: bool, embedding_dim: int) -> Backbone:
-    net = tvm.mobilenet_v2(weights=None)
-    if pretrained:
-        net.load_state_dict(load_pretrained_state_dict("mobilenet_v2", tvm.MobileNet_V2_Weights.IMAGENET1K_V2))
-    return Backbone(net.features, 1280)
-
-
-def _dlib_resnet(pretrained: bool, embedding_dim: int) -> Backbone:
-    from facesearch.faces.dlib_models import DlibModelMissing
-    from facesearch.nets import dlib_resnet
-
-    if pretrained and embedding_dim != dlib_resnet.EMBEDDING_DIM:
-        raise ValueError(f"dlib_resnet's pretrained head is {dlib_resnet.EMBEDDING_DIM}-d, not {embedding_dim}")
-    # dlib's own head (global average + bias-free Linear(256, 128)), not the report's two layers:
-    # the pretrained descriptor is the point of this backbone.
-    trunk, head = dlib_resnet.DlibTrunk(), dlib_resnet.dlib_head(embedding_dim)
-    if pretrained:
-        try:
-            state = dlib_resnet.load_dlib_state_dict()
-        except DlibModelMissing as exc:
-            raise WeightsUnavailable(str(exc)) from exc
-        for prefix, module in (("backbone.", trunk), ("head.", head)):
-            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return Backbone(trunk, 256, head)
-
-
+# One file per backbone: build(pretrained, embedding_dim) -> Backbone (facesearch.nets.backbone).
 BACKBONES: dict[str, Callable[[bool, int], Backbone]] = {
-    "resnet50": _resnet50,
-    "mobilenet_v2": _mobilenet_v2,
-    "dlib_resnet": _dlib_resnet,
+    "resnet50": resnet50.build,
+    "mobilenet_v2": mobilenet_v2.build,
+    "dlib_resnet": dlib_resnet.build,
 }
 # Each backbone's own ModelConfig defaults, which get_model applies before the caller's
 # overrides: its pretrained weights and the input side those weights expect (dlib's
@@ -158,24 +116,6 @@ def resolve_device(name: str = "auto", index: int | None = None) -> torch.device
     if device.type == "cuda" and index is not None:
         device = torch.device("cuda", index)
     return device
-
-
-def weights_cache_path(weights: tvm.WeightsEnum) -> Path:
-    """Where torchvision looks for (and downloads) ``weights``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-
-
-def load_pretrained_state_dict(name: str, weights: tvm.WeightsEnum) -> dict:
-    """Load torchvision weights from its cache, downloading them if possible."""
-    path = weights_cache_path(weights)
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # no network, proxy, truncated cache file, ...
-        raise WeightsUnavailable(
-            f"ImageNet weights for {name} ({weights}) are not in torchvision's cache and could not be "
-            f"downloaded ({type(exc).__name__}: {exc}). Download {weights.url} and save it as {path} "
-            f"(the folder is $TORCH_HOME/hub/checkpoints), or set weights: none in params.yaml."
-        ) from exc
 
 
 class EmbeddingNet(nn.Module):

@@ -34,8 +34,9 @@ from pathlib import Path
 from facesearch.faces.config import FaceConfig
 from facesearch.gallery.store import model_fingerprint
 from facesearch.io import write_json_atomic
+from facesearch.nets.backbone import WeightsUnavailable
 from facesearch.nets.contract import identities_record, preprocessing_record
-from facesearch.nets.models import WeightsUnavailable, get_model, load_model, save_model
+from facesearch.nets.models import get_model, load_model, save_model
 from facesearch.retrieval.verdict import verdict
 
 log = logging.getLogger("facesearch.pretrained")

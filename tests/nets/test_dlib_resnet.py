@@ -14,8 +14,9 @@ import torch
 
 from facesearch.faces.dlib_models import MODELS_ENV, RECOGNITION_MODEL, SHAPE_PREDICTORS, find_model_file
 from facesearch.nets import dlib_resnet as D
+from facesearch.nets.backbone import WeightsUnavailable
 from facesearch.nets.converted import converted_cache_path
-from facesearch.nets.models import WeightsUnavailable, freeze_all_but_last, get_model, parameter_layers
+from facesearch.nets.models import freeze_all_but_last, get_model, parameter_layers
 from facesearch.nets.transforms import to_model_input
 
 

@@ -5,17 +5,17 @@ import urllib.error
 import pytest
 import torch
 from torch import nn
+from torchvision import models as tvm
 
 from facesearch.nets import models
+from facesearch.nets.backbone import WeightsUnavailable, weights_cache_path
 from facesearch.nets.models import (
     ModelFileError,
-    WeightsUnavailable,
     get_model,
     load_model,
     parameter_layers,
     save_model,
     trainable_parameters,
-    weights_cache_path,
 )
 
 
@@ -67,10 +67,10 @@ def test_frozen_batchnorm_stays_in_eval_mode():
 
 
 def test_imagenet_weights_load_from_torchvision_cache(torch_home):
-    weights = models.tvm.MobileNet_V2_Weights.IMAGENET1K_V2
+    weights = tvm.MobileNet_V2_Weights.IMAGENET1K_V2
     path = weights_cache_path(weights)
     assert path == torch_home / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth"
-    reference = models.tvm.mobilenet_v2(weights=None)
+    reference = tvm.mobilenet_v2(weights=None)
     with torch.no_grad():
         reference.features[0][0].weight.fill_(0.125)  # a recognisable "pretrained" value
     path.parent.mkdir(parents=True)
