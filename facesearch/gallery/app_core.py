@@ -73,6 +73,7 @@ from facesearch.faces.config import FaceConfig
 from facesearch.faces.cropping import read_photo
 from facesearch.faces.detection import Box, Detection, crop_square
 from facesearch.faces.haar import has_eye
+from facesearch.gallery import embedder as XE
 from facesearch.gallery import photos
 from facesearch.gallery import store as X
 from facesearch.nets import contract
@@ -301,7 +302,7 @@ class Gallery:
     photos: int
     version: str | None = None  # the index version loaded (its folder's name); None for the pipeline's gallery
     note: str | None = None  # what the gallery's people are, where its title does not say (pipeline_gallery_note)
-    embedder: X.Embedder | None = None  # an index's loaded model file, shared with other indexes of it (_embedder)
+    embedder: XE.Embedder | None = None  # an index's loaded model file, shared with other indexes of it (_embedder)
 
     @property
     def threshold(self) -> float:
@@ -360,7 +361,7 @@ def load_gallery(root: Path, backbone: str, state: str, threshold: float | None 
     """The pipeline's test gallery of ``backbone`` at ``state``, with the model that embeds its queries."""
     emb_dir = root / "data" / "embeddings" / backbone
     # Unit rows, as the queries: the similarity is then a cosine whatever the model's normalize setting.
-    embeddings = X.unit(np.load(emb_dir / f"{state}_gallery.npy"))
+    embeddings = XE.unit(np.load(emb_dir / f"{state}_gallery.npy"))
     index = pd.read_parquet(emb_dir / "gallery.parquet")
     split = pd.read_parquet(root / "data" / "split" / "gallery.parquet")
     table = index.merge(split.loc[:, [M.CROP_PATH, *ATTRIBUTE_NAMES]], on=M.CROP_PATH, how="left")
@@ -588,7 +589,7 @@ class IndexGalleries:
             return gallery
 
 
-def _embedder(index: X.PhotoIndex, models: MutableMapping | None) -> X.Embedder:
+def _embedder(index: X.PhotoIndex, models: MutableMapping | None) -> XE.Embedder:
     """The index's model, refused unless it is the one the index was built with.
 
     With ``models`` (file identity -> loaded model, weakly held: a model lives as long as a
@@ -601,11 +602,11 @@ def _embedder(index: X.PhotoIndex, models: MutableMapping | None) -> X.Embedder:
     try:
         st = os.stat(path)
     except OSError:
-        raise X.PhotoIndexError(f"model file {path} does not exist") from None
+        raise XE.PhotoIndexError(f"model file {path} does not exist") from None
     key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     embedder = models.get(key)
     if embedder is None:
-        embedder = X.Embedder.load(path)
+        embedder = XE.Embedder.load(path)
         embedder.model.eval()
         # The payload's weights are a second copy of the model's: only its records (threshold,
         # preprocessing) are read from here on, so the copy goes.
@@ -778,7 +779,7 @@ def search(gallery: Gallery, face: np.ndarray, k: int = 9) -> Answer:
 
 
 def _search(gallery: Gallery, face: np.ndarray, k: int) -> Answer:
-    emb = X.unit(photos.embed(gallery.model, face[None], gallery.size, batch=1))
+    emb = XE.unit(photos.embed(gallery.model, face[None], gallery.size, batch=1))
     _, idx = gallery.index.search(emb, min(k * CANDIDATES_PER_RESULT, len(gallery.table)))
     nearest = []
     for rank, g in enumerate(idx[0], start=1):
@@ -836,7 +837,7 @@ def photo_bytes(result: Result) -> bytes:
         raise UploadError(PHOTO_UNKNOWN)
     path = confined(result.source_root, result.source_file)
     try:
-        data = read_photo(path, X.LIMITS.max_file_bytes)
+        data = read_photo(path, XE.LIMITS.max_file_bytes)
     except ImageRejected:
         raise UploadError(PHOTO_GONE) from None
     if not is_indexed_content(data, result.source_sha256):
@@ -853,7 +854,7 @@ def source_photo(result: Result) -> tuple[np.ndarray, Box]:
         raise UploadError(PHOTO_UNKNOWN)
     data = photo_bytes(result)
     with failures_as(PHOTO_GONE):
-        image = decode_image(data, X.LIMITS.max_pixels, max_side=WORK_SIDE)
+        image = decode_image(data, XE.LIMITS.max_pixels, max_side=WORK_SIDE)
         scale = image.width / (result.source_width or image.width)
         return image.rgb, tuple(round(v * scale) for v in result.box)
 

@@ -46,7 +46,6 @@ from facesearch.data import manifest as M
 from facesearch.data.celeba import DatasetError
 from facesearch.data.layouts import AUTO, FOLDERS, LABELLED_LAYOUTS, read_dataset
 from facesearch.faces.cropping import image_guards
-from facesearch.gallery import store as index
 from facesearch.io import write_bytes_atomic, write_json_atomic
 from facesearch.nets.contract import crop_settings
 from facesearch.nets.models import ModelFileError, failure_line, load_model, resolve_device
@@ -55,7 +54,7 @@ from facesearch.retrieval import rerank as R
 from facesearch.retrieval import verification as V
 from facesearch.retrieval.metrics import attribute_matrix, evaluate, readable
 from facesearch.retrieval.protocol import choose_queries, eligible_images
-from facesearch.tools import calibrate, choose, pretrained, tune
+from facesearch.tools import calibrate, choose, index_cli, pretrained, tune
 from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
 log = logging.getLogger("facesearch.cli")
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     choose.add_parser(sub)
     calibrate.add_parser(sub)
     pretrained.add_parser(sub)
-    index.add_parsers(sub)  # index build|add|remove|info, search: your own photos (facesearch.index)
+    index_cli.add_parsers(sub)  # index build|add|remove|info, search: your own photos (facesearch.gallery)
     res = sub.add_parser("results", help="Markdown results table from metrics/details/<backbone>.json")
     res.add_argument("--metrics", default="metrics/details", help="folder with the evaluate stage's <backbone>.json "
                      "details")  # fmt: skip
@@ -271,7 +270,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "pretrained":
         return pretrained.main(args)
     if args.command in ("index", "search"):
-        return index.main(args)
+        return index_cli.main(args)
     if args.command == "check-data":
         from facesearch.tools.checkdata import run
 

@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from facesearch.faces.config import FaceConfig
-from facesearch.gallery.store import model_fingerprint
+from facesearch.gallery.embedder import model_fingerprint
 from facesearch.io import write_json_atomic
 from facesearch.nets.backbone import WeightsUnavailable
 from facesearch.nets.contract import identities_record, preprocessing_record
@@ -82,7 +82,7 @@ def build(name: str) -> tuple[object, dict]:
 
 
 def fingerprint(model, extra: dict) -> str:
-    """The fingerprint the index knows a model by (:func:`facesearch.index.model_fingerprint`)."""
+    """The fingerprint the index knows a model by (:func:`facesearch.gallery.embedder.model_fingerprint`)."""
     return model_fingerprint({"config": asdict(model.config), "state_dict": model.state_dict(), **extra})
 
 

@@ -32,7 +32,9 @@ from PIL import Image
 from facesearch.data.images import ALLOWED_FORMATS, WEBP_CANVAS_MAX_PIXELS
 from facesearch.faces.detection import crop_square
 from facesearch.gallery import app_core as core
+from facesearch.gallery import build as XB
 from facesearch.gallery import photos
+from facesearch.gallery import search as XS
 from facesearch.gallery import store as X
 from facesearch.nets.models import load_model, save_model
 from facesearch.params import load_params
@@ -654,7 +656,7 @@ def people_index(root, tmp_path_factory):
     base = tmp_path_factory.mktemp("indexes")
     identities = pd.read_parquet(root / "data" / "manifest.parquet")["identity"].dropna()
     folder, stranger = people_folder(root, base / "photos", int(identities.max()))
-    X.build(str(root / "models" / "mobilenet_v2.pt"), str(folder), base / "indexes" / "people")
+    XB.build(str(root / "models" / "mobilenet_v2.pt"), str(folder), base / "indexes" / "people")
     # What "a photo of the index finds itself first" rests on, on any CPU (conftest.APP_RECIPE): no two
     # of its faces alike to float rounding, so no tie at the top that rounding would break.
     emb = X.load_index(base / "indexes" / "people").embeddings.astype(np.float64)
@@ -667,7 +669,7 @@ def test_index_gallery(root, people_index):
     index_dir, folder, stranger = people_index
     assert core.find_indexes(index_dir.parent) == [index_dir] and core.find_indexes(folder) == []
     gallery = core.load_index_gallery(index_dir)
-    info = X.info(index_dir)
+    info = XB.info(index_dir)
     assert (gallery.people, gallery.faces, gallery.photos) == (info["people"], info["faces"], info["photos"])
     assert gallery.model_label == "MobileNet-V2 (faster)" and gallery.attributes is None
     # The index's model's own threshold (calibrated by train), as `index search` uses.
@@ -682,7 +684,7 @@ def test_index_gallery(root, people_index):
     assert top.similarity > 0.9999 and top.name == photo.parent.name and top.source_file == str(photo)
     assert top.crop_file is None and top.attributes == {} and top.photo == str(photo.relative_to(folder))
     # The same faces and similarities as `index search` finds among its nearest, grouped by person.
-    line = next(X.search(index_dir, [str(photo)], top=9 * core.CANDIDATES_PER_RESULT))
+    line = next(XS.search(index_dir, [str(photo)], top=9 * core.CANDIDATES_PER_RESULT))
     cli = {(r["photo"], tuple(r["box"])): r["similarity"] for r in line["results"]}
     assert all(abs(cli[(r.source_file, r.box)] - r.similarity) < 1e-4 for r in answer.results)
     assert (line["results"][0]["photo"], tuple(line["results"][0]["box"])) == (top.source_file, top.box)

@@ -22,7 +22,11 @@ from facesearch.data import manifest as M
 from facesearch.data.images import ImageRejected, decode_image
 from facesearch.data.manifest import SchemaError
 from facesearch.faces.config import FaceConfig
+from facesearch.gallery import build as XB
+from facesearch.gallery import embedder as XE
+from facesearch.gallery import people as XP
 from facesearch.gallery import photos
+from facesearch.gallery import search as XS
 from facesearch.gallery import store as X
 from facesearch.nets.contract import preprocessing_record
 from facesearch.nets.models import get_model, save_model
@@ -139,7 +143,7 @@ def versions(folder: Path) -> list[str]:
 # --- build -----------------------------------------------------------------------------------
 def test_build_indexes_every_face_named_by_folder(models, people, tmp_path):
     photos_dir = copy_of(people, tmp_path)
-    report = X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    report = XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     index = X.load_index(tmp_path / "idx")
     expected = {p.relative_to(photos_dir).as_posix(): faces_of(p) for p in all_files(photos_dir)}
     assert sum(map(len, expected.values())) == len(index.faces) == report.faces > 0
@@ -168,10 +172,10 @@ def test_build_indexes_every_face_named_by_folder(models, people, tmp_path):
     row = index.faces.iloc[0]
     rgb = decode_image((photos_dir / row[X.PHOTO]).read_bytes(), 40_000_000).rgb
     crop = photos.crop(rgb, tuple(int(row[c]) for c in (X.BOX_X, X.BOX_Y, X.BOX_W, X.BOX_H)), CROP)
-    own = X.Embedder.load(models["a"]).embed(crop[None])
+    own = XE.Embedder.load(models["a"]).embed(crop[None])
     assert np.allclose(index.embeddings[0], own[0], atol=1e-5)
     assert np.allclose(np.linalg.norm(index.embeddings, axis=1), 1, atol=1e-5)
-    assert index.record["model"]["fingerprint"] == X.model_fingerprint(torch.load(models["a"], weights_only=True))
+    assert index.record["model"]["fingerprint"] == XE.model_fingerprint(torch.load(models["a"], weights_only=True))
     assert index.record["structure"] == "exact" and not (tmp_path / "idx" / index.version / X.GRAPH).exists()
 
 
@@ -183,7 +187,7 @@ def test_boxes_are_in_the_photos_own_pixels(models, people, tmp_path):
     (tmp_path / "p").mkdir()
     shutil.copy(small, tmp_path / "p" / "small.jpg")
     (tmp_path / "p" / "big.jpg").write_bytes(jpeg_bytes(big, quality=95))
-    X.build(str(models["a"]), str(tmp_path / "p"), tmp_path / "idx")
+    XB.build(str(models["a"]), str(tmp_path / "p"), tmp_path / "idx")
     faces = X.load_index(tmp_path / "idx").faces.set_index(X.PHOTO)
     b, s = faces.loc["big.jpg"], faces.loc["small.jpg"]
     assert b[X.BOX_W] == pytest.approx(3 * s[X.BOX_W], rel=0.15)
@@ -209,7 +213,7 @@ def test_hostile_files_are_counted_skips(models, people, tmp_path):
     (bad / "dangling.jpg").symlink_to(bad / "nowhere.jpg")
     (bad / "copy.jpg").write_bytes(good)  # the same content twice is indexed once
     Image.new("RGB", (200, 160), (90, 120, 150)).save(bad / "blank.jpg")
-    report = X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    report = XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     index = X.load_index(tmp_path / "idx")
     reasons = dict(zip(index.photos[X.PHOTO], index.photos[X.REASON], strict=True))
     assert len(expected) == len(broken_files(good)) and {r: reasons[r] for r in expected} == expected
@@ -228,50 +232,50 @@ def test_layouts(models, people, tmp_path):
     mixed = copy_of(people, tmp_path, only=1)
     loose = all_files(people)[-1]
     shutil.copy(loose, mixed / "loose.jpg")
-    assert X.build(str(models["a"]), str(mixed), tmp_path / "auto").people == 0  # not all one folder deep: plain
+    assert XB.build(str(models["a"]), str(mixed), tmp_path / "auto").people == 0  # not all one folder deep: plain
     assert X.load_index(tmp_path / "auto").faces[X.PERSON].isna().all()
     assert X.load_index(tmp_path / "auto").record["roots"] == {str(mixed): "plain"}
-    report = X.build(str(models["a"]), str(mixed), tmp_path / "folders", layout="folders")
+    report = XB.build(str(models["a"]), str(mixed), tmp_path / "folders", layout="folders")
     assert [(s.photo, s.reason) for s in report.skips] == [("loose.jpg", M.Reason.NOT_IN_A_PERSON_FOLDER)]
     assert report.people == len(named(mixed))
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(loose, flat / "one.jpg")
-    assert X.build(str(models["a"]), str(flat), tmp_path / "plain").people == 0
-    nested = X.build(str(models["a"]), str(people), tmp_path / "named", layout="plain")
+    assert XB.build(str(models["a"]), str(flat), tmp_path / "plain").people == 0
+    nested = XB.build(str(models["a"]), str(people), tmp_path / "named", layout="plain")
     assert nested.people == 0 and nested.faces > 0
 
 
 def test_build_refuses_to_overwrite(models, people, tmp_path):
-    X.build(str(models["a"]), str(people), tmp_path / "idx")
-    with pytest.raises(X.PhotoIndexError, match="index already"):
-        X.build(str(models["a"]), str(people), tmp_path / "idx")
+    XB.build(str(models["a"]), str(people), tmp_path / "idx")
+    with pytest.raises(XE.PhotoIndexError, match="index already"):
+        XB.build(str(models["a"]), str(people), tmp_path / "idx")
     first = X.load_index(tmp_path / "idx").version
-    X.build(str(models["a"]), str(people), tmp_path / "idx", force=True)
+    XB.build(str(models["a"]), str(people), tmp_path / "idx", force=True)
     assert X.load_index(tmp_path / "idx").version.startswith("v000002") and first.startswith("v000001")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
-    with pytest.raises(X.PhotoIndexError, match="not a photo index"):
-        X.build(str(models["a"]), str(people), tmp_path / "other")
+    with pytest.raises(XE.PhotoIndexError, match="not a photo index"):
+        XB.build(str(models["a"]), str(people), tmp_path / "other")
 
 
 # --- add, remove -----------------------------------------------------------------------------
 def test_add_embeds_only_new_photos(models, people, tmp_path, monkeypatch):
     photos_dir = copy_of(people, tmp_path, only=2)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     before = X.load_index(tmp_path / "idx")
     for person in people.iterdir():  # the third photo of everyone arrives
         for photo in sorted(person.iterdir())[2:]:
             shutil.copy(photo, photos_dir / person.name / photo.name)
     new = [p for p in all_files(photos_dir) if p.relative_to(photos_dir).as_posix() not in set(before.photos[X.PHOTO])]
     calls = count_embeds(monkeypatch)
-    report = X.add(tmp_path / "idx", str(photos_dir))
+    report = XB.add(tmp_path / "idx", str(photos_dir))
     assert sum(calls) == sum(len(faces_of(p)) for p in new) == report.added_faces > 0
-    assert {s.reason for s in report.skips} == {X.ALREADY_INDEXED} and len(report.skips) == len(before.photos)
+    assert {s.reason for s in report.skips} == {XB.ALREADY_INDEXED} and len(report.skips) == len(before.photos)
     after = X.load_index(tmp_path / "idx")
     assert np.array_equal(after.embeddings[: len(before.faces)], before.embeddings)  # old faces untouched
     # The same index a build of everything gives (same faces, boxes and embeddings).
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "all")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "all")
     whole = X.load_index(tmp_path / "all")
     key = [X.PHOTO, X.FACE]
     a, w = after.faces.sort_values(key), whole.faces.sort_values(key)
@@ -279,7 +283,7 @@ def test_add_embeds_only_new_photos(models, people, tmp_path, monkeypatch):
     assert np.allclose(after.embeddings[a.index], whole.embeddings[w.index], atol=1e-5)
     # Nothing new: no forward pass, no new version.
     calls.clear()
-    again = X.add(tmp_path / "idx", str(photos_dir))
+    again = XB.add(tmp_path / "idx", str(photos_dir))
     assert calls == [] and again.version is None and X.load_index(tmp_path / "idx").version == after.version
 
 
@@ -287,12 +291,12 @@ def test_add_embeds_only_new_photos(models, people, tmp_path, monkeypatch):
 def test_add_replaces_an_edited_photo(models, people, tmp_path, through):
     """Overwritten with another person's photo, and added through the root or a sub-folder of it: one photo."""
     photos_dir = copy_of(people, tmp_path, only=2)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     before = X.load_index(tmp_path / "idx")
     edited = all_files(photos_dir)[0]
     other = next(p for p in all_files(photos_dir) if p.parent != edited.parent and len(faces_of(p)) == 1)
     edited.write_bytes(jpeg_bytes(Image.open(other).transpose(Image.FLIP_LEFT_RIGHT)))  # same path, new content
-    report = X.add(tmp_path / "idx", str(photos_dir if through == "root" else edited.parent))
+    report = XB.add(tmp_path / "idx", str(photos_dir if through == "root" else edited.parent))
     after = X.load_index(tmp_path / "idx")
     rel = edited.relative_to(photos_dir).as_posix()
     assert report.replaced_photos == 1 and report.added_photos == 1 and len(after.photos) == len(before.photos)
@@ -305,29 +309,29 @@ def test_add_replaces_an_edited_photo(models, people, tmp_path, through):
     # The old content is gone for good: adding it again (elsewhere) is not "already indexed".
     (tmp_path / "later").mkdir()
     (tmp_path / "later" / "old.jpg").write_bytes((people / rel).read_bytes())
-    assert X.add(tmp_path / "idx", str(tmp_path / "later")).added_photos == 1
-    assert X.add(tmp_path / "idx", str(edited.parent)).version is None  # nothing new under the folder now
+    assert XB.add(tmp_path / "idx", str(tmp_path / "later")).added_photos == 1
+    assert XB.add(tmp_path / "idx", str(edited.parent)).version is None  # nothing new under the folder now
 
 
 def test_add_through_a_sub_folder_keeps_the_roots_layout(models, people, tmp_path):
     """A new photo added through its person folder is that person's, under the indexed root."""
     photos_dir = copy_of(people, tmp_path, only=1)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     person = sorted(photos_dir.iterdir())[0]
     new = next(p for p in sorted((people / person.name).iterdir())[1:] if len(faces_of(p)) == 1)
     shutil.copy(new, person / "new.jpg")
-    report = X.add(tmp_path / "idx", str(person))  # alone, this folder would be "plain" (photos in its root)
+    report = XB.add(tmp_path / "idx", str(person))  # alone, this folder would be "plain" (photos in its root)
     index = X.load_index(tmp_path / "idx")
     row = index.photos.set_index(X.PHOTO).loc[f"{person.name}/new.jpg"]
     assert report.added_photos == 1 and row[X.ROOT] == str(photos_dir) and row[X.PERSON] == person.name
     assert index.faces.set_index(X.PHOTO).at[f"{person.name}/new.jpg", X.PERSON] == person.name
-    with pytest.raises(X.PhotoIndexError, match="indexed with layout folders"):
-        X.add(tmp_path / "idx", str(person), layout="plain")
+    with pytest.raises(XE.PhotoIndexError, match="indexed with layout folders"):
+        XB.add(tmp_path / "idx", str(person), layout="plain")
 
 
 def test_remove_by_path_folder_or_content(models, people, tmp_path, monkeypatch):
     photos_dir = copy_of(people, tmp_path)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     before = X.load_index(tmp_path / "idx")
     files = all_files(photos_dir)
     elsewhere = tmp_path / "copy.jpg"
@@ -335,14 +339,14 @@ def test_remove_by_path_folder_or_content(models, people, tmp_path, monkeypatch)
     person = sorted(photos_dir.iterdir())[-1]
     monkeypatch.chdir(photos_dir)  # a relative path is taken from the current folder, as in a shell
     stored = files[2].relative_to(photos_dir).as_posix()
-    report = X.remove(tmp_path / "idx", [str(files[0]), str(elsewhere), stored, str(person), "nothing.jpg"])
+    report = XB.remove(tmp_path / "idx", [str(files[0]), str(elsewhere), stored, str(person), "nothing.jpg"])
     gone = {f.relative_to(photos_dir).as_posix() for f in (files[0], files[1], files[2], *person.iterdir())}
     after = X.load_index(tmp_path / "idx")
     assert report.unmatched == ["nothing.jpg"] and report.removed_photos == len(gone)
     assert set(after.photos[X.PHOTO]) == set(before.photos[X.PHOTO]) - gone
     kept = ~before.faces[X.PHOTO].isin(gone).to_numpy()
     assert np.array_equal(after.embeddings, before.embeddings[kept])
-    assert X.remove(tmp_path / "idx", ["nothing.jpg"]).version is None
+    assert XB.remove(tmp_path / "idx", ["nothing.jpg"]).version is None
 
 
 def test_remove_means_that_path_under_that_root(models, people, tmp_path, monkeypatch):
@@ -352,52 +356,52 @@ def test_remove_means_that_path_under_that_root(models, people, tmp_path, monkey
     for src in all_files(one):  # the same names, other contents
         (two / src.parent.name).mkdir(parents=True, exist_ok=True)
         (two / src.parent.name / src.name).write_bytes(jpeg_bytes(Image.open(src).transpose(Image.FLIP_LEFT_RIGHT)))
-    X.build(str(models["a"]), str(one), tmp_path / "idx")
-    X.add(tmp_path / "idx", str(two))
+    XB.build(str(models["a"]), str(one), tmp_path / "idx")
+    XB.add(tmp_path / "idx", str(two))
     rel = all_files(one)[0].relative_to(one).as_posix()
     monkeypatch.chdir(two)
-    report = X.remove(tmp_path / "idx", [rel])
+    report = XB.remove(tmp_path / "idx", [rel])
     left = X.load_index(tmp_path / "idx").photos
     assert report.removed_photos == 1 and set(left.loc[left[X.PHOTO] == rel, X.ROOT]) == {str(one)}
     # A symlinked folder resolves to the indexed one.
     (tmp_path / "link").symlink_to(one, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
-    assert X.remove(tmp_path / "idx", [f"link/{rel}"]).removed_photos == 1
+    assert XB.remove(tmp_path / "idx", [f"link/{rel}"]).removed_photos == 1
     assert rel not in set(X.load_index(tmp_path / "idx").photos[X.PHOTO])
 
 
 def test_another_model_is_refused(models, people, tmp_path):
-    X.build(str(models["a"]), str(people), tmp_path / "idx")
-    with pytest.raises(X.PhotoIndexError, match="not the model this index was built with"):
-        X.add(tmp_path / "idx", str(people), model=str(models["b"]))
-    with pytest.raises(X.PhotoIndexError, match="not the model this index was built with"):
-        list(X.search(tmp_path / "idx", [str(all_files(people)[0])], model=str(models["b"])))
+    XB.build(str(models["a"]), str(people), tmp_path / "idx")
+    with pytest.raises(XE.PhotoIndexError, match="not the model this index was built with"):
+        XB.add(tmp_path / "idx", str(people), model=str(models["b"]))
+    with pytest.raises(XE.PhotoIndexError, match="not the model this index was built with"):
+        list(XS.search(tmp_path / "idx", [str(all_files(people)[0])], model=str(models["b"])))
     with pytest.raises(SystemExit, match="not the model"):
         cli(["search", "--index", str(tmp_path / "idx"), str(all_files(people)[0]), "--model", str(models["b"])])
     # The same weights and crops re-saved with new metadata (a threshold) are the same model.
     payload = torch.load(models["a"], weights_only=True)
     payload["threshold"] = {"similarity": 0.9, "far": 1e-3, "source": "validation identities"}
     torch.save(payload, tmp_path / "moved.pt")
-    assert X.add(tmp_path / "idx", str(people), model=str(tmp_path / "moved.pt")).added_faces == 0
+    assert XB.add(tmp_path / "idx", str(people), model=str(tmp_path / "moved.pt")).added_faces == 0
     shutil.move(models["a"], tmp_path / "away.pt")  # the index's model moved: say so, take --model
     try:
-        with pytest.raises(X.PhotoIndexError, match="pass --model"):
-            list(X.search(tmp_path / "idx", [str(all_files(people)[0])]))
-        assert list(X.search(tmp_path / "idx", [str(all_files(people)[0])], model=str(tmp_path / "away.pt")))
+        with pytest.raises(XE.PhotoIndexError, match="pass --model"):
+            list(XS.search(tmp_path / "idx", [str(all_files(people)[0])]))
+        assert list(XS.search(tmp_path / "idx", [str(all_files(people)[0])], model=str(tmp_path / "away.pt")))
     finally:
         shutil.move(tmp_path / "away.pt", models["a"])
     # Different crops are a different model, whatever the weights.
     payload["preprocessing"] = preprocessing_record(FaceConfig(size=48), 32)
     torch.save(payload, tmp_path / "recropped.pt")
-    with pytest.raises(X.PhotoIndexError, match="not the model"):
-        X.add(tmp_path / "idx", str(people), model=str(tmp_path / "recropped.pt"))
+    with pytest.raises(XE.PhotoIndexError, match="not the model"):
+        XB.add(tmp_path / "idx", str(people), model=str(tmp_path / "recropped.pt"))
 
 
 @pytest.mark.parametrize("crash_at", ["write_parquet_atomic", "write_json_atomic", "write_bytes_atomic"])
 def test_a_killed_add_or_remove_leaves_the_index_as_it_was(models, people, tmp_path, monkeypatch, crash_at):
     """Killed after some of the new version is written (tables, record, the pointer's temporary file)."""
     photos_dir = copy_of(people, tmp_path, only=2)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     before = X.load_index(tmp_path / "idx")
     for person in people.iterdir():
         for photo in sorted(person.iterdir())[2:]:
@@ -413,8 +417,8 @@ def test_a_killed_add_or_remove_leaves_the_index_as_it_was(models, people, tmp_p
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(X, crash_at, killed)
-    for change in (lambda: X.add(tmp_path / "idx", str(photos_dir)),
-                   lambda: X.remove(tmp_path / "idx", [str(all_files(photos_dir)[0])])):  # fmt: skip
+    for change in (lambda: XB.add(tmp_path / "idx", str(photos_dir)),
+                   lambda: XB.remove(tmp_path / "idx", [str(all_files(photos_dir)[0])])):  # fmt: skip
         with pytest.raises(KeyboardInterrupt):
             change()
         now = X.load_index(tmp_path / "idx")
@@ -423,7 +427,7 @@ def test_a_killed_add_or_remove_leaves_the_index_as_it_was(models, people, tmp_p
         # The live one and this kill's half-written one: the kill before it was cleaned by this command.
         assert len(versions(tmp_path / "idx")) == 2
     monkeypatch.setattr(X, crash_at, real)
-    assert X.add(tmp_path / "idx", str(photos_dir)).added_faces > 0
+    assert XB.add(tmp_path / "idx", str(photos_dir)).added_faces > 0
     assert versions(tmp_path / "idx") == sorted([before.version, X.load_index(tmp_path / "idx").version])
     assert not [p for p in (tmp_path / "idx").iterdir() if p.name.endswith(".tmp")]  # the pointer's too
 
@@ -459,14 +463,14 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_behind(models, people, tmp_p
                        str(tmp_path / "new")])  # fmt: skip
     assert "nothing was written" in message and versions(tmp_path / "new") == []
     monkeypatch.undo()
-    assert X.build(str(models["a"]), str(photos_dir), tmp_path / "new").faces > 0
+    assert XB.build(str(models["a"]), str(photos_dir), tmp_path / "new").faces > 0
 
 
 def test_stale_versions_are_cleaned_by_the_next_command(models, people, tmp_path):
     """What a killed writer leaves (a version CURRENT never named, the pointer's temporary file) goes next time."""
     photos_dir = copy_of(people, tmp_path, only=1)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
-    X.remove(tmp_path / "idx", [str(all_files(photos_dir)[0])])
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.remove(tmp_path / "idx", [str(all_files(photos_dir)[0])])
     live = X.load_index(tmp_path / "idx")
     previous = live.record["previous"]
     assert versions(tmp_path / "idx") == sorted([live.version, previous])
@@ -475,20 +479,20 @@ def test_stale_versions_are_cleaned_by_the_next_command(models, people, tmp_path
     (stale / X.EMBEDDINGS).write_bytes(b"\0" * 1000)
     (tmp_path / "idx" / ".CURRENT.x1y2.tmp").write_bytes(b"v0")
     (tmp_path / "idx" / "notes.txt").write_text("mine")  # not the index's: left alone
-    assert X.remove(tmp_path / "idx", ["nothing.jpg"]).version is None  # a command that writes nothing still cleans
+    assert XB.remove(tmp_path / "idx", ["nothing.jpg"]).version is None  # a command that writes nothing still cleans
     assert versions(tmp_path / "idx") == sorted([live.version, previous])
     assert sorted(p.name for p in (tmp_path / "idx").iterdir() if p.is_file()) == [".lock", "CURRENT", "notes.txt"]
 
 
 def test_a_second_writer_is_turned_away(models, people, tmp_path):
-    X.build(str(models["a"]), str(people), tmp_path / "idx")
-    with X.writing(tmp_path / "idx"), pytest.raises(X.PhotoIndexError, match="another index command"):
-        X.remove(tmp_path / "idx", [str(all_files(people)[0])])
+    XB.build(str(models["a"]), str(people), tmp_path / "idx")
+    with X.writing(tmp_path / "idx"), pytest.raises(XE.PhotoIndexError, match="another index command"):
+        XB.remove(tmp_path / "idx", [str(all_files(people)[0])])
 
 
 # --- search, info ----------------------------------------------------------------------------
 def test_search_json_lines(models, people, tmp_path, capsys):
-    X.build(str(models["a"]), str(people), tmp_path / "idx")
+    XB.build(str(models["a"]), str(people), tmp_path / "idx")
     index = X.load_index(tmp_path / "idx")
     multi = next(p for p in all_files(people) if len(faces_of(p)) > 1)
     blank = tmp_path / "blank.jpg"
@@ -542,7 +546,7 @@ def test_search_json_lines(models, people, tmp_path, capsys):
 
 def test_search_exits_2_when_nothing_could_be_searched(models, people, tmp_path, capsys):
     photos_dir = copy_of(people, tmp_path, only=1)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     blank = tmp_path / "blank.jpg"
     Image.new("RGB", (200, 160), (90, 120, 150)).save(blank)
     capsys.readouterr()
@@ -557,7 +561,7 @@ def test_search_exits_2_when_nothing_could_be_searched(models, people, tmp_path,
 def test_search_never_vouches_for_a_changed_photo(models, people, tmp_path, capsys, monkeypatch):
     """A result whose file no longer holds the indexed content says so; only the results shown are read."""
     photos_dir = copy_of(people, tmp_path, only=1)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     idx = str(tmp_path / "idx")
     target = next(p for p in all_files(photos_dir) if len(faces_of(p)) == 1)
     query = tmp_path / "query.jpg"
@@ -583,8 +587,8 @@ def test_search_never_vouches_for_a_changed_photo(models, people, tmp_path, caps
     # Lazily: a face's line reads the photos of its results only, each once a command.
     read: list = []
     real = X.source_status
-    monkeypatch.setattr(X, "source_status", lambda *a, **k: read.append(a[0]) or real(*a, **k))
-    lines = list(X.search(idx, [str(query), str(query)], top=2, also=0))
+    monkeypatch.setattr(XS, "source_status", lambda *a, **k: read.append(a[0]) or real(*a, **k))
+    lines = list(XS.search(idx, [str(query), str(query)], top=2, also=0))
     shown = {(r["photo"]) for line in lines for r in line["results"]}
     assert len(read) == len(set(read)) == len(shown) == 2 < len(X.load_index(idx).photos)
 
@@ -600,21 +604,21 @@ def test_the_threshold_comes_from_the_model(models, people, tmp_path, caplog, ca
     torch.save(payload, tmp_path / "strict.pt")  # same weights and crops: the index's model
     v = verdict(payload, 10)
     assert v.similarity == 1.5 and v.source == "model (1:1)" and "grows with the gallery" in v.meaning()
-    X.build(str(tmp_path / "strict.pt"), str(people), tmp_path / "idx")
+    XB.build(str(tmp_path / "strict.pt"), str(people), tmp_path / "idx")
     lines = search_lines(capsys, "--index", str(tmp_path / "idx"), str(all_files(people)[0]))
     assert lines and {line["verdict"] for line in lines} == {"no_match"}  # 1.5 is out of reach
-    assert X.info(tmp_path / "idx")["threshold"]["similarity"] == 1.5
+    assert XB.info(tmp_path / "idx")["threshold"]["similarity"] == 1.5
 
 
 def test_exact_and_hnsw_agree(models, people, tmp_path):
     half = copy_of(people, tmp_path, only=2)
     for name, threshold in (("exact", 10**6), ("hnsw", 1)):
-        X.build(str(models["a"]), str(half), tmp_path / name, hnsw_threshold=threshold)
+        XB.build(str(models["a"]), str(half), tmp_path / name, hnsw_threshold=threshold)
     queries = [str(p) for p in all_files(people)]
 
     def answers(name):
         return [(line["box"], [(r["photo"], r["box"]) for r in flat(line)], [r["similarity"] for r in flat(line)])
-                for line in X.search(tmp_path / name, queries, top=5)]  # fmt: skip
+                for line in XS.search(tmp_path / name, queries, top=5)]  # fmt: skip
 
     def agree():
         exact, hnsw = answers("exact"), answers("hnsw")
@@ -629,18 +633,18 @@ def test_exact_and_hnsw_agree(models, people, tmp_path):
     assert X.load_index(tmp_path / "hnsw").record["structure"] == "hnsw"
     assert X.load_index(tmp_path / "exact").record["structure"] == "exact"
     for name in ("exact", "hnsw"):  # the stored graph takes the added faces; remove rebuilds it
-        X.add(tmp_path / name, str(people))
+        XB.add(tmp_path / name, str(people))
     agree()
     for name in ("exact", "hnsw"):
-        X.remove(tmp_path / name, [queries[0], queries[5]])
+        XB.remove(tmp_path / name, [queries[0], queries[5]])
     agree()
     hnsw = X.load_index(tmp_path / "hnsw")
     assert hnsw.graph.ntotal == len(hnsw.faces) and (tmp_path / "hnsw" / hnsw.version / X.GRAPH).is_file()
 
 
 def test_info(models, people, tmp_path, capsys):
-    X.build(str(models["a"]), str(people), tmp_path / "idx")
-    d = X.info(tmp_path / "idx")
+    XB.build(str(models["a"]), str(people), tmp_path / "idx")
+    d = XB.info(tmp_path / "idx")
     index = X.load_index(tmp_path / "idx")
     assert d["people"] == len(named(people)) and d["names"] == sorted(named(people))
     assert d["faces"] == len(index.faces) and d["photos"] == int((index.photos[X.N_FACES] > 0).sum())
@@ -678,7 +682,7 @@ def test_cli_build_add_remove(models, people, tmp_path, capsys):
 def test_moved_deleted_and_changed_photos_are_found_and_followed(models, people, tmp_path, capsys, monkeypatch):
     photos_dir = copy_of(people, tmp_path, only=2)
     idx = tmp_path / "idx"
-    X.build(str(models["a"]), str(photos_dir), idx)
+    XB.build(str(models["a"]), str(photos_dir), idx)
     before = X.load_index(idx)
     files = [p for p in all_files(photos_dir) if faces_of(p)]
     first, crossing, deleted, changed = files[0], files[2], files[-2], files[-1]
@@ -704,7 +708,7 @@ def test_moved_deleted_and_changed_photos_are_found_and_followed(models, people,
     )
     # add follows them: a moved photo is not embedded again, a changed one is; the deleted one is reported.
     calls = count_embeds(monkeypatch)
-    report = X.add(idx, str(photos_dir))
+    report = XB.add(idx, str(photos_dir))
     assert sum(calls) == len(faces_of(changed)) == report.added_faces
     assert (report.moved_photos, report.replaced_photos, report.gone, report.pruned) == (2, 1, [str(deleted)], False)
     assert "gone: 1 indexed photos no longer there" in "\n".join(report.lines())
@@ -721,11 +725,11 @@ def test_moved_deleted_and_changed_photos_are_found_and_followed(models, people,
     names = set(after.faces.loc[after.faces[X.PHOTO] == rel(crossed), X.PERSON].dropna())
     assert row[X.PERSON] == crossed.parent.name and names <= {crossed.parent.name}  # the new folder's person, if any
     # --prune drops the deleted one; then everything is where it was indexed.
-    pruned = X.add(idx, str(photos_dir), prune=True)
+    pruned = XB.add(idx, str(photos_dir), prune=True)
     assert pruned.gone == [str(deleted)] and pruned.pruned
     assert rel(deleted) not in set(X.load_index(idx).photos[X.PHOTO])
-    assert X.add(idx, str(photos_dir)).version is None
-    d = X.info(idx, check=True)["check"]
+    assert XB.add(idx, str(photos_dir)).version is None
+    d = XB.info(idx, check=True)["check"]
     assert (d["missing"], d["changed"], d["moved"], d["checked"]) == ([], [], [], len(before.photos) - 1)
     capsys.readouterr()
     cli(["index", "info", "--index", str(idx), "--check"])
@@ -734,27 +738,27 @@ def test_moved_deleted_and_changed_photos_are_found_and_followed(models, people,
 
 def test_a_copy_of_an_indexed_photo_is_not_a_move(models, people, tmp_path):
     photos_dir = copy_of(people, tmp_path, only=1)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     original = all_files(photos_dir)[0]
     shutil.copy(original, original.parent / "copy.jpg")
-    report = X.add(tmp_path / "idx", str(photos_dir))
+    report = XB.add(tmp_path / "idx", str(photos_dir))
     assert report.version is None and report.moved_photos == 0
-    assert (f"{original.parent.name}/copy.jpg", X.ALREADY_INDEXED) in [(s.photo, s.reason) for s in report.skips]
-    assert X.info(tmp_path / "idx", check=True)["check"]["moved"] == []
+    assert (f"{original.parent.name}/copy.jpg", XB.ALREADY_INDEXED) in [(s.photo, s.reason) for s in report.skips]
+    assert XB.info(tmp_path / "idx", check=True)["check"]["moved"] == []
     # Copied over another indexed photo: that photo is gone (its faces with it), the content stays indexed once.
     other = all_files(photos_dir)[-1]
     other_rel = other.relative_to(photos_dir).as_posix()
     shutil.copy(original, other)
-    report = X.add(tmp_path / "idx", str(photos_dir))
+    report = XB.add(tmp_path / "idx", str(photos_dir))
     index = X.load_index(tmp_path / "idx")
     assert report.replaced_photos == 1 and other_rel not in set(index.photos[X.PHOTO]).union(index.faces[X.PHOTO])
-    assert X.info(tmp_path / "idx", check=True)["check"] == {"checked": len(index.photos), "missing": [],
+    assert XB.info(tmp_path / "idx", check=True)["check"] == {"checked": len(index.photos), "missing": [],
                                                             "changed": [], "unreadable": [], "moved": []}  # fmt: skip
 
 
 def test_remove_missing_follows_moves_and_drops_the_rest(models, people, tmp_path, capsys):
     photos_dir = copy_of(people, tmp_path, only=2)
-    X.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
+    XB.build(str(models["a"]), str(photos_dir), tmp_path / "idx")
     before = X.load_index(tmp_path / "idx")
     files = all_files(photos_dir)
     files[0].rename(files[0].parent / "moved.jpg")
@@ -783,7 +787,7 @@ def fake_photo(path: Path, *people: str) -> Path:
 
 @pytest.fixture
 def fake_faces(monkeypatch):
-    """Constructed faces: ``X.file_faces`` reads a ``fake_photo``'s names, ``Embedder.embed`` embeds them.
+    """Constructed faces: ``XE.file_faces`` reads a ``fake_photo``'s names, ``Embedder.embed`` embeds them.
 
     Each person is one axis of the 16-d embedding and each face that axis plus its own noise: a
     person's faces agree (cosine ~0.96), two people's do not (~0), far either side of the tiny
@@ -804,33 +808,34 @@ def fake_faces(monkeypatch):
         return (60 * len(names) + 20, 70), tuple((10 + 60 * k, 10, 50, 50) for k in range(len(names))), crops, "fake"
 
     def embed(self, crops):
-        return X.unit(np.stack([vectors[256 * int(c[0, 0, 0]) + int(c[0, 0, 1])] for c in crops]))
+        return XE.unit(np.stack([vectors[256 * int(c[0, 0, 0]) + int(c[0, 0, 1])] for c in crops]))
 
-    monkeypatch.setattr(X, "file_faces", file_faces)
-    monkeypatch.setattr(X.Embedder, "embed", embed)
+    monkeypatch.setattr(XB, "file_faces", file_faces)  # embed_files reads photos through it
+    monkeypatch.setattr(XS, "file_faces", file_faces)  # and search its queries
+    monkeypatch.setattr(XE.Embedder, "embed", embed)
 
 
 def test_find_person():
     rng = np.random.default_rng(0)
 
     def photo(*people: int) -> np.ndarray:
-        return X.unit(np.stack([np.eye(8)[p] + rng.normal(0, 0.05, 8) for p in people]))
+        return XE.unit(np.stack([np.eye(8)[p] + rng.normal(0, 0.05, 8) for p in people]))
 
     P, B, C = 0, 1, 2  # the person, a bystander, another
     none = np.zeros((0, 8), np.float32)
-    found, lost, unclear = X.PERSON_NOT_FOUND, X.PERSON_AMBIGUOUS, None
+    found, lost, unclear = XP.PERSON_NOT_FOUND, XP.PERSON_AMBIGUOUS, None
     # The person is who most photos agree on, even when a bystander comes first, alone, or twice.
     photos = [photo(B), photo(P), photo(B, P), photo(P, C), photo(C, B), photo(P)]  # P in 4 photos, B in 3
-    assert X.find_person(none, photos, 0.45) == [(None, found), (0, None), (1, None), (0, None), (None, found),
+    assert XP.find_person(none, photos, 0.45) == [(None, found), (0, None), (1, None), (0, None), (None, found),
                                                  (0, None)]  # fmt: skip
     # Faces enrolled before hold new photos to the person.
-    assert X.find_person(photo(P, P), [photo(B), photo(C, P), photo(P)], 0.45) == [(None, found), (1, None), (0, None)]
+    assert XP.find_person(photo(P, P), [photo(B), photo(C, P), photo(P)], 0.45) == [(None, found), (1, None), (0, None)]
     # Nothing to compare with: a lone face is taken as the folder says, a group names nobody.
-    assert X.find_person(none, [photo(B)], 0.45) == [(0, unclear)]
-    assert X.find_person(none, [photo(P, B)], 0.45) == [(None, lost)]
-    assert X.find_person(none, [photo(P), photo(B), photo(C, B)], 0.45)[:2] == [(None, found), (0, None)]
-    assert X.find_person(none, [photo(P), photo(B)], 0.45) == [(0, None), (0, None)]  # two photos that disagree
-    assert X.find_person(none, [], 0.45) == []
+    assert XP.find_person(none, [photo(B)], 0.45) == [(0, unclear)]
+    assert XP.find_person(none, [photo(P, B)], 0.45) == [(None, lost)]
+    assert XP.find_person(none, [photo(P), photo(B), photo(C, B)], 0.45)[:2] == [(None, found), (0, None)]
+    assert XP.find_person(none, [photo(P), photo(B)], 0.45) == [(0, None), (0, None)]  # two photos that disagree
+    assert XP.find_person(none, [], 0.45) == []
 
 
 def test_a_person_folder_names_only_its_person(models, tmp_path, fake_faces, capsys):
@@ -847,14 +852,14 @@ def test_a_person_folder_names_only_its_person(models, tmp_path, fake_faces, cap
         f = X.load_index(idx).faces
         return {(ph, n): None if pd.isna(p) else p for ph, n, p in zip(f[X.PHOTO], f[X.FACE], f[X.PERSON], strict=True)}
 
-    report = X.build(str(models["a"]), str(root), idx)
+    report = XB.build(str(models["a"]), str(root), idx)
     built = {("alice/1.jpg", 1): "alice", ("alice/2.jpg", 1): None, ("alice/2.jpg", 2): "alice",
              ("alice/3.jpg", 1): "alice", ("alice/3.jpg", 2): None, ("alice/4.jpg", 1): None, ("bob/1.jpg", 1): "bob",
              ("bob/2.jpg", 1): "bob", ("erin/1.jpg", 1): None, ("erin/1.jpg", 2): None}  # fmt: skip
     assert who() == built and report.people == 2
-    assert report.person_notes == {X.PERSON_NOT_FOUND: 1, X.PERSON_AMBIGUOUS: 1}
+    assert report.person_notes == {XP.PERSON_NOT_FOUND: 1, XP.PERSON_AMBIGUOUS: 1}
     assert "all indexed unnamed: person_ambiguous 1, person_not_found 1" in "\n".join(report.lines())
-    assert X.info(idx)["person_not_found"] == 2
+    assert XB.info(idx)["person_not_found"] == 2
     # Searches answer per person.
     queries = [fake_photo(tmp_path / "q" / f"{name}.jpg", name) for name in ("alice", "carol", "frank")]
     alice, carol, frank = search_lines(capsys, "--index", str(idx), *map(str, queries), "--top", "3")
@@ -865,16 +870,16 @@ def test_a_person_folder_names_only_its_person(models, tmp_path, fake_faces, cap
     assert (carol["verdict"], carol["person"]) == ("match", None)  # indexed, but only as a bystander
     assert carol["results"][0]["photo"] == str(root / "alice/3.jpg") and carol["results"][0]["box"][0] == 70
     assert (frank["verdict"], frank["person"]) == ("no_match", "unknown")
-    assert X.group_by_person(["a", None, "a", "b", "a", None, "c"], top=3, also=1) == [[0, 2], [1], [3]]
+    assert XS.group_by_person(["a", None, "a", "b", "a", None, "c"], top=3, also=1) == [[0, 2], [1], [3]]
     # add holds new photos to the faces enrolled, and decides again the photos the person was not found in.
     fake_photo(root / "alice" / "5.jpg", "dave", "alice")
     fake_photo(root / "alice" / "6.jpg", "dave")
     fake_photo(root / "erin" / "2.jpg", "erin")  # now her group photo can be told
-    report = X.add(idx, str(root))
+    report = XB.add(idx, str(root))
     added = {("alice/5.jpg", 1): None, ("alice/5.jpg", 2): "alice", ("alice/6.jpg", 1): None, ("erin/2.jpg", 1): "erin"}
-    assert who() == built | added | {("erin/1.jpg", 1): "erin"} and report.person_notes == {X.PERSON_NOT_FOUND: 1}
+    assert who() == built | added | {("erin/1.jpg", 1): "erin"} and report.person_notes == {XP.PERSON_NOT_FOUND: 1}
     # Removing a photo changes nobody else's name.
-    X.remove(idx, [str(root / "alice" / "1.jpg")])
+    XB.remove(idx, [str(root / "alice" / "1.jpg")])
     assert who() == {k: v for k, v in (built | added | {("erin/1.jpg", 1): "erin"}).items() if k[0] != "alice/1.jpg"}
 
 
@@ -884,9 +889,9 @@ def test_a_photo_moved_to_another_person_is_theirs(models, tmp_path, fake_faces)
         fake_photo(root / "alice" / f"{n}.jpg", "alice")
         fake_photo(root / "bob" / f"{n}.jpg", "bob")
     fake_photo(root / "alice" / "3.jpg", "bob", "alice")
-    X.build(str(models["a"]), str(root), idx)
+    XB.build(str(models["a"]), str(root), idx)
     (root / "alice" / "3.jpg").rename(root / "bob" / "3.jpg")  # filed under the wrong person, then fixed
-    report = X.add(idx, str(root))
+    report = XB.add(idx, str(root))
     f = X.load_index(idx).faces.set_index([X.PHOTO, X.FACE])[X.PERSON]
     assert report.moved_photos == 1 and report.added_faces == 0
     assert (f[("bob/3.jpg", 1)], pd.isna(f[("bob/3.jpg", 2)])) == ("bob", True)
@@ -897,7 +902,7 @@ def test_a_broken_model_or_index_is_one_line(models, people, tmp_path, capsys):
     photos_dir = copy_of(people, tmp_path, only=1)
     model, idx = tmp_path / "model.pt", str(tmp_path / "idx")
     shutil.copy(models["a"], model)
-    X.build(str(model), str(photos_dir), idx)
+    XB.build(str(model), str(photos_dir), idx)
     query = str(all_files(photos_dir)[0])
     model.write_bytes(b"not a model")  # replaced by something else
     for args in (
@@ -909,7 +914,7 @@ def test_a_broken_model_or_index_is_one_line(models, people, tmp_path, capsys):
     capsys.readouterr()
     cli(["index", "info", "--index", idx])
     assert "is not a facesearch model file" in capsys.readouterr().out
-    assert X.info(idx)["model"]["file_matches"] is None
+    assert XB.info(idx)["model"]["file_matches"] is None
     model.unlink()
     assert "does not exist (the index's model): pass --model" in failure(["search", "--index", idx, query])
     shutil.copy(models["a"], model)
@@ -929,7 +934,7 @@ def test_a_broken_model_or_index_is_one_line(models, people, tmp_path, capsys):
 
 # --- the schema ------------------------------------------------------------------------------
 def test_validator_rejects_inconsistent_versions(models, people, tmp_path):
-    X.build(str(models["a"]), str(people), tmp_path / "idx")
+    XB.build(str(models["a"]), str(people), tmp_path / "idx")
     i = X.load_index(tmp_path / "idx")
     X.validate_index(i.faces, i.photos, i.embeddings, i.dim)
     broken = {
@@ -982,9 +987,9 @@ def test_search_fpir_moves_the_verdict_with_the_promise(models, people, tmp_path
 
     payload["threshold"] = V.calibrate(emb, labels, 1e-2, (1e-2,), 1000, 0, fpir=0.01)
     torch.save(payload, tmp_path / "calibrated.pt")
-    X.build(str(tmp_path / "calibrated.pt"), str(people), tmp_path / "idx")
+    XB.build(str(tmp_path / "calibrated.pt"), str(people), tmp_path / "idx")
     photo = str(all_files(people)[0])
-    loose, strict = (next(X.search(tmp_path / "idx", [photo], fpir=f))["threshold"] for f in (0.1, 0.001))
-    assert loose < next(X.search(tmp_path / "idx", [photo]))["threshold"] < strict
-    with pytest.raises(X.PhotoIndexError, match="--fpir"):
-        next(X.search(tmp_path / "idx", [photo], fpir=1.5))
+    loose, strict = (next(XS.search(tmp_path / "idx", [photo], fpir=f))["threshold"] for f in (0.1, 0.001))
+    assert loose < next(XS.search(tmp_path / "idx", [photo]))["threshold"] < strict
+    with pytest.raises(XE.PhotoIndexError, match="--fpir"):
+        next(XS.search(tmp_path / "idx", [photo], fpir=1.5))

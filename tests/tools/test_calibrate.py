@@ -10,7 +10,7 @@ from conftest import person_folders
 
 from facesearch.data.layouts import dataset_source
 from facesearch.faces.config import FaceConfig
-from facesearch.gallery.store import model_fingerprint
+from facesearch.gallery.embedder import model_fingerprint
 from facesearch.nets.contract import identities_record, preprocessing_record
 from facesearch.nets.models import get_model, load_model, save_model
 from facesearch.retrieval.verdict import verdict

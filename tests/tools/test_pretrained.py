@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from facesearch.faces.dlib_models import RECOGNITION_MODEL, DlibModelMissing, find_model_file
-from facesearch.gallery.store import model_fingerprint
+from facesearch.gallery.embedder import model_fingerprint
 from facesearch.nets.contract import model_preprocessing, seen_in
 from facesearch.nets.models import load_model, save_model
 from facesearch.retrieval import verification as V
