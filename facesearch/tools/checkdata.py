@@ -118,8 +118,14 @@ def format_report(r: dict) -> str:
 
 
 def limits_from_params(path: str | os.PathLike) -> CropLimits:
+    """``crop``'s limits in the params file ``path``; the defaults (params.yaml's) when there is no such file.
+
+    So ``check-data DIR`` works outside the repository, where the default ``--params params.yaml`` is absent.
+    """
     from facesearch.params import load_params
 
+    if not Path(path).is_file():
+        return CropLimits()
     return CropLimits.from_params(load_params(path)["crop"])
 
 

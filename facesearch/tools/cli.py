@@ -187,7 +187,9 @@ def cli_rerank(params_file: str, method: str | None) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m facesearch", description="facesearch command line")
+    # `facesearch ...` (the installed command) or `python -m facesearch ...`: usage lines say what was typed.
+    prog = "facesearch" if Path(sys.argv[0]).name == "facesearch" else "python -m facesearch"
+    parser = argparse.ArgumentParser(prog=prog, description="facesearch command line")
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help=__doc__.splitlines()[0], description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
                          "DVC could not hash an entry (FIFO, socket, broken symlink)")  # fmt: skip
     chk.add_argument("dir", help="labelled folder: CelebA layout or one folder per person")
     chk.add_argument("--layout", choices=LABELLED_LAYOUTS, default=AUTO, help="celeba, folders or auto (default)")
-    chk.add_argument("--params", default="params.yaml", help="crop limits (crop.max_file_bytes, max_pixels, ...)")
+    chk.add_argument("--params", default="params.yaml", help="crop limits (crop.max_file_bytes, max_pixels, ...; "
+                     "the defaults when there is no such file)")  # fmt: skip
     chk.add_argument("--json", action="store_true", help="print the full report as JSON")
     tune.add_parser(sub)
     choose.add_parser(sub)
