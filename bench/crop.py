@@ -5,7 +5,7 @@
 Baseline (the report's settings): ``detectMultiScale(scaleFactor=1.1, minNeighbors=5,
 minSize=(30, 30))`` on the full-resolution grayscale photo, again with
 ``scaleFactor=1.05`` when that does not find exactly one face; kept when exactly
-one. Ours: ``facesearch.detect.detect_face`` with ``params.yaml: crop.haar``.
+one. Ours: ``facesearch.faces.haar.detect_face`` with ``params.yaml: crop.haar``.
 Both decode the same bytes with the same decoder and run on one core
 (``cv2.setNumThreads(1)``), so images/s is per core. Prints images/s, keep rate
 and the speed ratio.

@@ -1,4 +1,4 @@
-"""Embedding throughput of saved models, as every search path embeds (``facesearch.inference.embed_array``).
+"""Embedding throughput of saved models, as every search path embeds (``facesearch.nets.inference.embed_array``).
 
     python bench/embed.py models/dlib_resnet.pt models/mobilenet_v2.pt          # CPU, 2 threads
     python bench/embed.py teacher.pt student.pt --images data/arrays/val.npy    # real crops

@@ -2,7 +2,7 @@
 
     python bench/evaluate_cli.py --sizes 600,2400 --n-jobs 2
 
-On a synthetic CelebA-layout folder of each size (``facesearch.synth``), runs the
+On a synthetic CelebA-layout folder of each size (``facesearch.data.synth``), runs the
 command twice with the same untrained model (MobileNet-V2, 64 px input, crops of
 218 px as the defaults cut them): once from the code at ``--before`` (git ref;
 default the commit before the change), which decodes every kept crop at 218 px
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 BASELINE_REF = "80572f2"  # main before issue 12's packed CLI evaluate
 
 # Runs the CLI in this process and prints its own peak RSS (kB, from /proc): when the metrics
-# start (the data path: crop, decode/pack, embed; both versions call facesearch.cli.evaluate
+# start (the data path: crop, decode/pack, embed; both versions call facesearch.tools.cli.evaluate
 # first thing after embedding) and at exit (the whole run, metrics included).
 WRAPPER = """
 import sys

@@ -2,16 +2,16 @@
 
     python bench/faces_zoo.py --data ../shared/data/celeba-dev --n 200
 
-Every path decodes the same bytes with the same decoder (``facesearch.images.decode_image``)
+Every path decodes the same bytes with the same decoder (``facesearch.data.images.decode_image``)
 on one core (``cv2.setNumThreads(1)``, ``torch.set_num_threads(1)``), and speed is photos per
 second of the process's CPU time, so per core even on a machine shared with other jobs. A
 photo is kept when the path finds at least one face (the crop stage's ``policy: largest``
 then keeps the largest). Paths:
 
-- Haar: ``facesearch.detect.detect_face`` with ``params.yaml: crop.haar`` (detection only);
+- Haar: ``facesearch.faces.haar.detect_face`` with ``params.yaml: crop.haar`` (detection only);
 - dlib HOG: ``facesearch.faces.dlib_hog.detect_hog`` (``dlib.get_frontal_face_detector()``, with
   ``crop.hog_upsample`` and ``crop.hog_max_side``; detection only);
-- YuNet + the ArcFace chip: ``facesearch.yunet.YuNet(...).detect`` then
+- YuNet + the ArcFace chip: ``facesearch.faces.yunet.YuNet(...).detect`` then
   ``align_face`` of the best face (112 px), for each installed YuNet file and ``--sides``.
 
 Prints photos/s, keep rate and the speed ratio against Haar measured in the same run; then,

@@ -5,7 +5,7 @@
 
 (a) ``index add`` of ``--photos`` new photos (the built-in sample's renderer)
 to an index of ``--faces`` faces, against embedding those photos alone (the
-same per-photo path, :func:`facesearch.index.embed_files`: read, hash, decode,
+same per-photo path, :func:`facesearch.gallery.build.embed_files`: read, hash, decode,
 detect, crop, forward pass; model load included in both). The difference is
 what the index adds: loading it, checking the model's fingerprint, validating,
 writing the whole new version and switching to it, and extending the search

@@ -8,7 +8,7 @@ sources of batches feed the same forward + backward + Adam step (channels-last, 
 batches of 4 images per identity, semi-hard loss; bf16 autocast on CUDA):
 
 - ``ready``: one normalised input tensor, reused: no data path at all (the baseline);
-- ``prefetch``: the train stage's data path (:mod:`facesearch.training`): P x K
+- ``prefetch``: the train stage's data path (:mod:`facesearch.nets.training`): P x K
   indices, a background thread gathering the uint8 crops from a memory-mapped packed
   array (as ``stages/pack.py`` writes) ``PREFETCH_BATCHES`` ahead, then resize,
   normalise and augment as tensors on the device;

@@ -1,4 +1,4 @@
-"""``python -m facesearch``: see :mod:`facesearch.cli`."""
+"""``python -m facesearch``: see :mod:`facesearch.tools.cli`."""
 
 from facesearch.tools.cli import main
 

@@ -7,7 +7,7 @@ Writes ``{before,after}_{query,gallery,val}.npy`` (float32, one row per row of
 the split's ``query.parquet`` / ``gallery.parquet`` / ``val.parquet``),
 ``{query,gallery,val}.parquet`` (crop path, file name, identity: the index of
 those rows) and ``threshold.json``, the model's verdict threshold record
-(:func:`facesearch.contract.model_threshold`; null for a model without one), so
+(:func:`facesearch.nets.contract.model_threshold`; null for a model without one), so
 that evaluate needs the embeddings only, not the model file. "after" is the
 trained model; "before" is the same backbone as training started it (ImageNet
 weights, or the seeded random network under ``weights: none``), rebuilt from

@@ -9,7 +9,7 @@
 Reads ``params.yaml: evaluate`` and ``verification``. Every query (one photo of each held-out
 identity) searches the gallery (all their other photos) with the
 ``evaluate.backend`` search index, re-ranked by ``evaluate.rerank`` (the method of
-``--backbone`` in ``method_by_backbone``, else ``method``; :mod:`facesearch.rerank`, whose
+``--backbone`` in ``method_by_backbone``, else ``method``; :mod:`facesearch.retrieval.rerank`, whose
 gallery structures go to ``--rerank``: built from the gallery alone, once). ``--details`` gets
 ``{"before": {...}, "after": {...}}`` with identity Rank-1/5/10 and mAP,
 Recall@k, the report's attribute agreement at each k, and

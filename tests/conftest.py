@@ -132,7 +132,7 @@ BAD_MODELS = ("missing", "empty", "truncated", "cut_short", "text", "tensor", "o
 def bad_model_files(folder: Path) -> dict[str, Path]:
     """Each of :data:`BAD_MODELS` -> a path a command must refuse in one line (``missing`` is not written).
 
-    Also ``folder/good.pt``: a model with no more than :func:`~facesearch.models.save_model` writes.
+    Also ``folder/good.pt``: a model with no more than :func:`~facesearch.nets.models.save_model` writes.
     """
     import torch
 

@@ -5,7 +5,7 @@ or truncated files, text files named ``.jpg``, grayscale, palette, CMYK,
 alpha and 16-bit images, and decompression bombs (a few KB of PNG that claim
 a 100,000 x 100,000 canvas), EXIF or TIFF tags of the wrong type, and JPEGs
 whose scan data is damaged in the middle. Every failure maps to one reject
-reason from :mod:`facesearch.manifest`; nothing here raises anything but
+reason from :mod:`facesearch.data.manifest`; nothing here raises anything but
 :class:`ImageRejected`.
 
 Damaged JPEG scans: libjpeg recovers from them with a *warning* ("Corrupt JPEG

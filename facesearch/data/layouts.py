@@ -5,7 +5,7 @@ Labelled layouts (the pipeline needs identities; ``params.yaml: data.layout``, `
 
 ``celeba``
     ``<root>/img_celeba/`` or ``img_align_celeba/`` plus ``identity_CelebA.txt`` (see
-    :mod:`facesearch.celeba`): identities, attributes and partitions from the annotation files.
+    :mod:`facesearch.data.celeba`): identities, attributes and partitions from the annotation files.
 ``folders``
     One folder per person, ``<root>/<person>/*.jpg|png|...``, as LFW, VGGFace2 and
     CASIA-WebFace ship. The person is the top folder's name, kept in the manifest's ``person``
@@ -16,7 +16,7 @@ Labelled layouts (the pipeline needs identities; ``params.yaml: data.layout``, `
     is ``<person>``). No attributes, no partitions. A photo directly in the root is rejected ``not_in_a_person_folder``.
 ``auto``
     ``celeba`` when the CelebA files are there, else ``folders`` when every photo sits in a
-    person folder, else a :class:`~facesearch.celeba.DatasetError` naming the layouts.
+    person folder, else a :class:`~facesearch.data.celeba.DatasetError` naming the layouts.
 
 The unlabelled layout ``plain`` (photos anywhere under the root, nobody named) is for
 photo-index galleries only (``index build|add --layout``, :func:`assign_people`).
@@ -65,7 +65,7 @@ LABELLED_LAYOUTS = (AUTO, CELEBA, FOLDERS)  # data.layout, evaluate/check-data -
 GALLERY_LAYOUTS = (AUTO, FOLDERS, PLAIN)  # index build|add --layout
 
 
-# A file the built-in sample generator (facesearch.synth) writes at its root: the photos are synthetic.
+# A file the built-in sample generator (facesearch.data.synth) writes at its root: the photos are synthetic.
 SAMPLE_MARKER = "facesearch-sample.json"
 
 

@@ -29,12 +29,12 @@ class Reason(StrEnum):
     fails), the annotations, the file's bytes, the decoded image, the detection.
     """
 
-    # -- the folder entry, from its name and lstat/stat alone (facesearch.celeba.list_entries)
+    # -- the folder entry, from its name and lstat/stat alone (facesearch.data.celeba.list_entries)
     # Directory, FIFO, socket, device, dangling or looping symlink (a symlink to a file is followed).
     NOT_A_FILE = celeba.NOT_A_FILE
     HIDDEN_FILE = celeba.HIDDEN_FILE  # name starts with "."
     BAD_FILE_NAME = celeba.BAD_FILE_NAME  # not UTF-8 or whitespace/control/backslash in it (file_name is then escaped)
-    # Folder layout: directly in the root, or (photo index) deeper than <root>/<person>/; facesearch.layouts
+    # Folder layout: directly in the root, or (photo index) deeper than <root>/<person>/; facesearch.data.layouts
     NOT_IN_A_PERSON_FOLDER = "not_in_a_person_folder"
     # -- the annotations
     NO_IDENTITY = "no_identity"  # no row in identity_CelebA.txt (CelebA layout)

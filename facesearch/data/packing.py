@@ -8,7 +8,7 @@ number of workers.
 
 Crops larger than the requested side are downscaled with PIL's antialiased
 bilinear filter (a triangle filter as wide as the scale factor, ``Image.resize``
-with ``BILINEAR``): the filter ``facesearch.transforms.to_model_input`` applies
+with ``BILINEAR``): the filter ``facesearch.nets.transforms.to_model_input`` applies
 (``F.interpolate(bilinear, antialias=True)`` reproduces PIL's, within one
 grey level), so a network trained on packed arrays sees the pixels the app
 and the CLI give it from a crop of ``crop.size``, and the model file's
@@ -102,7 +102,7 @@ def pack_crops(
             for done in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
                 bar.update(done)
     # After the array: a run killed in between leaves an info that disagrees with it, which
-    # facesearch.packing.load_array detects (rows, side), never an array passing for another.
+    # facesearch.data.packing.load_array detects (rows, side), never an array passing for another.
     write_json_atomic(info_path(out), {"rows": n, "crop_side": int(crop_hw[0]) if n else None,
                                        "side": int(shape[0]) if n else None})  # fmt: skip
     return n

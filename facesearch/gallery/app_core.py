@@ -12,8 +12,8 @@ face reaches the gallery's model's verdict for a gallery of that size
 (:func:`facesearch.retrieval.verdict.verdict`), and names who matched (:attr:`Answer.who`).
 Results are grouped by person where the gallery knows names (:func:`group`): the
 matched person's other faces are shown as that person's, other people once each.
-Finding, cutting and embedding are :mod:`facesearch.photos`' (shared with the
-photo index, :mod:`facesearch.index`); this module adds the upload checks, the
+Finding, cutting and embedding are :mod:`facesearch.gallery.photos`' (shared with the
+photo index, :mod:`facesearch.gallery`); this module adds the upload checks, the
 choice of face (:func:`face_choices`, :func:`default_face`) and the
 visitor-facing errors.
 
@@ -33,7 +33,7 @@ through (:func:`read_upload`, :func:`find_faces`, :func:`face_choices`,
 costs a bounded amount of memory: its header is checked before any pixel is decoded
 (a WebP's from its RIFF chunks, before PIL allocates anything), JPEGs are decoded at
 reduced scale, and the image is brought down to :data:`WORK_SIDE` right after decoding
-(:func:`facesearch.images.decode_image` with ``max_side``: ~200 MB at most, ``bench/app.py --hostile``).
+(:func:`facesearch.data.images.decode_image` with ``max_side``: ~200 MB at most, ``bench/app.py --hostile``).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ MAX_ASPECT = 10
 MIN_FACE_SIDE = 40
 BACKBONE_LABELS = {"resnet50": "ResNet-50 (more accurate)", "mobilenet_v2": "MobileNet-V2 (faster)"}
 
-# The formats the app accepts: the decoder's own (facesearch.images.ALLOWED_FORMATS),
+# The formats the app accepts: the decoder's own (facesearch.data.images.ALLOWED_FORMATS),
 # each with the file extensions the uploader lets through and the name shown to
 # visitors. Derived from ALLOWED_FORMATS so the uploader, the message and the
 # decoder cannot disagree; a format added there without an entry here is refused
@@ -165,7 +165,7 @@ def failures_as(message: str) -> Iterator[None]:
 def _check_header(data: bytes) -> None:
     """The image's header, parsed without decoding pixels, checked for format, size and shape.
 
-    A WebP is read from its RIFF header (:func:`facesearch.images.webp_header`), never opened
+    A WebP is read from its RIFF header (:func:`facesearch.data.images.webp_header`), never opened
     by PIL here: PIL's WebP decoder allocates its full-size canvases on open.
     """
     try:
@@ -225,7 +225,7 @@ def crop_settings(root: Path, backbone: str) -> FaceConfig:
 
 
 def find_faces(image: DecodedImage, settings: FaceConfig) -> Detection:
-    """Every face in the photo, in photo order (:func:`facesearch.photos.detect`)."""
+    """Every face in the photo, in photo order (:func:`facesearch.gallery.photos.detect`)."""
     with failures_as("Looking for faces in this photo failed; please try another photo."):
         return photos.detect(image.rgb, settings)
 
@@ -241,10 +241,10 @@ def crop_face(image: DecodedImage, box: Box | None, settings: FaceConfig) -> np.
 class Face:
     """One detected face of the query photo, as the face picker lists it."""
 
-    number: int  # 1-based, in photo order (facesearch.photos.detect): "face 2" everywhere
+    number: int  # 1-based, in photo order (facesearch.gallery.photos.detect): "face 2" everywhere
     box: Box
     searchable: bool  # at least MIN_FACE_SIDE px: see there
-    eyes: bool  # the eye cascade fires in its upper part (facesearch.detect.has_eye)
+    eyes: bool  # the eye cascade fires in its upper part (facesearch.faces.haar.has_eye)
     at_edge: bool  # the box touches the photo's border: cut off, or a logo or frame at the edge
 
 
@@ -341,7 +341,7 @@ def model_label(backbone: str, state: str | None = None) -> str:
 
 
 def find_indexes(folder: Path) -> list[Path]:
-    """Photo index folders (a ``CURRENT`` file, :mod:`facesearch.index`) directly under ``folder``."""
+    """Photo index folders (a ``CURRENT`` file, :mod:`facesearch.gallery`) directly under ``folder``."""
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and (p / X.POINTER).is_file())
@@ -617,7 +617,7 @@ def _embedder(index: X.PhotoIndex, models: MutableMapping | None) -> XE.Embedder
 
 
 def load_index_gallery(folder: Path, threshold: float | None = None, models: MutableMapping | None = None) -> Gallery:
-    """A photo index built by ``python -m facesearch index build`` (:func:`facesearch.index.load_index`).
+    """A photo index built by ``python -m facesearch index build`` (:func:`facesearch.gallery.store.load_index`).
 
     Searched with the model it was built with (refused if that file is now another
     model), at that model's threshold. A broken or missing index, or its model, is
@@ -771,7 +771,7 @@ def search(gallery: Gallery, face: np.ndarray, k: int = 9) -> Answer:
     """The ``k`` results for a cropped face (RGB uint8, any square size), grouped by person (:func:`group`).
 
     The answer is a match when the nearest face's similarity reaches the gallery's
-    threshold (``>=``, :mod:`facesearch.verification`'s acceptance rule); whole-image
+    threshold (``>=``, :mod:`facesearch.retrieval.verification`'s acceptance rule); whole-image
     queries get the same verdict, so a landscape that scores high but below it is no match.
     """
     with failures_as("The search failed; please try again."):
@@ -826,7 +826,7 @@ def is_indexed_content(data: bytes, sha256: str) -> bool:
 
     The bytes are hashed, not the file: what is decoded and shown is then exactly what
     was checked, even if the file is replaced meanwhile. (A path-level check from
-    :mod:`facesearch.index`, when it has one, answers for the file, not these bytes.)
+    :mod:`facesearch.gallery`, when it has one, answers for the file, not these bytes.)
     """
     return hashlib.sha256(data).hexdigest() == sha256.lower()
 

@@ -2,8 +2,8 @@
 
 ``build`` indexes *every* face of every photo under ``--photos`` (recursively,
 files in sorted order), found and cut with the model's own preprocessing
-(``payload["preprocessing"]``, :func:`facesearch.contract.model_preprocessing`)
-and embedded by :mod:`facesearch.photos`, the code the app uses. A file that is
+(``payload["preprocessing"]``, :func:`facesearch.nets.contract.model_preprocessing`)
+and embedded by :mod:`facesearch.gallery.photos`, the code the app uses. A file that is
 not a usable photo (hidden, not a regular file, not an image, truncated, a
 decompression bomb, too small, no face ...) is a counted skip with its reason,
 never a crash. Each content (SHA-256 of the file's bytes) is indexed once.

@@ -106,7 +106,7 @@ def enrol_threshold(embedder: Embedder) -> tuple[float, str]:
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1 (:func:`facesearch.distances.unit_rows`), float32: a model saved with
+    """Rows scaled to length 1 (:func:`facesearch.nets.distances.unit_rows`), float32: a model saved with
     normalize false has longer ones."""
     return unit_rows(np.asarray(x, np.float32))
 

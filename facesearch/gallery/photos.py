@@ -1,7 +1,7 @@
 """One photo's faces as a model sees them: found, cut with the model's own preprocessing, embedded.
 
-The one place the search app (:mod:`facesearch.app_core`, a face of an upload)
-and the photo index (:mod:`facesearch.index`, every face of every photo, and
+The one place the search app (:mod:`facesearch.gallery.app_core`, a face of an upload)
+and the photo index (:mod:`facesearch.gallery`, every face of every photo, and
 the ``search`` command's queries) turn pixels into embeddings, so a query and
 the faces it is compared with are always cut and embedded alike:
 

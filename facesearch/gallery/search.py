@@ -6,13 +6,13 @@ person's best face ranks the person, and their other faces among the candidates
 follow under it (``"also"``, at most ``--also``); an unnamed face stands alone.
 ``--top N`` is N such entries (people or unnamed faces). The verdict is ``match``
 when the best similarity reaches the model's threshold for a gallery of this
-index's size (:func:`facesearch.contract.verdict`: calibrated so that a search for
+index's size (:func:`facesearch.retrieval.verdict.verdict`: calibrated so that a search for
 someone not in the index matches at most at the model's target FPIR, see
-:mod:`facesearch.verification`), else ``no_match``; ``"person"`` names who matched
+:mod:`facesearch.retrieval.verification`), else ``no_match``; ``"person"`` names who matched
 (the best face's person; ``null`` when that face is unnamed) or is ``"unknown"``
 after ``no_match`` (read ``"verdict"`` first: a person folder may be called
 "unknown"). A model without a calibration gets
-:data:`facesearch.contract.FALLBACK_THRESHOLD` and a warning; ``--threshold``
+:data:`facesearch.retrieval.verdict.FALLBACK_THRESHOLD` and a warning; ``--threshold``
 overrides either. With ``--json``, one line per face::
 
     {"photo": "me.jpg", "box": [x, y, w, h], "verdict": "match" | "no_match", "person": "alice" | null | "unknown",
@@ -156,7 +156,7 @@ def search(index_dir: str | os.PathLike, queries: Sequence[str], top: int = 9, t
                         "also": [shown(ix[j], sims[j]) for j in g[1:]]}
                        for rank, g in enumerate(groups, start=1)]  # fmt: skip
             best = float(sims[0]) if len(sims) else None
-            # "match" at similarity >= threshold: facesearch.verification's acceptance rule.
+            # "match" at similarity >= threshold: facesearch.retrieval.verification's acceptance rule.
             matched = best is not None and best >= cut
             yield {"photo": query, "box": list(box), "verdict": "match" if matched else "no_match",
                    "person": results[0]["person"] if matched else "unknown",

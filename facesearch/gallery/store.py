@@ -26,7 +26,7 @@ by the next build/add/remove. The version before the live one is kept, so a
 search that read ``CURRENT`` just before a switch still finds its files.
 Writers take an exclusive lock (``INDEX/.lock``); readers take none.
 
-Search structure: exact brute force (:class:`facesearch.search.ExactIndex`)
+Search structure: exact brute force (:class:`facesearch.retrieval.knn.ExactIndex`)
 below ``hnsw_threshold`` faces, FAISS HNSW (approximate) from there on. At
 100k faces exact search takes ~1.2 ms a query on a 2-core CPU and HNSW ~0.4 ms
 at recall@10 ~0.91 (``bench/index.py``), so the default keeps search exact up
@@ -88,7 +88,7 @@ CURRENT, CHANGED = "current", "changed"
 
 # The tables.
 ROOT = "root"  # the folder given to build/add, absolute and resolved (os.path.realpath)
-PHOTO = "photo"  # path relative to root, "/"-separated (each part a facesearch.celeba.storable_name)
+PHOTO = "photo"  # path relative to root, "/"-separated (each part a facesearch.data.celeba.storable_name)
 SHA256 = M.SHA256  # content hash of the photo file's bytes
 # photos: the person folder's name under layout folders, null otherwise; faces: that name on the one
 # face that is the person (find_person), null on every other face.
@@ -96,7 +96,7 @@ PERSON = "person"
 WIDTH, HEIGHT = M.WIDTH, M.HEIGHT  # decoded size (after EXIF orientation), px; null when not decoded
 N_FACES = M.N_FACES  # faces indexed from this photo
 REASON = M.REASON  # why a photo has no indexed face (a manifest Reason); null when it has some
-FACE = "face"  # face number within its photo, 1-based, in photo order (facesearch.photos.detect)
+FACE = "face"  # face number within its photo, 1-based, in photo order (facesearch.gallery.photos.detect)
 BOX_X, BOX_Y, BOX_W, BOX_H = M.BBOX_X, M.BBOX_Y, M.BBOX_W, M.BBOX_H  # face box in the photo's pixels
 DETECTOR = M.DETECTOR
 

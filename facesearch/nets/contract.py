@@ -56,7 +56,7 @@ def identities_record(train: Iterable[int], val: Iterable[int], source: dict | N
                       people: dict[str, Iterable[str]] | None = None) -> dict:  # fmt: skip
     """The ``payload["identities"]`` entry: sorted, de-duplicated plain ints (JSON- and torch-safe).
 
-    ``source``: where the numbers come from (:func:`facesearch.layouts.dataset_source`);
+    ``source``: where the numbers come from (:func:`facesearch.data.layouts.dataset_source`);
     ``people``: under the folder layout, the person names of ``train`` and ``val``, which is
     what identifies a person across folders.
     """
@@ -99,7 +99,7 @@ def crop_settings(
 
     The input side is always the model's: the network was trained at it. The crop
     block is ``params_file``'s (empty when none is read): its file and image guards
-    (:func:`facesearch.cropping.image_guards`) are how a photo is read and written,
+    (:func:`facesearch.faces.cropping.image_guards`) are how a photo is read and written,
     not how the face is cut, so a model does not record them.
     """
     crop = None
@@ -133,10 +133,10 @@ class Seen:
 
 
 def seen_in(payload: dict, source: dict) -> Seen:
-    """Who counts as seen in data from ``source`` (:func:`facesearch.layouts.dataset_source`).
+    """Who counts as seen in data from ``source`` (:func:`facesearch.data.layouts.dataset_source`).
 
     Only when the data names people the way the model's training data did
-    (:func:`facesearch.layouts.same_source`): the same CelebA identity file (by number), or a
+    (:func:`facesearch.data.layouts.same_source`): the same CelebA identity file (by number), or a
     folder layout (by person name). Otherwise numbers mean other people here, and everyone is
     scored: the rule says so, never silently.
     """

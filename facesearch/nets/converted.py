@@ -1,7 +1,7 @@
 """Weights ported from another framework's file, converted once and cached by the source's hash.
 
-dlib's ``.dat`` (:mod:`facesearch.dlib_resnet`) and OpenCV Zoo's ONNX files
-(:mod:`facesearch.sface`) are read by our own converters into PyTorch state dicts. Converting
+dlib's ``.dat`` (:mod:`facesearch.nets.dlib_resnet`) and OpenCV Zoo's ONNX files
+(:mod:`facesearch.nets.sface`) are read by our own converters into PyTorch state dicts. Converting
 takes seconds, so the result is cached in torchvision's weights folder
 (``$TORCH_HOME/hub/checkpoints/<source stem>.pt``), keyed by the source file's SHA-256: a new
 or edited source file is converted again, never served a stale conversion.

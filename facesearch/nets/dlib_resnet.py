@@ -356,7 +356,7 @@ def state_dict_from_dlib(net: DlibNet) -> dict[str, torch.Tensor]:
 
 
 def load_dlib_state_dict(source: Path | None = None) -> dict[str, torch.Tensor]:
-    """The ported weights (:func:`facesearch.converted.cached_conversion` of dlib's ``.dat``)."""
+    """The ported weights (:func:`facesearch.nets.converted.cached_conversion` of dlib's ``.dat``)."""
     source = Path(source) if source else find_model_file(RECOGNITION_MODEL)
     return cached_conversion(source, lambda data: state_dict_from_dlib(read_dlib_net(data)))
 

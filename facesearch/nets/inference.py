@@ -23,7 +23,7 @@ def embed_array(
 
     With ``config.flip_tta`` each row is the mean of the face's and its mirror image's
     embeddings, and with ``config.tta_jitters`` N also of its N dlib-style jitters
-    (:func:`facesearch.transforms.jittered`); L2-normalised again when the model normalises
+    (:func:`facesearch.nets.transforms.jittered`); L2-normalised again when the model normalises
     (a mean of unit vectors is shorter). Each view is one more forward pass.
     """
     was_training = model.training

@@ -7,16 +7,16 @@ blocks, each convolution followed by batch norm and PReLU, down to 1024 x 7 x 7 
 input; then batch norm, dropout, flatten, one fully connected layer to 128 and a final batch
 norm over the 128 features (the "fc1" output ``cv2.FaceRecognizerSF.feature`` returns).
 
-Its input, as OpenCV feeds it: the 112 x 112 aligned chip (:func:`facesearch.yunet.align_face`
+Its input, as OpenCV feeds it: the 112 x 112 aligned chip (:func:`facesearch.faces.yunet.align_face`
 or ``FaceRecognizerSF.alignCrop``), ``blobFromImage(chip, 1, (112, 112), 0, swapRB=True)``:
 OpenCV's BGR chip becomes RGB, pixels 0..255. The graph itself then computes
 ``(x - 127.5) * 0.0078125``. :class:`SFaceTrunk` takes the pipeline's ImageNet-normalised
 RGB input instead and maps it exactly onto that with one fixed per-channel affine, as
-:class:`facesearch.dlib_resnet.DlibTrunk` does for dlib's network.
+:class:`facesearch.nets.dlib_resnet.DlibTrunk` does for dlib's network.
 
 The weights are read with the ``onnx`` package from the verified Zoo file
-(:mod:`facesearch.zoo`): the float32 ``sface`` or the block-quantised ``sface_int8bq``, whose
-weights :mod:`facesearch.onnx_weights` dequantises to exactly the float32 values OpenCV computes
+(:mod:`facesearch.faces.zoo`): the float32 ``sface`` or the block-quantised ``sface_int8bq``, whose
+weights :mod:`facesearch.faces.onnx_weights` dequantises to exactly the float32 values OpenCV computes
 from it, so one module serves both. The conversion checks node by node that the file is this
 architecture, and is cached beside torchvision's weights (``$TORCH_HOME/hub/checkpoints``),
 keyed by the ONNX file's SHA-256, so every later start loads a plain ``.pt``.
@@ -77,7 +77,7 @@ def _units() -> list[tuple[int, int, int, int, int]]:
 class SFaceTrunk(nn.Module):
     """Input normalisation, stem and the 13 blocks; (N, 3, 112, 112) -> (N, 1024, 7, 7).
 
-    Takes the pipeline's ImageNet-normalised RGB input (``facesearch.transforms.to_model_input``)
+    Takes the pipeline's ImageNet-normalised RGB input (``facesearch.nets.transforms.to_model_input``)
     and maps it onto SFace's ``(pixel - 127.5) / 128`` with one fixed affine, so the data path,
     augmentation and app stay the same for every backbone.
     """
@@ -245,7 +245,7 @@ def state_dict_from_onnx(data: bytes) -> dict[str, torch.Tensor]:
 
 def load_sface_state_dict(source: Path | str | None = None, model: str = "sface") -> dict[str, torch.Tensor]:
     """The ported weights of ``source`` (default: the verified zoo file ``model``, ``sface`` or
-    ``sface_int8bq``), converted once and cached (:func:`facesearch.converted.cached_conversion`)."""
+    ``sface_int8bq``), converted once and cached (:func:`facesearch.nets.converted.cached_conversion`)."""
     if source is None:
         from facesearch.faces.zoo import verified_model_file
 
@@ -263,7 +263,7 @@ def pretrained_sface(model: str = "sface") -> SFaceNet:
 def chips_to_input(chips: np.ndarray) -> torch.Tensor:
     """uint8 RGB chips (N, 112, 112, 3) -> the ImageNet-normalised float batch :class:`SFaceTrunk` takes.
 
-    The same values as ``facesearch.transforms.to_model_input`` at 112 px, without its resize.
+    The same values as ``facesearch.nets.transforms.to_model_input`` at 112 px, without its resize.
     """
     x = torch.from_numpy(np.ascontiguousarray(chips)).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

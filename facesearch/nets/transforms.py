@@ -1,6 +1,6 @@
 """Tensor-side input transforms: a uint8 batch becomes what the networks read.
 
-Each crop is decoded once, by the ``pack`` stage (:mod:`facesearch.packing`),
+Each crop is decoded once, by the ``pack`` stage (:mod:`facesearch.data.packing`),
 into a uint8 array (N x S x S x 3) at the largest input side S the pipeline's
 backbones read; resizing and normalisation then run on whole batches as tensor
 operations, on the GPU when there is one. Every path into a network (train,

@@ -80,7 +80,7 @@ def lowest_k(d: np.ndarray, k: int) -> np.ndarray:
 
 
 class ExactIndex:
-    """Brute force with :func:`~facesearch.distances.squared_distances`, in chunks of queries."""
+    """Brute force with :func:`~facesearch.nets.distances.squared_distances`, in chunks of queries."""
 
     def __init__(self, gallery: np.ndarray, chunk: int = 256):
         self.gallery = _as_f32(gallery)

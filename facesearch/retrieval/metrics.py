@@ -22,7 +22,7 @@ from facesearch.nets.distances import squared_distances
 def exact_ranking(query: np.ndarray, gallery: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """Full ranking (Q, G) of gallery indices, nearest first, by Euclidean distance.
 
-    :func:`~facesearch.distances.squared_distances` in chunks of queries; ties broken by gallery index.
+    :func:`~facesearch.nets.distances.squared_distances` in chunks of queries; ties broken by gallery index.
     """
     query = np.asarray(query, dtype=np.float32)
     gallery = np.asarray(gallery, dtype=np.float32)
@@ -289,7 +289,7 @@ def evaluate(
     a query's same-identity images found in the top k; not metric learning's Recall@K,
     which is Rank-k: see the module docstring), and with attributes the
     report's ``attr_match@k`` / ``attr_distance@k`` (see
-    :func:`attribute_agreement`). ``index`` is any :mod:`facesearch.search`
+    :func:`attribute_agreement`). ``index`` is any :mod:`facesearch.retrieval.knn`
     backend, so the same numbers come from every backend that is exact.
     """
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)

@@ -7,7 +7,7 @@ gallery's own neighbourhoods. It is split in two, so that it cannot leak:
   gallery's k-NN graph and what derives from it). It never sees a query, and it can be
   saved to and loaded from a folder of ``.npy`` files, so a DVC stage can output it.
 - :class:`RerankIndex` (``search(queries, k) -> (distances, indices)``, the
-  :class:`facesearch.search.SearchIndex` contract) answers each query from the query's own
+  :class:`facesearch.retrieval.knn.SearchIndex` contract) answers each query from the query's own
   distances to the gallery plus that fixed structure. One query never changes the structure
   or another query's answer, whatever the batch.
 
@@ -384,9 +384,9 @@ def without(graph: tuple[np.ndarray, np.ndarray], drop: int) -> tuple[np.ndarray
 
 
 class RerankIndex:
-    """A :class:`facesearch.search.SearchIndex` that re-ranks with a fixed :class:`GalleryStructure`.
+    """A :class:`facesearch.retrieval.knn.SearchIndex` that re-ranks with a fixed :class:`GalleryStructure`.
 
-    ``backend`` (and its options) is the base search of :func:`facesearch.search.build_index`,
+    ``backend`` (and its options) is the base search of :func:`facesearch.retrieval.knn.build_index`,
     over the raw gallery (none, k_reciprocal) or the DBA vectors (dba_qe). Queries are handled in
     chunks of ``chunk``; each query's answer depends on that query and the structure only.
     """
@@ -463,7 +463,7 @@ class RerankIndex:
 
 
 def build_rerank_index(structure: GalleryStructure, backend: str = "exact", **options) -> CheckedIndex:
-    """:class:`RerankIndex` checked like :func:`facesearch.search.build_index`: min(k, N) real neighbours."""
+    """:class:`RerankIndex` checked like :func:`facesearch.retrieval.knn.build_index`: min(k, N) real neighbours."""
     return CheckedIndex(RerankIndex(structure, backend, **options), len(structure.gallery))
 
 
@@ -478,7 +478,7 @@ def rerank(structure: GalleryStructure, queries: np.ndarray, k: int) -> tuple[np
 def leave_one_out_metrics(
     emb: np.ndarray, labels: np.ndarray, params: RerankParams | dict | None = None, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float] | None:
-    """:func:`facesearch.retrieval.leave_one_out_metrics` with every search re-ranked, leak-free.
+    """:func:`facesearch.retrieval.metrics.leave_one_out_metrics` with every search re-ranked, leak-free.
 
     Each image queries a gallery of all the others whose structure is built without it (from
     the graph of all images, :func:`without`: the gallery's exact graph, not recomputed), so
@@ -512,7 +512,7 @@ def loo_metrics(query: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_
                 params: RerankParams) -> dict:  # fmt: skip
     """``loo_*`` over query and gallery together, re-ranked by ``params`` up to its photo limit.
 
-    Plain (:func:`facesearch.retrieval.loo_metrics`) above ``params.loo_max_photos``;
+    Plain (:func:`facesearch.retrieval.metrics.loo_metrics`) above ``params.loo_max_photos``;
     ``loo_reranked`` says which, ``loo_queries`` how many photos took part.
     """
     emb, labels = np.concatenate([query, gallery]), np.concatenate([q_labels, g_labels])

@@ -78,7 +78,7 @@ def verdict(payload: dict, gallery_faces: int, override: float | None = None, ov
     """The verdict of searches with ``payload``'s model in a gallery of ``gallery_faces`` faces.
 
     ``override`` (a threshold the user set) wins; else the model's identification calibration
-    (:func:`facesearch.verification.identification_threshold` at this size, at ``fpir`` or the
+    (:func:`facesearch.retrieval.verification.identification_threshold` at this size, at ``fpir`` or the
     calibrated target); else its older 1:1 threshold (said so); else :data:`FALLBACK_THRESHOLD`
     with a warning.
     """

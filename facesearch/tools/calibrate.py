@@ -4,9 +4,9 @@
 
 ``DIR`` is a labelled folder (CelebA layout or one folder per person, as ``evaluate``
 reads). Every photo of a person the model never trained or was selected on
-(:mod:`facesearch.labelled`: the rule is printed) is cut with the model's own
+(:mod:`facesearch.tools.labelled`: the rule is printed) is cut with the model's own
 preprocessing and embedded with its test-time augmentation; then the verdict is
-fitted on those people (:func:`facesearch.verification.calibrate`):
+fitted on those people (:func:`facesearch.retrieval.verification.calibrate`):
 
 - the identification threshold for a gallery of any size, at ``--fpir`` (default
   ``params.yaml: verification.fpir``): a search for someone who is not in the

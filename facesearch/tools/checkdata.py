@@ -1,10 +1,10 @@
 """``python -m facesearch check-data DIR``: what a crop run would reject, and why, without detecting.
 
 Before a long run on a new download: lists every entry of the image folder (any
-labelled layout, :mod:`facesearch.layouts`) the crop stage would reject before
+labelled layout, :mod:`facesearch.data.layouts`) the crop stage would reject before
 detection, with the same functions the stage uses
-(:func:`facesearch.layouts.read_dataset`, :func:`facesearch.cropping.pre_reason`
-and :func:`facesearch.cropping.inspect_photo`: the entry, the annotations, the
+(:func:`facesearch.data.layouts.read_dataset`, :func:`facesearch.faces.cropping.pre_reason`
+and :func:`facesearch.faces.cropping.inspect_photo`: the entry, the annotations, the
 bytes, the decode, the size), the annotation files' problems, and the entries
 anywhere under DIR that DVC itself cannot hash: FIFOs (``dvc repro`` and
 ``dvc status`` block reading them), sockets, devices, dangling or looping

@@ -2,11 +2,11 @@
 
     python -m facesearch evaluate --model models/resnet50.pt --data DIR --out OUT.json
 
-``DIR`` is in either labelled layout (facesearch.layouts): CelebA, or one folder
+``DIR`` is in either labelled layout (facesearch.data.layouts): CelebA, or one folder
 per person (LFW, VGGFace2, CASIA-WebFace), detected or forced with ``--layout``.
 The protocol is the pipeline's own: leave out the people the model was
 trained or validated on, where this folder names people as the model's data
-did (:mod:`facesearch.labelled`: by number for data of the same CelebA
+did (:mod:`facesearch.tools.labelled`: by number for data of the same CelebA
 identity file, by person name for person folders; otherwise nobody, and
 ``seen_rule`` says which rule applied; counted as
 ``n_identities_excluded_seen``, named in ``excluded_seen_people`` under the
@@ -26,7 +26,7 @@ gallery images and the crop keep rate of the photos cropped.
 
 At CelebA scale the photos are cropped and then packed (decoded, resized to the
 model's input side) by ``--n-jobs`` worker processes into memory-mapped arrays
-in a temporary folder (facesearch.packing, as the pack stage does), and
+in a temporary folder (facesearch.data.packing, as the pack stage does), and
 embedded a chunk at a time, so memory does not grow with the number of photos.
 """
 

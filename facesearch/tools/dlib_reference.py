@@ -16,7 +16,7 @@ with dlib itself:
   evaluate stage's protocol;
 - ``--set val``: the validation identities (val.parquet), never tested on, so
   preprocessing can be chosen on them: one seeded query per identity
-  (:func:`facesearch.protocol.choose_queries`, ``--seed``), the rest gallery.
+  (:func:`facesearch.retrieval.protocol.choose_queries`, ``--seed``), the rest gallery.
 
 Both also report ``loo_*``: every image of the set queries all the others.
 ``--jitters N`` is dlib's ``num_jitters``: the descriptor is the mean over N

@@ -5,7 +5,7 @@ The one path of ``python -m facesearch evaluate`` (score a model on any folder) 
 folder alike:
 
 1. :func:`unseen_entries`: the folder's usable, labelled entries, less the people the model
-   trained or was selected on, decided by :func:`facesearch.contract.seen_in` (by number for
+   trained or was selected on, decided by :func:`facesearch.nets.contract.seen_in` (by number for
    data of the same CelebA identity file, by name for person folders, nobody otherwise: and
    the rule is reported, never applied silently);
 2. :func:`crop_entries`: every photo cut as the model's own training crops were (its recorded
@@ -51,7 +51,7 @@ class Unseen:
     seen: Seen
     excluded_ids: set[int]  # identity numbers of the folder left out as seen
     excluded_people: list[str]  # their person names (folder layout), sorted
-    source: dict  # the folder's facesearch.layouts.dataset_source
+    source: dict  # the folder's facesearch.data.layouts.dataset_source
 
 
 def unseen_entries(payload: dict, dataset: Dataset, root: str | os.PathLike, trained_elsewhere: bool = False) -> Unseen:
@@ -77,7 +77,7 @@ def crop_entries(
     """Crop every entry into ``out_dir``: one row each (FILE_NAME, IDENTITY, PERSON, STATUS, CROP_PATH, attributes).
 
     ``crop``: the crop stage's file and image guards and chip format
-    (:func:`facesearch.cropping.image_guards`), so the chips are written as the pipeline writes them.
+    (:func:`facesearch.faces.cropping.image_guards`), so the chips are written as the pipeline writes them.
     """
     ids = dataset.annotations.identities
     files = [e.name for e in entries]
@@ -114,6 +114,6 @@ def embed_packed(model, path: Path, size: int, device, desc: str, chunk: int = E
 
 def embed_crops(model, crop_paths: list[str], work: Path, name: str, size: int, device, n_jobs: int) -> np.ndarray:
     """Embeddings of the crop files ``crop_paths``, packed at the model's input side into ``work/<name>.npy``."""
-    # The model's own input side: the pixels it trained on (see facesearch.packing).
+    # The model's own input side: the pixels it trained on (see facesearch.data.packing).
     pack_crops(list(crop_paths), work / f"{name}.npy", side=size, n_jobs=n_jobs, desc=name)
     return embed_packed(model, work / f"{name}.npy", size, device, f"embed {name}", EMBED_CHUNK)

@@ -11,7 +11,7 @@ elsewhere (:data:`MODELS`: where each comes from, its licence), with:
   measured with), its test-time flip, and the identities it has seen (none of any data
   here: its ``identities.source`` names where its training faces came from, so
   ``evaluate`` scores everyone in any folder);
-- a verdict calibrated on *real* faces (:mod:`facesearch.verification`: a search for
+- a verdict calibrated on *real* faces (:mod:`facesearch.retrieval.verification`: a search for
   someone not in the gallery ends in a false match at most at the recorded FPIR, for a
   gallery of any size), shipped with the package in ``facesearch/calibrations/<name>.json``
   and checked against the weights it was fitted for. The record names the photos it was

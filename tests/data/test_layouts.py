@@ -1,4 +1,4 @@
-"""facesearch.layouts: which layout a folder is in, who is in each photo, every entry listed once."""
+"""facesearch.data.layouts: which layout a folder is in, who is in each photo, every entry listed once."""
 
 from __future__ import annotations
 

@@ -651,7 +651,7 @@ def people_folder(root: Path, out: Path, leave_out: int) -> tuple[Path, list[Pat
 
 @pytest.fixture(scope="module")
 def people_index(root, tmp_path_factory):
-    """An index (facesearch.index) of the sample's people but one, under an indexes/ folder; and the stranger."""
+    """An index (facesearch.gallery) of the sample's people but one, under an indexes/ folder; and the stranger."""
 
     base = tmp_path_factory.mktemp("indexes")
     identities = pd.read_parquet(root / "data" / "manifest.parquet")["identity"].dropna()

@@ -965,7 +965,7 @@ def test_validator_rejects_inconsistent_versions(models, people, tmp_path):
 
 
 def test_photos_module_is_what_the_app_uses(monkeypatch):
-    """The app's find/crop/embed go through facesearch.photos (one home for the per-photo path)."""
+    """The app's find/crop/embed go through facesearch.gallery.photos (one home for the per-photo path)."""
     from facesearch.gallery import app_core as core
 
     def two_faces(rgb, settings):  # as a detector may return them: not in photo order

@@ -1,4 +1,4 @@
-"""facesearch.inference: batched embedding, and the model's test-time flip and jitter."""
+"""facesearch.nets.inference: batched embedding, and the model's test-time flip and jitter."""
 
 from __future__ import annotations
 

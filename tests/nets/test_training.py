@@ -1,4 +1,4 @@
-"""The training loop's machinery (facesearch/training.py), each piece on its own, on CPU."""
+"""The training loop's machinery (facesearch/nets/training.py), each piece on its own, on CPU."""
 
 from __future__ import annotations
 
