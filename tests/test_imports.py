@@ -87,6 +87,13 @@ def test_no_import_cycles(graph):
         visit(name, [])
 
 
+def test_stages_import_no_gallery_or_tools(repo_root):
+    # The pipeline runs on data .. retrieval: a change to the app, the index or the command line re-runs no stage.
+    for script in sorted((repo_root / "stages").glob("*.py")):
+        rel = str(script.relative_to(repo_root))
+        assert {room(name) for name in imported_names(rel, repo_root)} <= {None, *ROOMS[:4]}, rel
+
+
 def test_the_check_sees_function_level_and_aliased_imports(tmp_path):
     # What the rules rest on: a lazy import inside a function, and `from room import module as X`.
     (tmp_path / "facesearch" / "data").mkdir(parents=True)
