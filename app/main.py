@@ -48,7 +48,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` puts app/ first on sys.path
 
-from facesearch import app_core as core
+from facesearch.gallery import app_core as core
 
 ROOT = Path(os.environ.get("FACESEARCH_ROOT", Path(__file__).resolve().parents[1]))
 ACCESS = core.Access.from_env(os.environ, ROOT)

@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from facesearch import app_core as core  # noqa: E402
-from facesearch.faces import FaceConfig  # noqa: E402
+from facesearch.faces.config import FaceConfig  # noqa: E402
+from facesearch.gallery import app_core as core  # noqa: E402
 from facesearch.params import load_params  # noqa: E402
-from facesearch.search import ExactIndex, KDTreeIndex  # noqa: E402
+from facesearch.retrieval.knn import ExactIndex, KDTreeIndex  # noqa: E402
 
 
 def run(gallery: core.Gallery, photos: list[bytes]) -> np.ndarray:

@@ -5,7 +5,7 @@
 Baseline (the report's settings): ``detectMultiScale(scaleFactor=1.1, minNeighbors=5,
 minSize=(30, 30))`` on the full-resolution grayscale photo, again with
 ``scaleFactor=1.05`` when that does not find exactly one face; kept when exactly
-one. Ours: ``facesearch.detect.detect_face`` with ``params.yaml: crop.haar``.
+one. Ours: ``facesearch.faces.haar.detect_face`` with ``params.yaml: crop.haar``.
 Both decode the same bytes with the same decoder and run on one core
 (``cv2.setNumThreads(1)``), so images/s is per core. Prints images/s, keep rate
 and the speed ratio.
@@ -29,11 +29,11 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch.celeba import find_image_dir, list_images
-from facesearch.cropping import CropLimits, read_photo
-from facesearch.detect import FRONTAL_CASCADE, detect_face, load_cascade
-from facesearch.faces import FaceConfig, face_crop, find_faces
-from facesearch.images import ImageRejected, decode_image
+from facesearch.data.celeba import find_image_dir, list_images
+from facesearch.data.images import ImageRejected, decode_image
+from facesearch.faces.config import FaceConfig, face_crop, find_faces
+from facesearch.faces.cropping import CropLimits, read_photo
+from facesearch.faces.haar import FRONTAL_CASCADE, detect_face, load_cascade
 from facesearch.params import load_params
 
 

@@ -1,4 +1,4 @@
-"""Embedding throughput of saved models, as every search path embeds (``facesearch.inference.embed_array``).
+"""Embedding throughput of saved models, as every search path embeds (``facesearch.nets.inference.embed_array``).
 
     python bench/embed.py models/dlib_resnet.pt models/mobilenet_v2.pt          # CPU, 2 threads
     python bench/embed.py teacher.pt student.pt --images data/arrays/val.npy    # real crops
@@ -27,7 +27,7 @@ def throughput(model, images, size: int, batch: int, repeats: int) -> float:
     """Images per second of ``embed_array`` over ``images``, best of ``repeats`` timed passes."""
     import torch
 
-    from facesearch.inference import embed_array
+    from facesearch.nets.inference import embed_array
 
     device = torch.device("cpu")
     embed_array(model, images[: batch * WARMUP_BATCHES], size, device, batch)
@@ -52,9 +52,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from facesearch.models import load_model
-    from facesearch.packing import load_array
-    from facesearch.training import validation_at
+    from facesearch.data.packing import load_array
+    from facesearch.nets.models import load_model
+    from facesearch.nets.training import validation_at
 
     torch.set_num_threads(args.cpu_threads)
     loaded = [(path, *load_model(path)) for path in args.models]

@@ -2,7 +2,7 @@
 
     python bench/evaluate_cli.py --sizes 600,2400 --n-jobs 2
 
-On a synthetic CelebA-layout folder of each size (``facesearch.synth``), runs the
+On a synthetic CelebA-layout folder of each size (``facesearch.data.synth``), runs the
 command twice with the same untrained model (MobileNet-V2, 64 px input, crops of
 218 px as the defaults cut them): once from the code at ``--before`` (git ref;
 default the commit before the change), which decodes every kept crop at 218 px
@@ -40,12 +40,12 @@ sys.path.insert(0, str(REPO))
 BASELINE_REF = "80572f2"  # main before issue 12's packed CLI evaluate
 
 # Runs the CLI in this process and prints its own peak RSS (kB, from /proc): when the metrics
-# start (the data path: crop, decode/pack, embed; both versions call facesearch.cli.evaluate
+# start (the data path: crop, decode/pack, embed; both versions call facesearch.tools.cli.evaluate
 # first thing after embedding) and at exit (the whole run, metrics included).
 WRAPPER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import facesearch.cli as cli
+import facesearch.tools.cli as cli
 
 def hwm():
     status = open("/proc/self/status").read()
@@ -64,9 +64,9 @@ print("VmHWM_kB", hwm())
 def make_model(path: Path) -> None:
     import torch
 
-    from facesearch.contract import preprocessing_record
-    from facesearch.faces import FaceConfig
-    from facesearch.models import get_model, save_model
+    from facesearch.faces.config import FaceConfig
+    from facesearch.nets.contract import preprocessing_record
+    from facesearch.nets.models import get_model, save_model
 
     torch.manual_seed(0)
     model = get_model("mobilenet_v2", weights="none", embedding_dim=64, img_size=64)
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=-1, help="the CLI's --n-jobs for both runs")
     parser.add_argument("--before", default=BASELINE_REF, help="git ref of the baseline code")
     args = parser.parse_args()
-    from facesearch.synth import SampleSpec, generate_sample
+    from facesearch.data.synth import SampleSpec, generate_sample
 
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="evaluate-cli-bench-"))

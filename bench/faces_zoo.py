@@ -2,16 +2,16 @@
 
     python bench/faces_zoo.py --data ../shared/data/celeba-dev --n 200
 
-Every path decodes the same bytes with the same decoder (``facesearch.images.decode_image``)
+Every path decodes the same bytes with the same decoder (``facesearch.data.images.decode_image``)
 on one core (``cv2.setNumThreads(1)``, ``torch.set_num_threads(1)``), and speed is photos per
 second of the process's CPU time, so per core even on a machine shared with other jobs. A
 photo is kept when the path finds at least one face (the crop stage's ``policy: largest``
 then keeps the largest). Paths:
 
-- Haar: ``facesearch.detect.detect_face`` with ``params.yaml: crop.haar`` (detection only);
-- dlib HOG: ``facesearch.faces.detect_hog`` (``dlib.get_frontal_face_detector()``, with
+- Haar: ``facesearch.faces.haar.detect_face`` with ``params.yaml: crop.haar`` (detection only);
+- dlib HOG: ``facesearch.faces.dlib_hog.detect_hog`` (``dlib.get_frontal_face_detector()``, with
   ``crop.hog_upsample`` and ``crop.hog_max_side``; detection only);
-- YuNet + the ArcFace chip: ``facesearch.yunet.YuNet(...).detect`` then
+- YuNet + the ArcFace chip: ``facesearch.faces.yunet.YuNet(...).detect`` then
   ``align_face`` of the best face (112 px), for each installed YuNet file and ``--sides``.
 
 Prints photos/s, keep rate and the speed ratio against Haar measured in the same run; then,
@@ -35,12 +35,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch import zoo
-from facesearch.celeba import find_image_dir, list_images
-from facesearch.cropping import CropLimits, read_photo
-from facesearch.detect import detect_face
-from facesearch.faces import FaceConfig
-from facesearch.images import ImageRejected, decode_image
+from facesearch.data.celeba import find_image_dir, list_images
+from facesearch.data.images import ImageRejected, decode_image
+from facesearch.faces import zoo
+from facesearch.faces.config import FaceConfig
+from facesearch.faces.cropping import CropLimits, read_photo
+from facesearch.faces.haar import detect_face
 from facesearch.params import load_params
 
 
@@ -66,7 +66,7 @@ def run(name: str, keep_fn, blobs: list[bytes], max_pixels: int) -> tuple[float,
 
 def yunet_align(detector, chips: list | None = None):
     """Detect, then cut the best face's 112 px ArcFace chip (collected in ``chips`` when given)."""
-    from facesearch.yunet import align_face
+    from facesearch.faces.yunet import align_face
 
     def keep(rgb) -> bool:
         faces = detector.detect(rgb)
@@ -82,7 +82,7 @@ def yunet_align(detector, chips: list | None = None):
 
 def embedding_speed(chips: np.ndarray) -> None:
     """SFace's CPU milliseconds per chip: the PyTorch port (batch 1 and 32) and OpenCV, per installed file."""
-    from facesearch import sface
+    from facesearch.nets import sface
 
     ports = {}
     for name in ("sface", "sface_int8bq"):
@@ -146,7 +146,7 @@ def main() -> None:
     print(f"{len(blobs)} photos from {image_dir}, one core, crop.policy {cfg.policy}")
     mp = limits.max_pixels
     haar, _ = run("haar (crop.haar), detect", lambda rgb: detect_face(rgb, cfg.haar).chosen is not None, blobs, mp)
-    from facesearch.faces import detect_hog
+    from facesearch.faces.dlib_hog import detect_hog
 
     def hog_keep(rgb) -> bool:
         return detect_hog(rgb, cfg.hog_upsample, cfg.policy, cfg.hog_max_side).chosen is not None
@@ -157,7 +157,7 @@ def main() -> None:
     except RuntimeError as exc:  # dlib not installed: faces.py says which pip install
         print(f"dlib hog skipped: {exc}")
 
-    from facesearch.yunet import YuNet
+    from facesearch.faces.yunet import YuNet
 
     chips: list[np.ndarray] = []
     for model in ("yunet_int8bq", "yunet"):

@@ -5,7 +5,7 @@
 
 (a) ``index add`` of ``--photos`` new photos (the built-in sample's renderer)
 to an index of ``--faces`` faces, against embedding those photos alone (the
-same per-photo path, :func:`facesearch.index.embed_files`: read, hash, decode,
+same per-photo path, :func:`facesearch.gallery.build.embed_files`: read, hash, decode,
 detect, crop, forward pass; model load included in both). The difference is
 what the index adds: loading it, checking the model's fingerprint, validating,
 writing the whole new version and switching to it, and extending the search
@@ -38,10 +38,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch import index as X
-from facesearch.layouts import list_photo_files
-from facesearch.search import CheckedIndex, FaissIndex, build_index
-from facesearch.synth import SampleSpec, generate_sample
+from facesearch.data.layouts import list_photo_files
+from facesearch.data.synth import SampleSpec, generate_sample
+from facesearch.gallery import build as XB
+from facesearch.gallery import embedder as XE
+from facesearch.gallery import store as X
+from facesearch.retrieval.knn import CheckedIndex, FaissIndex, build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_search", ROOT / "bench" / "search.py")
@@ -49,10 +51,10 @@ bench_search = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_search)
 
 
-def synthetic_version(folder: Path, n: int, embedder: X.Embedder | None, dim: int, hnsw_threshold: int,
+def synthetic_version(folder: Path, n: int, embedder: XE.Embedder | None, dim: int, hnsw_threshold: int,
                       rng: np.random.Generator, vectors: np.ndarray | None = None) -> None:  # fmt: skip
     """An index of ``n`` photos of one face each (``vectors`` or random unit ones), written as a real version."""
-    emb = vectors if vectors is not None else X.unit(rng.normal(size=(n, dim)))
+    emb = vectors if vectors is not None else XE.unit(rng.normal(size=(n, dim)))
     sha = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
     rel = [f"synthetic/{i:07d}.jpg" for i in range(n)]
     root = "/synthetic"
@@ -82,14 +84,14 @@ def add_cost(args, work: Path) -> None:
     files = sorted(photo_dir.iterdir())[: args.photos]
     for extra in sorted(photo_dir.iterdir())[args.photos :]:
         extra.unlink()
-    embedder = X.Embedder.load(args.model)
+    embedder = XE.Embedder.load(args.model)
     dim = embedder.model.config.embedding_dim
     rng = np.random.default_rng(0)
     listed, _ = list_photo_files(photo_dir)
 
     def alone():
-        e = X.Embedder.load(args.model)
-        return X.embed_files(listed, str(photo_dir), e, X.LIMITS)
+        e = XE.Embedder.load(args.model)
+        return XB.embed_files(listed, str(photo_dir), e, XE.LIMITS)
 
     alone()  # warm-up: first forward passes, cascades loaded, files in the page cache
     print(f"(a) index add of {len(files)} photos to a {args.faces}-face index vs embedding them alone "
@@ -103,7 +105,7 @@ def add_cost(args, work: Path) -> None:
             shutil.copytree(template, target)
             t, batch = timed(alone)
             t_alone.append(t)
-            t, report = timed(lambda target=target: X.add(target, str(photo_dir)))
+            t, report = timed(lambda target=target: XB.add(target, str(photo_dir)))
             t_add.append(t)
             shutil.rmtree(target)
         a, b = float(np.median(t_alone)), float(np.median(t_add))

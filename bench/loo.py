@@ -11,7 +11,7 @@ leave-one-out set: N / 20 identities, ~20 photos each. At every size the set is 
 - the previous method (kept here as the baseline, not in the package): a batched
   ``searchsorted`` of every distance into the query's sorted relevant distances, a
   histogram of where they land, and a pass over every tied image;
-- :func:`facesearch.retrieval.leave_one_out_metrics`: rows sorted by value, each relevant
+- :func:`facesearch.retrieval.metrics.leave_one_out_metrics`: rows sorted by value, each relevant
   distance found in its sorted row, ties counted on the unsorted row only where they occur;
 
 each line prints both times, their ratio, and whether the metrics are equal (``==`` on the
@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search import face_like  # bench/search.py
 
-from facesearch import manifest as M
-from facesearch.distances import squared_distances
-from facesearch.retrieval import leave_one_out_metrics, loo_queries, padded_rank_scores, summary
+from facesearch.data import manifest as M
+from facesearch.nets.distances import squared_distances
+from facesearch.retrieval.metrics import leave_one_out_metrics, loo_queries, padded_rank_scores, summary
 
 
 def previous_leave_one_out(emb, labels, ks=(1, 5, 10), chunk=1024) -> dict[str, float]:

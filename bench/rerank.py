@@ -1,4 +1,4 @@
-"""Cost and effect of gallery-side re-ranking (``facesearch.rerank``) at the report's size.
+"""Cost and effect of gallery-side re-ranking (``facesearch.retrieval.rerank``) at the report's size.
 
     python bench/rerank.py           # 2,020 queries x 37,253 gallery photos, 128-d (~2 min on 2 cores)
     python bench/rerank.py --quick   # 500 queries x ~9,000 photos
@@ -18,7 +18,7 @@ It prints, for ``dba_qe`` and ``k_reciprocal``: ``prepare`` seconds and peak tra
 search every query (top 1000, the evaluation's K) with the re-ranking index and with plain
 exact search, timed in turn in the same run (best of 3), and their ratio; then mAP and Rank-1 of ``none``,
 ``dba_qe`` (adaptive, the default), ``dba_qe`` with ``adaptive: false`` (plain fixed-n, the
-unsafe baseline) and ``k_reciprocal`` on both galleries, from ``facesearch.retrieval.evaluate``.
+unsafe baseline) and ``k_reciprocal`` on both galleries, from ``facesearch.retrieval.metrics.evaluate``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch.rerank import build_rerank_index, prepare
-from facesearch.retrieval import evaluate
-from facesearch.search import build_index
+from facesearch.retrieval.knn import build_index
+from facesearch.retrieval.metrics import evaluate
+from facesearch.retrieval.rerank import build_rerank_index, prepare
 
 KS = (10, 20, 50, 100, 1000)  # params.yaml evaluate.ks: the evaluation searches the top 1000
 

@@ -36,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facesearch.retrieval import evaluate
-from facesearch.search import ExactIndex, KDTreeIndex, build_index
+from facesearch.retrieval.knn import ExactIndex, KDTreeIndex, build_index
+from facesearch.retrieval.metrics import evaluate
 
 
 def face_like(n_ids: int, n_gallery: int, dim: int, rng: np.random.Generator, noise: float = 0.09):

@@ -8,7 +8,7 @@ sources of batches feed the same forward + backward + Adam step (channels-last, 
 batches of 4 images per identity, semi-hard loss; bf16 autocast on CUDA):
 
 - ``ready``: one normalised input tensor, reused: no data path at all (the baseline);
-- ``prefetch``: the train stage's data path (:mod:`facesearch.training`): P x K
+- ``prefetch``: the train stage's data path (:mod:`facesearch.nets.training`): P x K
   indices, a background thread gathering the uint8 crops from a memory-mapped packed
   array (as ``stages/pack.py`` writes) ``PREFETCH_BATCHES`` ahead, then resize,
   normalise and augment as tensors on the device;
@@ -46,11 +46,11 @@ def worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from facesearch.augment import AugmentConfig, augment
-    from facesearch.losses import semi_hard_loss
-    from facesearch.models import get_model, resolve_device
-    from facesearch.training import Prefetcher, identity_groups, pk_batches, read_batch
-    from facesearch.transforms import to_model_input
+    from facesearch.nets.augment import AugmentConfig, augment
+    from facesearch.nets.losses import semi_hard_loss
+    from facesearch.nets.models import get_model, resolve_device
+    from facesearch.nets.training import Prefetcher, identity_groups, pk_batches, read_batch
+    from facesearch.nets.transforms import to_model_input
     from stages.train import PREFETCH_BATCHES
 
     device = resolve_device(args.device)

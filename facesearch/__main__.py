@@ -1,6 +1,6 @@
-"""``python -m facesearch``: see :mod:`facesearch.cli`."""
+"""``python -m facesearch``: see :mod:`facesearch.tools.cli`."""
 
-from facesearch.cli import main
+from facesearch.tools.cli import main
 
 if __name__ == "__main__":
     main()

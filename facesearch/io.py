@@ -99,7 +99,7 @@ def write_parquet_atomic(path: str | os.PathLike, df: pd.DataFrame) -> None:
     """Write a DataFrame to Parquet atomically, without the index.
 
     Callers validate the frame against its schema first (see
-    :mod:`facesearch.manifest`); this function only guarantees the bytes land
+    :mod:`facesearch.data.manifest`); this function only guarantees the bytes land
     whole. The output is byte-identical for identical frames, which is what
     makes DVC skip unchanged downstream stages.
     """

@@ -5,7 +5,7 @@
         --sheet reports/crops.png --timing reports/crop_timing.json --source data/source.json
 
 Reads ``params.yaml: data.root`` (passed as ``--data``), ``data.layout`` (CelebA or
-one folder per person, or ``auto``: see facesearch.layouts) and ``crop``. Every
+one folder per person, or ``auto``: see facesearch.data.layouts) and ``crop``. Every
 entry of the image folder (under the folder layout: every entry under the root)
 gets one manifest row: kept with its crop, or rejected with a reason
 (non-regular files, hidden files and bad names included, never opened).
@@ -17,7 +17,7 @@ dvc.yaml); each worker writes its crops into a temporary folder that replaces
 that compare across runs (every reject reason, the annotation problems found), ``--metrics``
 their headline (:data:`HEADLINE`: the one row ``dvc metrics show`` prints for this stage);
 speed goes to the log and ``--timing`` (not a DVC output: it differs on every run). ``--source``
-says where the identities come from (:func:`facesearch.layouts.dataset_source`:
+says where the identities come from (:func:`facesearch.data.layouts.dataset_source`:
 the layout, the CelebA identity file's fingerprint, whether the photos are the
 synthetic sample's), for the model files trained on them.
 """
@@ -40,13 +40,13 @@ from joblib.parallel import get_active_backend
 from PIL import Image
 from tqdm import tqdm
 
-from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_NAMES, Annotations, Entry
-from facesearch.cropping import CropLimits, check_format, crop_names, pre_reason, process_image, read_photo
-from facesearch.faces import FaceConfig
-from facesearch.images import decode_image
+from facesearch.data import manifest as M
+from facesearch.data.celeba import ATTRIBUTE_NAMES, Annotations, Entry
+from facesearch.data.images import decode_image
+from facesearch.data.layouts import Dataset, dataset_source, read_dataset
+from facesearch.faces.config import FaceConfig
+from facesearch.faces.cropping import CropLimits, check_format, crop_names, pre_reason, process_image, read_photo
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
-from facesearch.layouts import Dataset, dataset_source, read_dataset
 from facesearch.params import load_params
 from facesearch.viz import grid, tile
 

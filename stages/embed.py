@@ -7,7 +7,7 @@ Writes ``{before,after}_{query,gallery,val}.npy`` (float32, one row per row of
 the split's ``query.parquet`` / ``gallery.parquet`` / ``val.parquet``),
 ``{query,gallery,val}.parquet`` (crop path, file name, identity: the index of
 those rows) and ``threshold.json``, the model's verdict threshold record
-(:func:`facesearch.contract.model_threshold`; null for a model without one), so
+(:func:`facesearch.nets.contract.model_threshold`; null for a model without one), so
 that evaluate needs the embeddings only, not the model file. "after" is the
 trained model; "before" is the same backbone as training started it (ImageNet
 weights, or the seeded random network under ``weights: none``), rebuilt from
@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from facesearch import manifest as M
-from facesearch.contract import model_preprocessing, model_threshold
-from facesearch.inference import embed_array
+from facesearch.data import manifest as M
+from facesearch.data.packing import load_array
 from facesearch.io import atomic_dir, write_json_atomic, write_parquet_atomic
-from facesearch.models import ModelConfig, ModelFileError, failure_line, load_model, resolve_device, seeded_model
-from facesearch.packing import load_array
+from facesearch.nets.contract import model_preprocessing, model_threshold
+from facesearch.nets.inference import embed_array
+from facesearch.nets.models import ModelConfig, ModelFileError, failure_line, load_model, resolve_device, seeded_model
 from facesearch.params import load_params
 
 log = logging.getLogger("facesearch.embed")

@@ -9,7 +9,7 @@
 Reads ``params.yaml: evaluate`` and ``verification``. Every query (one photo of each held-out
 identity) searches the gallery (all their other photos) with the
 ``evaluate.backend`` search index, re-ranked by ``evaluate.rerank`` (the method of
-``--backbone`` in ``method_by_backbone``, else ``method``; :mod:`facesearch.rerank`, whose
+``--backbone`` in ``method_by_backbone``, else ``method``; :mod:`facesearch.retrieval.rerank`, whose
 gallery structures go to ``--rerank``: built from the gallery alone, once). ``--details`` gets
 ``{"before": {...}, "after": {...}}`` with identity Rank-1/5/10 and mAP,
 Recall@k, the report's attribute agreement at each k, and
@@ -62,15 +62,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from facesearch import manifest as M
-from facesearch import rerank as R
-from facesearch import verification as V
-from facesearch.distances import unit_rows
+from facesearch.data import manifest as M
+from facesearch.data.packing import load_array
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic
-from facesearch.packing import load_array
+from facesearch.nets.distances import unit_rows
 from facesearch.params import load_params
-from facesearch.retrieval import attribute_matrix, evaluate, leave_one_out_metrics, readable
-from facesearch.search import cosine_similarity
+from facesearch.retrieval import rerank as R
+from facesearch.retrieval import verification as V
+from facesearch.retrieval.knn import cosine_similarity
+from facesearch.retrieval.metrics import attribute_matrix, evaluate, leave_one_out_metrics, readable
 from facesearch.viz import grid, tile
 
 log = logging.getLogger("facesearch.evaluate")

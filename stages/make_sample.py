@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from facesearch.data.synth import SampleSpec, generate_sample
 from facesearch.io import atomic_dir
 from facesearch.params import load_params
-from facesearch.synth import SampleSpec, generate_sample
 
 log = logging.getLogger("facesearch.sample")
 

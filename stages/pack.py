@@ -4,7 +4,7 @@
 
 Row ``i`` of ``<out>/<name>.npy`` is the crop of row ``i`` of
 ``<split>/<name>.parquet`` for train, val, query and gallery, with
-``<out>/<name>.json`` saying how it was packed (facesearch.packing). Training
+``<out>/<name>.json`` saying how it was packed (facesearch.data.packing). Training
 and embedding export memory-map these arrays instead of decoding JPEGs.
 
 Images are stored at the side they are used: the largest ``img_size`` of the
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from facesearch import manifest as M
-from facesearch.packing import pack_crops
+from facesearch.data import manifest as M
+from facesearch.data.packing import pack_crops
 from facesearch.params import load_params
 
 log = logging.getLogger("facesearch.pack")

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from facesearch import manifest as M
+from facesearch.data import manifest as M
 from facesearch.io import write_json_atomic, write_parquet_atomic
 from facesearch.params import load_params
-from facesearch.protocol import choose_queries, eligible_images
+from facesearch.retrieval.protocol import choose_queries, eligible_images
 
 log = logging.getLogger("facesearch.split")
 # The split metrics `dvc metrics show` prints: the test protocol every score is measured on (each

@@ -57,14 +57,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from facesearch import manifest as M
-from facesearch.augment import AugmentConfig, augment
-from facesearch.contract import crop_params, identities_record, model_preprocessing, preprocessing_record
-from facesearch.faces import FaceConfig
-from facesearch.inference import embed_array
-from facesearch.layouts import source_description
-from facesearch.losses import MINING, distillation_loss, offline_triplet_loss, pairwise_distances
-from facesearch.models import (
+from facesearch.data import manifest as M
+from facesearch.data.layouts import source_description
+from facesearch.data.packing import load_array
+from facesearch.faces.config import FaceConfig
+from facesearch.nets.augment import AugmentConfig, augment
+from facesearch.nets.contract import crop_params, identities_record, model_preprocessing, preprocessing_record
+from facesearch.nets.inference import embed_array
+from facesearch.nets.losses import MINING, distillation_loss, offline_triplet_loss, pairwise_distances
+from facesearch.nets.models import (
     EmbeddingNet,
     ModelConfig,
     ModelFileError,
@@ -75,11 +76,7 @@ from facesearch.models import (
     seeded_model,
     trainable_parameters,
 )
-from facesearch.packing import load_array
-from facesearch.params import load_params
-from facesearch.provenance import code_fingerprint
-from facesearch.retrieval import leave_one_out_metrics
-from facesearch.training import (
+from facesearch.nets.training import (
     Dist,
     Prefetcher,
     StepStats,
@@ -101,8 +98,11 @@ from facesearch.training import (
     triplet_batches,
     validation_at,
 )
-from facesearch.transforms import resized, to_model_input
-from facesearch.verification import calibrate
+from facesearch.nets.transforms import resized, to_model_input
+from facesearch.params import load_params
+from facesearch.provenance import code_fingerprint
+from facesearch.retrieval.metrics import leave_one_out_metrics
+from facesearch.retrieval.verification import calibrate
 
 log = logging.getLogger("facesearch.train")
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_NAMES
-from facesearch.synth import SampleSpec, generate_sample
+from facesearch.data import manifest as M
+from facesearch.data.celeba import ATTRIBUTE_NAMES
+from facesearch.data.synth import SampleSpec, generate_sample
 
 REPO = Path(__file__).resolve().parents[1]
 CELEBA_DEV = REPO.parent / "shared" / "data" / "celeba-dev"
@@ -132,11 +132,11 @@ BAD_MODELS = ("missing", "empty", "truncated", "cut_short", "text", "tensor", "o
 def bad_model_files(folder: Path) -> dict[str, Path]:
     """Each of :data:`BAD_MODELS` -> a path a command must refuse in one line (``missing`` is not written).
 
-    Also ``folder/good.pt``: a model with no more than :func:`~facesearch.models.save_model` writes.
+    Also ``folder/good.pt``: a model with no more than :func:`~facesearch.nets.models.save_model` writes.
     """
     import torch
 
-    from facesearch.models import get_model, save_model
+    from facesearch.nets.models import get_model, save_model
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import sys
 import pytest
 import yaml
 
-from facesearch.cli import metrics_show_block, results_table
+from facesearch.tools.cli import metrics_show_block, results_table
 
 RESULTS = "docs/results.md"  # where the generated blocks live (dvc repro never rewrites it)
 REGENERATE = f"regenerate it: python -m facesearch results --readme {RESULTS}, then commit"

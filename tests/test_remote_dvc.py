@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from conftest import GIT, dvc, repro, tiny_repo_copy
 
-from facesearch import app_core
+from facesearch.gallery import app_core
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_train
 
-from facesearch.models import get_model, save_model
+from facesearch.nets.models import get_model, save_model
 
 # keep: last, so the model file holds what the steps did (not the seeded start validation may prefer).
 FEW_STEPS = {"keep": "last", "epochs": 1, "steps_per_epoch": 2, "p_identities": 2, "k_images": 2, "embedding_dim": 8}

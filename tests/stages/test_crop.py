@@ -12,13 +12,13 @@ import pytest
 from conftest import broken_files, person_folders, run_crop, variants_of, write_params
 from PIL import Image
 
-from facesearch import manifest as M
-from facesearch.celeba import ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IDENTITY_FILE, storable_name
-from facesearch.cropping import crop_names, image_guards
-from facesearch.detect import DetectorConfig, detect_face
-from facesearch.faces import face_crop
-from facesearch.layouts import person_identity
-from facesearch.packing import pack_crops
+from facesearch.data import manifest as M
+from facesearch.data.celeba import ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IDENTITY_FILE, storable_name
+from facesearch.data.layouts import person_identity
+from facesearch.data.packing import pack_crops
+from facesearch.faces.config import face_crop
+from facesearch.faces.cropping import crop_names, image_guards
+from facesearch.faces.haar import DetectorConfig, detect_face
 from stages import crop
 
 

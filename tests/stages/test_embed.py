@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import BAD_MODELS, REPO, bad_model_files
 
-from facesearch.models import get_model, save_model
+from facesearch.nets.models import get_model, save_model
 from stages import embed
 
 PARAMS = str(REPO / "params.yaml")

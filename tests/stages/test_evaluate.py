@@ -10,14 +10,14 @@ import torch
 from conftest import run_train, write_params
 from PIL import Image
 
-from facesearch import manifest as M
-from facesearch import verification as V
-from facesearch.cli import evaluate_folder, replace_section, results_table
-from facesearch.cli import main as cli_main
-from facesearch.models import load_model
-from facesearch.packing import load_array
+from facesearch.data import manifest as M
+from facesearch.data.packing import load_array
+from facesearch.nets.models import load_model
 from facesearch.params import load_params
-from facesearch.retrieval import leave_one_out_metrics
+from facesearch.retrieval import verification as V
+from facesearch.retrieval.metrics import leave_one_out_metrics
+from facesearch.tools.cli import evaluate_folder, replace_section, results_table
+from facesearch.tools.cli import main as cli_main
 from stages import embed, evaluate
 
 
@@ -58,7 +58,7 @@ def test_embeddings_before_and_after(evaluated, prepared):
     _, payload = load_model(evaluated / "model.pt")
     twin = embed.untrained_twin(payload).eval()
     images = load_array(prepared / "data/arrays/query.npy")
-    from facesearch.inference import embed_array
+    from facesearch.nets.inference import embed_array
 
     expected = embed_array(twin, images, 32, torch.device("cpu"), channels_last=True)
     assert np.allclose(np.load(evaluated / "emb" / "before_query.npy"), expected, atol=1e-5)
@@ -190,8 +190,8 @@ def test_verdicts_are_cosines_whatever_the_embeddings_length(evaluated, prepared
 
 def test_rerank_reaches_every_metric_leak_free(evaluated, prepared, tmp_path):
     """evaluate.rerank: the metrics are those of the re-ranked search, the structures are outputs."""
-    from facesearch import rerank as R
-    from facesearch.retrieval import evaluate as retrieval_evaluate
+    from facesearch.retrieval import rerank as R
+    from facesearch.retrieval.metrics import evaluate as retrieval_evaluate
 
     rr = {"method": "dba_qe", "n": 2, "background": 4}
     params = write_params(tmp_path / "rr.yaml", {"evaluate.ks": [2, 5], "evaluate.latency_queries": 3,

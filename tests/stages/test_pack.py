@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from conftest import TINY_CROP, write_params
 
-from facesearch import manifest as M
-from facesearch.packing import load_array, load_crop, read_info
+from facesearch.data import manifest as M
+from facesearch.data.packing import load_array, load_crop, read_info
 from stages import pack
 from stages.pack import PACKED, pack_size
 
@@ -47,7 +47,7 @@ def test_stage_packs_every_split_at_the_largest_img_size(prepared):
         arr = load_array(prepared / "packed24" / f"{name}.npy", len(table), crop_side=40, min_side=24)
         assert arr.shape == (len(table), 24, 24, 3) and len(table) > 0
         assert read_info(prepared / "packed24" / f"{name}.npy") == {"rows": len(table), "crop_side": 40, "side": 24}
-        # Row i is the table's crop i, resized as facesearch.packing resizes.
+        # Row i is the table's crop i, resized as facesearch.data.packing resizes.
         for i in (0, len(table) - 1):
             assert np.array_equal(arr[i], load_crop(prepared / table[M.CROP_PATH].iloc[i], (24, 24)))
     # Larger than the crops: stored at the crop side, which the model input path upscales.

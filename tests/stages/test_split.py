@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from conftest import fake_manifest, run_crop, write_params
 
-from facesearch import manifest as M
-from facesearch.protocol import eligible_images
+from facesearch.data import manifest as M
+from facesearch.retrieval.protocol import eligible_images
 from stages import split
 
 PARAMS = {

@@ -15,18 +15,19 @@ import torch
 import yaml
 from conftest import BAD_MODELS, REPO, TINY, TINY_CROP, bad_model_files, run_train, write_params
 
-from facesearch import manifest as M
-from facesearch import training
-from facesearch import verification as V
-from facesearch.contract import model_preprocessing, model_threshold, seen_identities, verdict
-from facesearch.distances import unit_rows
-from facesearch.faces import FaceConfig
-from facesearch.inference import embed_array
-from facesearch.models import load_model
-from facesearch.packing import load_array
+from facesearch.data import manifest as M
+from facesearch.data.packing import load_array
+from facesearch.faces.config import FaceConfig
+from facesearch.nets import training
+from facesearch.nets.contract import model_preprocessing, model_threshold, seen_identities
+from facesearch.nets.distances import unit_rows
+from facesearch.nets.inference import embed_array
+from facesearch.nets.models import load_model
+from facesearch.nets.transforms import to_model_input
 from facesearch.params import load_params
 from facesearch.provenance import module_closure
-from facesearch.transforms import to_model_input
+from facesearch.retrieval import verification as V
+from facesearch.retrieval.verdict import verdict
 from stages import embed, train
 
 
@@ -186,7 +187,7 @@ def test_changed_code_does_not_resume(prepared, monkeypatch, tmp_path, caplog):
         shutil.copy(train.CODE_ROOT / rel, code / rel)
     monkeypatch.setattr(train, "CODE_ROOT", code)
     kill_after_first_epoch(prepared, "coded", {"epochs": 2}, monkeypatch)
-    losses = code / "facesearch" / "losses.py"
+    losses = code / "facesearch" / "nets" / "losses.py"
     edited = losses.read_text().replace("clamp_min(0)", "clamp_min(0.0)", 1)
     assert edited != losses.read_text()
     losses.write_text(edited)

@@ -1,0 +1,39 @@
+"""One interface for every face detector: ``get_detector(name)(rgb, face) -> Detection``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facesearch.faces import detectors
+from facesearch.faces.config import FaceConfig, find_faces
+from facesearch.faces.detection import Detection, choose_face
+from facesearch.faces.detectors import DETECTORS, get_detector
+
+
+def test_every_registered_detector_answers_a_detection_on_a_blank_photo():
+    blank = np.zeros((120, 160, 3), np.uint8)
+    for name in DETECTORS:
+        if name == "dlib_hog":
+            pytest.importorskip("dlib")
+        found = get_detector(name)(blank, FaceConfig(detector=name))
+        assert isinstance(found, Detection) and found.chosen is None and found.reason == "no_face"
+
+
+def test_unknown_names_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="dlib_hog"):
+        get_detector("mtcnn")
+    with pytest.raises(ValueError, match=r"crop\.detector"):
+        FaceConfig(detector="mtcnn")
+
+
+def test_a_new_detector_is_one_registry_entry(monkeypatch):
+    # What a new detector file provides: detect(rgb, face), its boxes resolved by the common policy.
+    def detect(rgb, face):
+        return choose_face(((10, 10, 40, 40), (60, 10, 20, 20)), "fake", face.policy, rgb.shape[1], rgb.shape[0])
+
+    monkeypatch.setitem(detectors.DETECTORS, "fake", detect)
+    photo = np.zeros((100, 100, 3), np.uint8)
+    assert find_faces(photo, FaceConfig(detector="fake")).chosen == (10, 10, 40, 40)
+    single = FaceConfig.from_params({"detector": "fake", "policy": "single"})
+    assert find_faces(photo, single).reason == "multiple_faces"
