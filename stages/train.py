@@ -9,7 +9,7 @@ Reads ``params.yaml: train.<backbone>``. Losses: the report's offline triplets
 mining, or ``loss: distill`` with ``--teacher models/dlib_resnet.pt``: the
 backbone (the student) learns to embed each augmented training crop where a
 saved model (the teacher) embeds the same view, on P x K batches of the train
-crops (:func:`facesearch.losses.distillation_loss`). The teacher's validation
+crops (:func:`facesearch.nets.losses.distillation_loss`). The teacher's validation
 score is recorded beside the student's, and the student counts as having seen
 every identity its teacher saw. GPU first (bf16 autocast, channels_last, optional ``torch.compile``),
 CPU for small runs; several GPUs with ``torchrun --nproc_per_node N -m
@@ -24,21 +24,21 @@ Validation is retrieval among the split's validation identities (people in
 neither train nor test), every image querying the others; the model saved is
 the one of the epoch with the best validation mAP, and the file records which
 epoch that was, the preprocessing its crops had (``params.yaml: crop``, see
-:mod:`facesearch.contract`), the train and val identities, and its verdict
+:mod:`facesearch.nets.contract`), the train and val identities, and its verdict
 threshold: the cosine similarity at which ``params.yaml: verification.far`` of
 the validation identities' impostor pairs (different people) pass
-(:func:`facesearch.verification.calibrate`, with the saved weights, on unit-length
+(:func:`facesearch.retrieval.verification.calibrate`, with the saved weights, on unit-length
 embeddings also under ``normalize: false``, as every verdict compares them). The test
 identities (query/gallery) are never read here.
 
 The loop is written for an accelerator: the next batches are read from the
-memory-mapped arrays in a background thread (:class:`facesearch.training.Prefetcher`,
+memory-mapped arrays in a background thread (:class:`facesearch.nets.training.Prefetcher`,
 pinned for an asynchronous copy on CUDA) while the current step runs, and the
 step's loss and statistics stay on the device until the epoch ends
-(:class:`facesearch.training.StepStats`): no step waits for the GPU (the
-losses of :mod:`facesearch.losses` mine with fixed-shape masks, and the
+(:class:`facesearch.nets.training.StepStats`): no step waits for the GPU (the
+losses of :mod:`facesearch.nets.losses` mine with fixed-shape masks, and the
 anti-collapse guard chooses its loss on the device). The sampling, schedule, checkpoint and logging pieces live in
-:mod:`facesearch.training`.
+:mod:`facesearch.nets.training`.
 """
 
 from __future__ import annotations
@@ -392,7 +392,7 @@ def train(
 
     # ---- model and optimiser ----
     # Seeded build: the untrained network ("before fine-tuning") is reproducible
-    # from the saved config and seed (see facesearch.models.seeded_model).
+    # from the saved config and seed (see facesearch.nets.models.seeded_model).
     model_config = ModelConfig(
         args.backbone, weights=cfg.weights, embedding_dim=cfg.embedding_dim, normalize=cfg.normalize,
         trainable_layers=cfg.trainable_layers, img_size=cfg.img_size, flip_tta=cfg.flip_tta,

@@ -1,6 +1,6 @@
 """Same params and inputs give the same model file, byte for byte, for every backbone (on CPU).
 
-README "Train" (Reproducibility) says where bit-equality cannot hold.
+docs/pipeline.md ("Train": reproducibility) says where bit-equality cannot hold.
 """
 
 from __future__ import annotations

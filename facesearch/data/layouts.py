@@ -58,7 +58,7 @@ from facesearch.data.celeba import (
 )
 from facesearch.data.manifest import Reason
 
-log = logging.getLogger("facesearch.layouts")
+log = logging.getLogger(__name__)
 
 AUTO, CELEBA, FOLDERS, PLAIN = "auto", "celeba", "folders", "plain"
 LABELLED_LAYOUTS = (AUTO, CELEBA, FOLDERS)  # data.layout, evaluate/check-data --layout

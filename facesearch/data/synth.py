@@ -584,7 +584,7 @@ def generate_sample(spec: SampleSpec, out_dir: str | Path, n_jobs: int = 1, chun
     (out / ATTRIBUTE_FILE).write_text(header + "\n".join(attr_rows) + "\n")
     (out / PARTITION_FILE).write_text("\n".join(part_rows) + "\n")
     # Says "synthetic" to everything downstream: a threshold calibrated on these cartoon faces is
-    # flagged wherever it would be used on real photos (facesearch.layouts.is_synthetic).
+    # flagged wherever it would be used on real photos (facesearch.data.layouts.is_synthetic).
     (out / SAMPLE_MARKER).write_text(json.dumps({"generator": "facesearch.synth", "synthetic": True,
                                                  "spec": dataclasses.asdict(spec)}, sort_keys=True) + "\n")  # fmt: skip
     return {"identities": spec.identities, "images": len(jobs), "images_with_face": faces}

@@ -27,7 +27,7 @@ from facesearch.data.celeba import Annotations, Entry, file_type_problem
 from facesearch.data.images import DecodedImage, ImageRejected, decode_image
 from facesearch.faces.config import FaceConfig, face_crop, find_faces
 
-log = logging.getLogger("facesearch.crop")
+log = logging.getLogger(__name__)
 
 # Used when a caller passes no crop.max_file_bytes / crop.max_aspect (the evaluate CLI's
 # params-less mode); the crop stage always passes params.yaml's values.

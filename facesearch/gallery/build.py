@@ -91,7 +91,7 @@ from facesearch.gallery.store import (
 )
 from facesearch.retrieval.verdict import Verdict, verdict
 
-log = logging.getLogger("facesearch.index")
+log = logging.getLogger(__name__)
 
 EMBED_BATCH = 256  # crops gathered across photos before a forward pass (~36 MB at 218 px)
 # Skip reasons that are not a photo's own (manifest Reason values are the rest).

@@ -30,7 +30,7 @@ from facesearch.nets.distances import unit_rows
 from facesearch.nets.models import ModelFileError, load_model, resolve_device
 from facesearch.retrieval.verdict import verdict
 
-log = logging.getLogger("facesearch.index")
+log = logging.getLogger(__name__)
 
 # The crop stage's file and image limits (crop.max_file_bytes, max_pixels, min_image_side, max_aspect).
 LIMITS = CropLimits()

@@ -69,7 +69,7 @@ from facesearch.gallery.store import (
 from facesearch.retrieval.knn import CheckedIndex, cosine_similarity
 from facesearch.retrieval.verdict import verdict
 
-log = logging.getLogger("facesearch.index")
+log = logging.getLogger(__name__)
 
 ALSO = 4  # search: a person's other faces listed under their entry, at most
 

@@ -64,7 +64,7 @@ from facesearch.gallery.embedder import LIMITS, Embedder, PhotoIndexError, enrol
 from facesearch.io import normal_permissions, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from facesearch.retrieval.knn import CheckedIndex, FaissIndex, build_index
 
-log = logging.getLogger("facesearch.index")
+log = logging.getLogger(__name__)
 
 # index.json "format": bumped when the folder's layout or meaning changes. 2: one face per photo named
 # after its person (1 named every face), roots resolved, the roots' layouts and the previous version recorded.

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from facesearch.faces.config import FaceConfig
 
-log = logging.getLogger("facesearch.contract")
+log = logging.getLogger(__name__)
 
 
 def crop_params(face: FaceConfig) -> dict:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from facesearch.io import atomic_path
 
-log = logging.getLogger("facesearch.train")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- sampling ---
@@ -245,7 +245,7 @@ class StepStats:
 
 # ------------------------------------------------------- processes, state ---
 def set_deterministic(cpu_threads: int) -> None:
-    """Same params and inputs, same model bytes, on CPU (README "Train", Reproducibility).
+    """Same params and inputs, same model bytes, on CPU (docs/pipeline.md, "Train": reproducibility).
 
     The thread count is a param, not the machine's core count: the CPU kernels
     (oneDNN convolutions, MKL matmuls) split their float sums by thread, so 1 and

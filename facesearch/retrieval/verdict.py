@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from facesearch.retrieval import verification as V
 
-log = logging.getLogger("facesearch.contract")
+log = logging.getLogger(__name__)
 
 
 # Verdict threshold for a model file without payload["threshold"]: FaceNet's (Schroff et al. 2015)

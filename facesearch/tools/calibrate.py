@@ -40,7 +40,7 @@ from facesearch.retrieval.protocol import eligible_images
 from facesearch.retrieval.verdict import verdict
 from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
-log = logging.getLogger("facesearch.calibrate")
+log = logging.getLogger(__name__)
 
 # Used when no params file is there (a model calibrated outside the repository).
 DEFAULTS = {"fpir": 0.01, "far": 0.001, "fars": [0.01, 0.001], "impostor_pairs": 200000, "seed": 0}

@@ -48,7 +48,7 @@ from facesearch.retrieval import rerank as R
 from facesearch.retrieval import verification as V
 from facesearch.retrieval.metrics import identity_metrics
 
-log = logging.getLogger("facesearch.choose")
+log = logging.getLogger(__name__)
 
 DEFAULT_GRID = {
     "none": {"method": "none"},

@@ -57,7 +57,7 @@ from facesearch.retrieval.protocol import choose_queries, eligible_images
 from facesearch.tools import calibrate, choose, index_cli, pretrained, tune
 from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
-log = logging.getLogger("facesearch.cli")
+log = logging.getLogger(__name__)
 
 # Open-set galleries (people) and FPIRs reported without a params file: params.yaml's defaults.
 OPEN_SET_SIZES, OPEN_SET_FPIRS = (10, 100), (0.01, 0.1)

@@ -36,7 +36,7 @@ from facesearch.faces.cropping import crop_names, process_image
 from facesearch.nets.contract import Seen, seen_in
 from facesearch.nets.inference import embed_array
 
-log = logging.getLogger("facesearch.labelled")
+log = logging.getLogger(__name__)
 
 # Packed images embedded per memory map: a map is dropped after its chunk, so the pages
 # read stay out of this process's memory (1024 images at 150 px: 69 MB).

@@ -39,7 +39,7 @@ from facesearch.nets.contract import identities_record, preprocessing_record
 from facesearch.nets.models import get_model, load_model, save_model
 from facesearch.retrieval.verdict import verdict
 
-log = logging.getLogger("facesearch.pretrained")
+log = logging.getLogger(__name__)
 
 # What each pretrained model is: its network settings, the crops it expects, where its weights
 # come from. The crop settings are the README's measured dlib configuration (celeba-dev: dlib's

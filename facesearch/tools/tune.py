@@ -30,7 +30,7 @@ import yaml
 
 from facesearch.params import load_params
 
-log = logging.getLogger("facesearch.tune")
+log = logging.getLogger(__name__)
 
 SCORES = ("mAP", "rank1", "rank5")
 
