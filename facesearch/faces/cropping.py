@@ -25,7 +25,8 @@ from PIL import Image
 from facesearch.data import manifest as M
 from facesearch.data.celeba import Annotations, Entry, file_type_problem
 from facesearch.data.images import DecodedImage, ImageRejected, decode_image
-from facesearch.faces.config import FaceConfig, face_crop, find_faces
+from facesearch.faces.config import FaceConfig, find_faces
+from facesearch.faces.sheet import cut_face
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def _process(src, dst, cfg: FaceConfig, jpeg_quality: int, limits: CropLimits, r
         row[M.REASON] = detection.reason
         return row
     x, y, w, h = detection.chosen
-    crop = face_crop(image.rgb, detection.chosen, cfg)
+    crop = cut_face(image.rgb, detection.chosen, cfg)
     encoder = CROP_FORMATS[fmt][0]
     Image.fromarray(crop).save(dst, format=encoder, **({"quality": jpeg_quality} if encoder == "JPEG" else {}))
     row.update({M.STATUS: M.Status.KEPT.value, M.BBOX_X: x, M.BBOX_Y: y, M.BBOX_W: w, M.BBOX_H: h})

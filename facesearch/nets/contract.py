@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from facesearch.faces.config import FaceConfig
+from facesearch.faces.sheet import ChipSheet
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,13 @@ def crop_params(face: FaceConfig) -> dict:
     return out
 
 
-def preprocessing_record(face: FaceConfig, img_size: int) -> dict:
-    """The ``payload["preprocessing"]`` entry of a model trained on ``face`` crops at ``img_size``."""
+def preprocessing_record(face: FaceConfig | ChipSheet, img_size: int) -> dict:
+    """The ``payload["preprocessing"]`` entry of a model trained on ``face`` crops at ``img_size``.
+
+    A fused model's (:class:`facesearch.faces.sheet.ChipSheet`) lists its members' crop settings.
+    """
+    if isinstance(face, ChipSheet):
+        return {"sheet": [crop_params(m) for m in face.members], "img_size": int(img_size)}
     return {"crop": crop_params(face), "img_size": int(img_size)}
 
 
@@ -68,7 +74,7 @@ def identities_record(train: Iterable[int], val: Iterable[int], source: dict | N
     return out
 
 
-def model_preprocessing(payload: dict, fallback: FaceConfig | None = None) -> tuple[FaceConfig, int]:
+def model_preprocessing(payload: dict, fallback: FaceConfig | None = None) -> tuple[FaceConfig | ChipSheet, int]:
     """(crop settings, input side in px) a saved model expects.
 
     A model without the record (saved before it existed) gets ``fallback`` (or the
@@ -80,6 +86,8 @@ def model_preprocessing(payload: dict, fallback: FaceConfig | None = None) -> tu
         log.warning("model has no preprocessing record (saved by an older version): using %s crop settings",
                     "the given" if fallback is not None else "the default")  # fmt: skip
         return fallback or FaceConfig(), int(payload["config"]["img_size"])
+    if "sheet" in record:
+        return ChipSheet(tuple(FaceConfig.from_params(m) for m in record["sheet"])), int(record["img_size"])
     return FaceConfig.from_params(record["crop"]), int(record["img_size"])
 
 
@@ -111,6 +119,9 @@ def crop_settings(
         crop = load_params(params_file)["crop"]
     if crop is None:
         return {}, *model_preprocessing(payload)
+    if override and "sheet" in (payload.get("preprocessing") or {}):
+        raise ValueError("a fused model cuts each member network's chip with its own settings: other crop "
+                         "settings (--crop-params) cannot replace them")  # fmt: skip
     face = FaceConfig.from_params(crop)
     if override:
         return dict(crop), face, model_preprocessing(payload, fallback=face)[1]

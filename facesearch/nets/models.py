@@ -1,4 +1,4 @@
-"""Embedding networks: torchvision backbones with the report's 128-d head, and dlib's face ResNet.
+"""Embedding networks: torchvision backbones with the report's 128-d head, and the face networks (dlib, SFace).
 
 ``get_model(name)`` is the one factory the training stage, the export and the
 app use; backbones are data (``params.yaml: train.<backbone>``), not code paths.
@@ -19,14 +19,15 @@ import errno
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facesearch.nets import dlib_resnet, mobilenet_v2, resnet50
+from facesearch.nets import dlib_resnet, fused, mobilenet_v2, resnet50, sface
 from facesearch.nets.backbone import Backbone
+from facesearch.nets.config import ModelConfig
 
 # ImageNet statistics the torchvision weights were trained with (RGB, 0..1 scale).
 
@@ -55,39 +56,12 @@ def failure_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model; saved inside every checkpoint.
-
-    The defaults are library defaults, the report's fine-tuning setting for the
-    torchvision backbones (ImageNet weights, last 10 layers, 218 px);
-    ``get_model`` replaces ``weights`` and ``img_size`` by the backbone's own
-    (:data:`BACKBONE_DEFAULTS`). The pipeline always passes every field from
-    ``params.yaml: train.<backbone>``, whose sample defaults differ on purpose
-    (random init, all layers, 64 px: a laptop CPU run).
-    """
-
-    backbone: str
-    weights: str = "imagenet"  # PRETRAINED[backbone] ("imagenet", or "dlib" for dlib_resnet) or "none"
-    embedding_dim: int = 128
-    normalize: bool = True  # L2-normalise the embedding
-    trainable_layers: int = 10  # see freeze_all_but_last; -1 = everything trainable
-    img_size: int = 218  # input side the model is trained and served at, px
-    # Test-time augmentation: a face's embedding is the (re-normalised) mean of the face's and
-    # its mirror image's (facesearch.inference.embed_array, the one function every path embeds
-    # with). Part of the model, not of a caller, so validation, its threshold, the embed stage,
-    # `evaluate`, the index and the app all embed the same way; False in files saved before it.
-    flip_tta: bool = False
-    # dlib-style jitter (dlib's num_jitters): also average this many slightly rotated, zoomed and
-    # shifted views (facesearch.transforms.jittered); each is one more forward pass. 0 in older files.
-    tta_jitters: int = 0
-
-
 # One file per backbone: build(pretrained, embedding_dim) -> Backbone (facesearch.nets.backbone).
 BACKBONES: dict[str, Callable[[bool, int], Backbone]] = {
     "resnet50": resnet50.build,
     "mobilenet_v2": mobilenet_v2.build,
     "dlib_resnet": dlib_resnet.build,
+    "sface": sface.build,
 }
 # Each backbone's own ModelConfig defaults, which get_model applies before the caller's
 # overrides: its pretrained weights and the input side those weights expect (dlib's
@@ -96,6 +70,8 @@ BACKBONE_DEFAULTS: dict[str, dict] = {
     "resnet50": {"weights": "imagenet", "img_size": 218},
     "mobilenet_v2": {"weights": "imagenet", "img_size": 218},
     "dlib_resnet": {"weights": "dlib", "img_size": 150},
+    # OpenCV Zoo's SFace (facesearch.nets.sface), on its 112 px ArcFace-template chips.
+    "sface": {"weights": "opencv_zoo", "img_size": 112},
 }
 # The `weights` value that means "pretrained" for each backbone.
 PRETRAINED = {name: d["weights"] for name, d in BACKBONE_DEFAULTS.items()}
@@ -172,7 +148,7 @@ def freeze_all_but_last(model: nn.Module, n: int) -> int:
 
 
 def get_model(name: str, **overrides) -> EmbeddingNet:
-    """Build the embedding network ``name`` (``resnet50``, ``mobilenet_v2``, ``dlib_resnet``).
+    """Build the embedding network ``name`` (``resnet50``, ``mobilenet_v2``, ``dlib_resnet``, ``sface``).
 
     ``overrides`` are :class:`ModelConfig` fields (weights, embedding_dim,
     normalize, trainable_layers, img_size); those not given come from
@@ -238,7 +214,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         if not isinstance(payload, dict):  # a bare tensor would answer payload["config"] with an IndexError
             raise TypeError(f"it holds a {type(payload).__name__}, not a saved model's dict")
         config = ModelConfig(**payload["config"])
-        model = _build(config, pretrained=False)  # weights come from the file
+        if config.backbone == fused.FUSED:  # several member networks behind one chip sheet
+            model = fused.rebuild(payload, lambda member: _build(ModelConfig(**member), pretrained=False))
+        else:
+            model = _build(config, pretrained=False)  # weights come from the file
         model.load_state_dict(payload["state_dict"])
     except FileNotFoundError:
         raise

@@ -29,6 +29,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from facesearch.data import manifest as M
 from facesearch.data.layouts import AUTO, LABELLED_LAYOUTS, read_dataset, source_description
 from facesearch.faces.cropping import image_guards
@@ -47,14 +49,17 @@ DEFAULTS = {"fpir": 0.01, "far": 0.001, "fars": [0.01, 0.001], "impostor_pairs":
 SIZES = (10, 100, 1_000, 10_000, 100_000, 1_000_000)  # gallery sizes the summary shows thresholds for
 
 
-def split_identities(split: str) -> set[int]:
-    """The train and validation identities of a pipeline split folder (never its test ones)."""
+def split_identities(split: str, parts: tuple[str, ...] = ("train", "val")) -> set[int]:
+    """The identities of ``parts`` (train, val) of a pipeline split folder (never its test ones)."""
     import pandas as pd
 
+    if not set(parts) <= {"train", "val"}:
+        raise ValueError(f"split parts are train and val, never the test people: {parts}")
     folder = Path(split)
-    tables = [folder / f"{name}.parquet" for name in ("train", "val")]
+    tables = [folder / f"{name}.parquet" for name in parts]
     if not all(t.is_file() for t in tables):
-        raise CalibrationError(f"--split {split} holds no train.parquet and val.parquet (a split stage output)")
+        names = " and ".join(f"{p}.parquet" for p in parts)
+        raise CalibrationError(f"--split {split} holds no {names} (a split stage output)")
     return {int(i) for t in tables for i in pd.read_parquet(t, columns=[M.IDENTITY])[M.IDENTITY].dropna()}
 
 
@@ -76,6 +81,57 @@ def settings(params_file: str | None, fpir: float | None, far: float | None) -> 
     return out
 
 
+def folder_embeddings(
+    model, payload: dict, data: str, *, layout: str = AUTO, trained_elsewhere: bool = False,
+    crop_params: str | None = None, n_jobs: int = -1, device=None, split: str | None = None,
+    parts: tuple[str, ...] = ("train", "val"), purpose: str = "calibrate",
+) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+    """(embeddings, identity labels, what they are) of every usable photo of ``data``'s unseen people.
+
+    Each photo is cut with the model's own preprocessing (or ``crop_params``) and embedded with its
+    test-time augmentation (:mod:`facesearch.tools.labelled`). ``split``: a split folder of the
+    pipeline run on ``data``: only its identities of ``parts`` are used (never its test people).
+    ``purpose``: the command asking (``calibrate``, ``fuse``), in the record and the progress bar.
+    """
+    dev = device if device is not None else resolve_device("auto")
+    crop_block, face, size = crop_settings(payload, crop_params, override=crop_params is not None)
+    dataset = read_dataset(data, layout)
+    unseen = unseen_entries(payload, dataset, data, trained_elsewhere)
+    entries = unseen.entries
+    if split is not None:
+        allowed = split_identities(split, parts)
+        ids = dataset.annotations.identities
+        entries = [e for e in entries if ids[e.name] in allowed]
+        log.info("--split %s: %d photos of its %s identities (its test people are left out)",
+                 split, len(entries), " and ".join(parts))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix=f"facesearch-{purpose}-") as tmp:
+        table = crop_entries(entries, dataset, face, image_guards(crop_block), Path(tmp), n_jobs)
+        # Every kept photo counts: a person with one photo is still a stranger to everyone else.
+        images = eligible_images(table, 1)
+        if images[M.IDENTITY].nunique() < 2:
+            raise CalibrationError(f"{data} has {images[M.IDENTITY].nunique()} unseen people with a usable face; "
+                                   f"{purpose} needs at least two (better: dozens)")  # fmt: skip
+        emb = embed_crops(model.to(dev), images[M.CROP_PATH], Path(tmp), purpose, size, dev, n_jobs)
+    labels = images[M.IDENTITY].to_numpy()
+    record = {"description": source_description(unseen.source, int(images[M.IDENTITY].nunique()), len(images)),
+              "synthetic": bool(unseen.source.get("synthetic")),
+              "identities": f"{purpose} --data" + (f" --split ({' and '.join(parts)} identities)" if split else ""),
+              "seen_rule": unseen.seen.rule}  # fmt: skip
+    return emb, labels, record
+
+
+def verdict_record(emb: np.ndarray, labels: np.ndarray, cfg: dict, data_record: dict, data: str) -> dict:
+    """The ``payload["threshold"]`` record fitted on these embeddings (:func:`V.calibrate`)."""
+    try:
+        record = V.calibrate(emb, labels, cfg["far"], cfg["fars"], cfg["impostor_pairs"], cfg["seed"], cfg["fpir"],
+                             data_record)  # fmt: skip
+    except ValueError as exc:  # too few stranger comparisons for a tail
+        raise CalibrationError(f"{data}: {exc}") from None
+    if record is None:
+        raise CalibrationError(f"{data} gives no pair of different people to calibrate on")
+    return record
+
+
 def calibrate_on_folder(
     model_path: str, data: str, out: str | None = None, fpir: float | None = None, far: float | None = None,
     params_file: str | None = "params.yaml", layout: str = AUTO, trained_elsewhere: bool = False,
@@ -90,36 +146,10 @@ def calibrate_on_folder(
     cfg = settings(params_file, fpir, far)
     dev = resolve_device(device)
     model, payload = load_model(model_path, map_location=dev)
-    crop_block, face, size = crop_settings(payload, crop_params, override=crop_params is not None)
-    dataset = read_dataset(data, layout)
-    unseen = unseen_entries(payload, dataset, data, trained_elsewhere)
-    entries = unseen.entries
-    if split is not None:
-        allowed = split_identities(split)
-        ids = dataset.annotations.identities
-        entries = [e for e in entries if ids[e.name] in allowed]
-        log.info("--split %s: %d photos of its train and validation identities (its test people are left out)",
-                 split, len(entries))  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="facesearch-calibrate-") as tmp:
-        table = crop_entries(entries, dataset, face, image_guards(crop_block), Path(tmp), n_jobs)
-        # Every kept photo counts: a person with one photo is still a stranger to everyone else.
-        images = eligible_images(table, 1)
-        if images[M.IDENTITY].nunique() < 2:
-            raise CalibrationError(f"{data} has {images[M.IDENTITY].nunique()} unseen people with a usable face; "
-                                   "calibration needs at least two (better: dozens)")  # fmt: skip
-        emb = embed_crops(model.to(dev), images[M.CROP_PATH], Path(tmp), "calibration", size, dev, n_jobs)
-    labels = images[M.IDENTITY].to_numpy()
-    data_record = {"description": source_description(unseen.source, int(images[M.IDENTITY].nunique()), len(images)),
-                   "synthetic": bool(unseen.source.get("synthetic")),
-                   "identities": "calibrate --data" + (" --split (train and validation identities)" if split else ""),
-                   "seen_rule": unseen.seen.rule}  # fmt: skip
-    try:
-        record = V.calibrate(emb, labels, cfg["far"], cfg["fars"], cfg["impostor_pairs"], cfg["seed"], cfg["fpir"],
-                             data_record)  # fmt: skip
-    except ValueError as exc:  # too few stranger comparisons for a tail
-        raise CalibrationError(f"{data}: {exc}") from None
-    if record is None:
-        raise CalibrationError(f"{data} gives no pair of different people to calibrate on")
+    emb, labels, data_record = folder_embeddings(model, payload, data, layout=layout,
+                                                 trained_elsewhere=trained_elsewhere, crop_params=crop_params,
+                                                 n_jobs=n_jobs, device=dev, split=split)  # fmt: skip
+    record = verdict_record(emb, labels, cfg, data_record, data)
     extra = {k: v for k, v in payload.items() if k not in ("config", "state_dict")}
     extra["threshold"] = record
     save_model(out or model_path, model.cpu(), extra=extra)

