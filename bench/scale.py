@@ -133,9 +133,10 @@ def set_dotted(d: dict, key: str, value) -> None:
     set_dotted(d.setdefault(head, {}), rest, value)
 
 
-def get_dotted(d: dict, key: str):
-    for part in key.split("."):
-        d = d[part]
+def get_dotted(d, key: str):
+    """``d``'s value at a dvc.yaml path: ``a.b``, with list indexes as ``a.0`` or ``a[0]``."""
+    for part in re.sub(r"\[(\d+)\]", r".\1", key).split("."):
+        d = d[int(part)] if isinstance(d, list) else d[part]
     return d
 
 
@@ -152,14 +153,17 @@ _VAR = re.compile(r"\$\{([^}]+)\}")
 
 
 def interpolate(text: str, params: dict, item: dict | None = None):
-    """dvc.yaml's ``${key}`` templating: ``${item.x}`` from the matrix, the rest from params.
+    """dvc.yaml's ``${key}`` templating: ``${item.x}`` from the matrix or foreach, ``${key}`` a foreach
+    dict's key (``item["key"]`` here), the rest from params.
 
     A string that is one ``${...}`` alone gives the value itself (a list, for ``matrix``).
     """
 
     def value(key: str):
+        if key == "key" and item is not None and "key" in item:
+            return item["key"]
         if key.startswith("item."):
-            return (item or {})[key[5:]]
+            return get_dotted((item or {}).get("item", item or {}), key[5:])
         return get_dotted(params, key)
 
     whole = _VAR.fullmatch(text.strip())
@@ -169,10 +173,19 @@ def interpolate(text: str, params: dict, item: dict | None = None):
 
 
 def pipeline_stages(dvc: dict, params: dict, python: str = sys.executable) -> list[Stage]:
-    """dvc.yaml's stages in file order, matrix stages expanded, commands filled in."""
+    """dvc.yaml's stages in file order, matrix and foreach stages expanded, commands filled in."""
     out = []
     for name, spec in dvc["stages"].items():
         matrix = spec.get("matrix")
+        if "foreach" in spec:
+            over = interpolate(spec["foreach"], params) if isinstance(spec["foreach"], str) else spec["foreach"]
+            pairs = over.items() if isinstance(over, dict) else ((v, v) for v in over)
+            for key, value in pairs:
+                cmd = shlex.split(interpolate(spec["do"]["cmd"], params, {"key": key, "item": value}))
+                if cmd and cmd[0] == "python":
+                    cmd[0] = python
+                out.append(Stage(f"{name}@{key}", cmd))
+            continue
         if matrix:
             keys = list(matrix)
             values = [interpolate(v, params) if isinstance(v, str) else v for v in matrix.values()]

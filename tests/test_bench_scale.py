@@ -39,7 +39,10 @@ def test_stages_are_dvc_yamls_with_the_matrix_expanded_and_params_filled_in(repo
     names = [s.name for s in stages]
     expected = []
     for name, spec in dvc["stages"].items():
-        expected += [f"{name}@{b}" for b in params["backbones"]] if "matrix" in spec else [name]
+        if "foreach" in spec:  # ${fusions}: one stage per key
+            expected += [f"{name}@{key}" for key in params[spec["foreach"][2:-1]]]
+        else:
+            expected += [f"{name}@{b}" for b in params["backbones"]] if "matrix" in spec else [name]
     assert names == expected
     for s in stages:
         assert s.cmd[0] == sys.executable and not any("${" in part for part in s.cmd), s.cmd

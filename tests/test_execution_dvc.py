@@ -23,7 +23,7 @@ def test_execution_knobs_rerun_nothing(repo_root, tmp_path):
     dvc(repo, "repro", "crop")
     assert "crop" not in dvc(repo, "status", "crop")
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    assert not any("execution" in str(s.get("params", [])) for s in stages.values())
+    assert not any("execution" in str(s.get("do", s).get("params", [])) for s in stages.values())
     set_params(repo, execution__n_jobs=2, execution__backend="threading")
     assert "crop" not in dvc(repo, "status", "crop")  # nothing to re-run
     set_params(repo, execution__backend="dask", execution__address="tcp://10.0.0.5:8786")

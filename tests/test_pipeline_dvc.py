@@ -29,7 +29,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def test_dvc_reruns_exactly_what_changed(repo_root, tmp_path):
     repo = tiny_repo_copy(repo_root, tmp_path / "repo")
+    # The fused model of the two (params.yaml: fusions) follows either member.
+    fused = {"fuse@resnet50_mobilenet_v2", "evaluate_fused@resnet50_mobilenet_v2"}
     per_backbone = {f"{stage}@{b}" for stage in ("train", "embed", "evaluate") for b in ("resnet50", "mobilenet_v2")}
+    per_backbone |= fused
 
     assert repro(repo) == {"sample", "crop", "split", "pack"} | per_backbone
     assert repro(repo) == set()  # nothing changed, nothing runs
@@ -49,15 +52,16 @@ def test_dvc_reruns_exactly_what_changed(repo_root, tmp_path):
     assert repro(repo) == {"split", "pack"} | per_backbone
     set_param(repo, "train.resnet50.lr", 0.01)
     # The other backbone's branch is untouched.
-    assert repro(repo) == {"train@resnet50", "embed@resnet50", "evaluate@resnet50"}
+    assert repro(repo) == {"train@resnet50", "embed@resnet50", "evaluate@resnet50"} | fused
     set_param(repo, "evaluate.backend", "ckdtree")
-    assert repro(repo) == {"evaluate@resnet50", "evaluate@mobilenet_v2"}
+    assert repro(repo) == {"evaluate@resnet50", "evaluate@mobilenet_v2", "evaluate_fused@resnet50_mobilenet_v2"}
     set_param(repo, "sample.seed", 1)
     assert repro(repo) == {"sample", "crop", "split", "pack"} | per_backbone
     # `dvc metrics show` prints the headlines: one narrow row per stage file, backbone and state,
     # short enough for a terminal (every key of every file once made ~190 columns).
     table = dvc(repo, "metrics", "show").splitlines()
-    states = {f"metrics/{s}/{b}.json" for s in ("before", "after") for b in ("resnet50", "mobilenet_v2")}
+    states = {f"metrics/{s}/{b}.json" for s in ("before", "after")
+              for b in ("resnet50", "mobilenet_v2", "resnet50_mobilenet_v2")}  # fmt: skip
     assert {line.split()[0] for line in table[1:]} == {"metrics/crop.json", "metrics/split.json"} | states
     # Every headline key but those null here (DVC shows no column of nulls): a 1% FPIR needs 100
     # stranger searches, and this tiny run has a few.
