@@ -197,7 +197,6 @@ def fake_manifest(counts: dict[int, int], partitions: dict[int, int] | None = No
                 M.IMAGE_PATH: f"img_celeba/{name}", M.FILE_NAME: name, M.IDENTITY: ident,
                 M.PARTITION: (partitions or {}).get(ident), M.STATUS: "kept", M.REASON: None,
                 M.SOURCE_MODE: "RGB", M.WIDTH: 100, M.HEIGHT: 100, M.N_FACES: 1, M.DETECTOR: "haar_frontal",
-                M.ALIGN: "none",
                 M.BBOX_X: 10, M.BBOX_Y: 10, M.BBOX_W: 50, M.BBOX_H: 50, M.CROP_PATH: f"crops/{name}",
                 M.SHA256: "0" * 64, **{a: None for a in ATTRIBUTE_NAMES},
             })  # fmt: skip

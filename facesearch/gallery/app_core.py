@@ -71,7 +71,7 @@ from facesearch.data.images import (
 )
 from facesearch.faces.config import FaceConfig
 from facesearch.faces.cropping import read_photo
-from facesearch.faces.detection import Box, Detection, crop_square
+from facesearch.faces.detection import Box, Detection, Landmarks, crop_square
 from facesearch.faces.haar import has_eye
 from facesearch.gallery import embedder as XE
 from facesearch.gallery import photos
@@ -230,10 +230,13 @@ def find_faces(image: DecodedImage, settings: FaceConfig) -> Detection:
         return photos.detect(image.rgb, settings)
 
 
-def crop_face(image: DecodedImage, box: Box | None, settings: FaceConfig) -> np.ndarray:
-    """The crop the pipeline would make of ``box``; ``None``: the whole image, squared."""
+def crop_face(
+    image: DecodedImage, box: Box | None, settings: FaceConfig, points: Landmarks | None = None
+) -> np.ndarray:
+    """The crop the pipeline would make of ``box`` (``points``: its landmarks, where the detector gives them);
+    ``None``: the whole image, squared."""
     with failures_as("Cutting the face out of this photo failed; please try another photo."):
-        return photos.crop(image.rgb, box, settings)
+        return photos.crop(image.rgb, box, settings, points)
 
 
 # --- which face of the photo -------------------------------------------------------------
