@@ -1,6 +1,6 @@
 """Stage ``train@<backbone>``: fine-tune one backbone into a face embedding.
 
-    python -m stages.train --backbone mobilenet_v2 --split data/split --arrays data/arrays \
+    python -m stages.train --backbone mobilenet_v2 --split data/split --arrays data/arrays/mobilenet_v2 \
         --out models/mobilenet_v2.pt --checkpoint models/checkpoints/mobilenet_v2.ckpt \
         --live metrics/train/mobilenet_v2
 
