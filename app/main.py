@@ -184,7 +184,9 @@ def pick_face(image, detection) -> tuple[bool, tuple | None]:
     return True, faces[pick].box
 
 
-def show_results(face: np.ndarray, answer: core.Answer, labels: dict[str, bool] | None, token: str) -> None:
+def show_results(
+    face: np.ndarray, answer: core.Answer, labels: dict[str, bool] | None, token: str, marked: np.ndarray | None = None
+) -> None:
     best, cut = pair(answer.results[0].similarity if answer.results else float("nan"), answer.threshold)
     if answer.match:
         st.success(f"Same person found: {answer.who}. The best similarity {best} reaches the threshold {cut}.")
@@ -193,6 +195,8 @@ def show_results(face: np.ndarray, answer: core.Answer, labels: dict[str, bool] 
                    "The faces below are the most similar ones, not the same person.")  # fmt: skip
     left, right = st.columns([1, 3])
     left.image(face, caption="Query face", width=200)
+    if marked is not None:  # the detector's 5 landmarks (YuNet), which an ArcFace-aligned chip is cut from
+        left.image(marked, caption="Its landmarks: eyes, nose tip, mouth corners", width=120)
     if labels is not None and any(r.attributes for r in answer.results):
         left.caption("This photo is in the pipeline's data: attributes marked ✓ are the ones a result shares "
                      "with its labels.")  # fmt: skip
@@ -255,10 +259,12 @@ def page() -> None:
     go, box = pick_face(image, detection)
     if not go:
         return
-    face = core.crop_face(image, box, gallery.settings)
+    points = detection.landmarks_of(box)  # None for detectors without landmarks, or the whole image
+    face = core.crop_face(image, box, gallery.settings, points)
     answer = core.search(gallery, face)
     token = hashlib.sha256(data).hexdigest()[:16] + str(box)
-    show_results(face, answer, core.query_labels(ROOT, data), token)
+    marked = None if points is None else core.landmarks_view(image, box, points)
+    show_results(face, answer, core.query_labels(ROOT, data), token, marked)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Stage ``crop``: detect and crop one face per photo, and write the manifest.
+"""Stage ``crop``: detect one face per photo, record it, crop it for people to see, and write the manifest.
 
     python -m stages.crop --data data/sample --crops data/crops \
         --manifest data/manifest.parquet --metrics metrics/crop.json --details metrics/details/crop.json \
@@ -7,8 +7,12 @@
 Reads ``params.yaml: data.root`` (passed as ``--data``), ``data.layout`` (CelebA or
 one folder per person, or ``auto``: see facesearch.data.layouts) and ``crop``. Every
 entry of the image folder (under the folder layout: every entry under the root)
-gets one manifest row: kept with its crop, or rejected with a reason
-(non-regular files, hidden files and bad names included, never opened).
+gets one manifest row: kept with its face's box (and, from a detector that locates them,
+its 5 landmarks and score) and a square crop of it, or rejected with a reason
+(non-regular files, hidden files and bad names included, never opened). The detection is
+the one every backbone's input is cut from (``stages/chips.py``, each backbone its own way:
+``chips.<backbone>``); the crops in ``--crops`` (``crop.size``, ``crop.margin``) are for
+people: the contact sheet and the app's result pictures.
 Photos are processed in parallel with joblib (``execution.n_jobs`` workers on
 the ``execution.backend`` backend, on the cluster at ``execution.address`` for
 dask/ray: how the stage runs, not what it produces, so no stage lists them in
@@ -44,7 +48,7 @@ from facesearch.data import manifest as M
 from facesearch.data.celeba import ATTRIBUTE_NAMES, Annotations, Entry
 from facesearch.data.images import decode_image
 from facesearch.data.layouts import Dataset, dataset_source, read_dataset
-from facesearch.faces.config import FaceConfig
+from facesearch.faces.config import display_config
 from facesearch.faces.cropping import CropLimits, check_format, crop_names, pre_reason, process_image, read_photo
 from facesearch.io import atomic_dir, atomic_path, write_json_atomic, write_parquet_atomic
 from facesearch.params import load_params
@@ -248,7 +252,7 @@ def load_crop_params(path: str) -> dict:
     if moved:
         raise ValueError(f"params.yaml crop.{moved[0]} is gone: n_jobs and backend live under execution: "
                          "(they do not change the outputs), and the contact sheet uses a fixed seed")  # fmt: skip
-    p["face"] = FaceConfig.from_params(p)
+    p["face"] = display_config(p)
     p["limits"] = CropLimits.from_params(p)
     check_format(p["format"])
     return p

@@ -1,6 +1,6 @@
 """Stage ``embed@<backbone>``: query, gallery and validation embeddings, before and after fine-tuning.
 
-    python -m stages.embed --model models/resnet50.pt --split data/split --arrays data/arrays \
+    python -m stages.embed --model models/resnet50.pt --split data/split --arrays data/arrays/resnet50 \
         --out data/embeddings/resnet50
 
 Writes ``{before,after}_{query,gallery,val}.npy`` (float32, one row per row of

@@ -1,7 +1,8 @@
 """Stage ``evaluate@<backbone>``: retrieval and verification metrics before and after fine-tuning.
 
     python -m stages.evaluate --backbone resnet50 --embeddings data/embeddings/resnet50 --split data/split \
-        --arrays data/arrays --details metrics/details/resnet50.json --metrics-before metrics/before/resnet50.json \
+        --arrays data/arrays/resnet50 --details metrics/details/resnet50.json \
+        --metrics-before metrics/before/resnet50.json \
         --metrics-after metrics/after/resnet50.json --cmc metrics/cmc/resnet50.csv \
         --roc metrics/roc/resnet50.csv --det metrics/det/resnet50.csv --figure reports/retrieval_resnet50.png \
         --timing reports/timing/resnet50.json --rerank data/rerank/resnet50

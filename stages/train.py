@@ -1,6 +1,6 @@
 """Stage ``train@<backbone>``: fine-tune one backbone into a face embedding.
 
-    python -m stages.train --backbone mobilenet_v2 --split data/split --arrays data/arrays \
+    python -m stages.train --backbone mobilenet_v2 --split data/split --arrays data/arrays/mobilenet_v2 \
         --out models/mobilenet_v2.pt --checkpoint models/checkpoints/mobilenet_v2.ckpt \
         --live metrics/train/mobilenet_v2
 
@@ -59,8 +59,8 @@ from tqdm import tqdm
 
 from facesearch.data import manifest as M
 from facesearch.data.layouts import source_description
-from facesearch.data.packing import load_array
-from facesearch.faces.config import FaceConfig
+from facesearch.data.packing import load_array, read_info
+from facesearch.faces.config import FaceConfig, chip_config, chip_record
 from facesearch.nets.augment import AugmentConfig, augment
 from facesearch.nets.contract import crop_params, identities_record, model_preprocessing, preprocessing_record
 from facesearch.nets.inference import embed_array
@@ -187,15 +187,14 @@ class TrainConfig:
         return cfg
 
 
-def check_crops(table: pd.DataFrame, face: FaceConfig) -> None:
-    """The packed crops must be those ``params.yaml: crop`` describes, or the model file would lie.
-
-    Their size is checked by ``load_array(crop_side=...)``: the arrays are packed at the input side.
-    """
-    aligns = set(table[M.ALIGN].dropna())
-    if aligns - {face.alignment}:
-        raise SystemExit(f"train: crops were cut with align {sorted(aligns)} but crop settings say "
-                         f"{face.alignment!r}: re-run crop and pack (dvc repro)")  # fmt: skip
+def check_crops(arrays: Path, face: FaceConfig) -> None:
+    """The packed chips must be those ``params.yaml: crop`` + ``chips.<backbone>`` describe, or the model file
+    would lie. Their size is checked by ``load_array(crop_side=...)``; the rest by the cut the chips stage recorded."""
+    for name in ("train", "val"):
+        recorded = read_info(arrays / f"{name}.npy").get("face")
+        if recorded is not None and recorded != chip_record(face):
+            raise SystemExit(f"train: {arrays / name}.npy was cut otherwise than params.yaml's crop and "
+                             "chips blocks say: re-run the chips stage (dvc repro)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -338,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg = TrainConfig.from_params(params["train"][args.backbone])
-    face = FaceConfig.from_params(params["crop"])
+    try:
+        face = chip_config(params, args.backbone)  # crop's detection + chips.<backbone>'s cut: the model's input
+    except ValueError as exc:
+        raise SystemExit(f"train: {exc}") from None
     verification = params["verification"]
     set_deterministic(cfg.cpu_threads)
     ctx = Dist.from_env()
@@ -370,12 +372,12 @@ def train(
     min_side = max(cfg.img_size, teacher.img_size if teacher else 0)
     train_img = load_array(arrays / "train.npy", len(train_df), crop_side=face.size, min_side=min_side)
     val_img = load_array(arrays / "val.npy", len(val_df), crop_side=face.size, min_side=min_side)
-    check_crops(train_df, face)
+    check_crops(arrays, face)
     labels = train_df[M.IDENTITY].to_numpy(dtype=np.int64)
-    aligned = train_df[M.ALIGN].str.startswith("landmarks").all()
-    if args.backbone == "dlib_resnet" and cfg.weights != "none" and not aligned:
+    if args.backbone == "dlib_resnet" and cfg.weights != "none" and face.align != "landmarks":
         # It runs, but dlib's network was trained on aligned chips: square crops cost it accuracy.
-        log.warning("dlib_resnet on unaligned crops: set crop.detector dlib_hog, crop.align landmarks, crop.size 150")
+        log.warning("dlib_resnet on unaligned chips: set chips.dlib_resnet align landmarks, landmarks 68, size 150 "
+                    "(and crop.detector dlib_hog)")  # fmt: skip
     triplet_mode = cfg.loss == "triplet"
     if triplet_mode:
         trip = pd.read_parquet(split / "triplets.parquet")

@@ -197,7 +197,6 @@ def fake_manifest(counts: dict[int, int], partitions: dict[int, int] | None = No
                 M.IMAGE_PATH: f"img_celeba/{name}", M.FILE_NAME: name, M.IDENTITY: ident,
                 M.PARTITION: (partitions or {}).get(ident), M.STATUS: "kept", M.REASON: None,
                 M.SOURCE_MODE: "RGB", M.WIDTH: 100, M.HEIGHT: 100, M.N_FACES: 1, M.DETECTOR: "haar_frontal",
-                M.ALIGN: "none",
                 M.BBOX_X: 10, M.BBOX_Y: 10, M.BBOX_W: 50, M.BBOX_H: 50, M.CROP_PATH: f"crops/{name}",
                 M.SHA256: "0" * 64, **{a: None for a in ATTRIBUTE_NAMES},
             })  # fmt: skip
@@ -214,25 +213,27 @@ TINY = {
     "p_identities": 3, "k_images": 2, "batch_triplets": 4, "epochs": 2, "steps_per_epoch": 2, "warmup_steps": 1,
     "eval_batch": 16,
 }  # fmt: skip
-# The crop settings of ``prepared``: train checks its crops against them and records them in the model.
-TINY_CROP = {"crop.size": 40}
+# The face settings of ``prepared``: 40 px square chips for both torchvision backbones (so either trains
+# on its arrays, cut as chips.mobilenet_v2 says); train checks them and records them in the model.
+TINY_CROP = {"crop.size": 40, "chips.resnet50.size": 40, "chips.mobilenet_v2.size": 40}
 
 
 @pytest.fixture(scope="module")
 def prepared(sample_factory, tmp_path_factory) -> Path:
-    """A working directory with crops, split and packed arrays of a tiny sample."""
+    """A working directory with crops, split and chip arrays of a tiny sample (``data/arrays``: mobilenet_v2's
+    chips, which are resnet50's too under TINY_CROP)."""
     work = tmp_path_factory.mktemp("train")
     data = sample_factory(identities=8, images_per_identity=5, seed=4)
     run_crop(work, data, TINY_CROP)
     write_params(work / "params.yaml", TINY_CROP | {"split.val_fraction": 0.25, "split.test_fraction": 0.5})
-    from stages import pack, split
+    from stages import chips, split
 
     cwd = os.getcwd()
     os.chdir(work)
     try:
         split.main(["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json",
                     "--details", "md.json"])  # fmt: skip
-        pack.main(["--split", "data/split", "--out", "data/arrays"])
+        chips.main(["--backbone", "mobilenet_v2", "--data", str(data), "--split", "data/split", "--out", "data/arrays"])
     finally:
         os.chdir(cwd)
     return work

@@ -28,7 +28,22 @@ FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 MODULE_PATH = re.compile(r"facesearch[./]\w|tests/")
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?![\w])")
 # What the split changed on purpose: old statement -> the one that replaces it.
-RENAMED = {"python -m facesearch results --readme README.md": "python -m facesearch results --readme docs/results.md"}
+RENAMED = {
+    "python -m facesearch results --readme README.md": "python -m facesearch results --readme docs/results.md",
+    # Issue 28: the crop stage detects once per photo; each backbone's chip is cut by its own chips stage
+    # (stages/chips.py, params.yaml: chips.<backbone>), which replaced pack.
+    "Detector and alignment": "Detection, then each backbone's chip",
+    "crop.*": "chips.<backbone>",
+    "crop.align: none": "align: none",
+    "crop.landmarks: 5": "chips.dlib_resnet.landmarks: 5",
+    "landmarks_5": "align: landmarks",
+    "landmarks_68": "align: landmarks",
+    "data/arrays/{train,val,query,gallery}.npy": "data/arrays/<backbone>/{train,val,query,gallery}.npy",
+    "stages/pack.py": "stages/chips.py",
+    "dvc exp run -S 'backbones=[resnet50,mobilenet_v2,dlib_resnet]' -S crop.detector=dlib_hog -S crop.align=landmarks "
+    "-S crop.landmarks=68 -S crop.size=150": "dvc exp run -S 'backbones=[resnet50,mobilenet_v2,dlib_resnet]' -S "
+    "crop.detector=dlib_hog",
+}
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 import yaml
 
+from facesearch.faces.config import DETECTION_KEYS
 from facesearch.provenance import module_closure
 
 
@@ -27,18 +28,22 @@ def test_stage_deps_match_imports(repo_root):
         assert listed == set(module_closure(scripts[0], repo_root)) - {scripts[0]}, name
 
 
-def test_pack_lists_the_img_size_of_every_train_block(repo_root):
-    # pack stores at max(train.<b>.img_size for b in backbones): listing every block's img_size
-    # (not only the listed ones) means a change to backbones needs no dvc.yaml edit to stay exact.
-    pack = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["pack"]
-    train = yaml.safe_load((repo_root / "params.yaml").read_text())["train"]
-    assert set(pack["params"]) == {"backbones"} | {f"train.{b}.img_size" for b in train}
-
-
-def test_only_pack_hashes_the_crop_folder(repo_root):
-    # ~200k files at CelebA: every stage depending on the folder costs each `dvc status` a full walk.
+def test_each_backbone_branch_lists_its_own_params(repo_root):
+    # chips@<b> and train@<b> read their own blocks and the detection they cut from, never another
+    # backbone's: adding or changing one backbone re-runs no other branch.
     stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
-    assert {name for name, stage in stages.items() if "data/crops" in stage.get("do", stage)["deps"]} == {"pack"}
+    detection = {f"crop.{k}" for k in DETECTION_KEYS}
+    assert set(stages["chips"]["params"]) == {"chips.${item.backbone}", "train.${item.backbone}.img_size"} | detection
+    assert set(stages["train"]["params"]) >= {"chips.${item.backbone}", "train.${item.backbone}"} | detection
+    assert not [p for p in stages["train"]["params"] if p in ("crop", "crop.size", "crop.margin", "chips")]
+
+
+def test_no_stage_after_crop_hashes_a_photo_or_crop_folder(repo_root):
+    # ~200k files at CelebA: every stage depending on a folder of them costs each `dvc status` a full walk.
+    # The chips stage reads the photos, checked against the manifest's hashes, which the split carries.
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    folders = {"data/crops", "${data.root}"}
+    assert {name for name, stage in stages.items() if folders & set(stage.get("do", stage)["deps"])} == {"crop"}
 
 
 @pytest.mark.parametrize("folder, x", [("metrics/cmc", "rank"), ("metrics/roc", "far"), ("metrics/det", "fpir")])

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 # The tests that read what a run commits (the results page's table and `dvc metrics show` block
 # against the committed metrics): the ones a `dvc repro` before them could break.
 RUN_READERS = ["tests/test_readme.py"]
-STAGES = {"sample", "crop", "split", "pack"} | {f"{s}@{b}" for s in ("train", "embed", "evaluate")
-                                                 for b in ("resnet50", "mobilenet_v2")}  # fmt: skip
+STAGES = {"sample", "crop", "split"} | {f"{s}@{b}" for s in ("chips", "train", "embed", "evaluate")
+                                        for b in ("resnet50", "mobilenet_v2")}  # fmt: skip
 
 
 def run_tests(repo: Path) -> str:

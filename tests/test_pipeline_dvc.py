@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,29 +35,48 @@ def test_dvc_reruns_exactly_what_changed(repo_root, tmp_path):
     per_backbone = {f"{stage}@{b}" for stage in ("train", "embed", "evaluate") for b in ("resnet50", "mobilenet_v2")}
     per_backbone |= fused
 
-    assert repro(repo) == {"sample", "crop", "split", "pack"} | per_backbone
+    chips = {f"chips@{b}" for b in ("resnet50", "mobilenet_v2")}
+    assert repro(repo) == {"sample", "crop", "split"} | chips | per_backbone
     assert repro(repo) == set()  # nothing changed, nothing runs
-    # Arrays at the largest listed img_size (32), not the crop size (48).
-    assert np.load(repo / "data/arrays/train.npy", mmap_mode="r").shape[1:] == (32, 32, 3)
-    # Other crop pixels, same manifest (its boxes are before the margin): split, which reads the
-    # manifest only, does not re-run; pack, which reads the pixels, does.
+    # Each backbone's chips at its own img_size (32), not the chip size.
+    assert np.load(repo / "data/arrays/resnet50/train.npy", mmap_mode="r").shape[1:] == (32, 32, 3)
+    # The display crop is no model's input: crop re-runs, the manifest (boxes) stays, nothing else runs.
     set_param(repo, "crop.margin", 0.3)
-    assert repro(repo) == {"crop", "pack"} | per_backbone
-    # The pack side follows the listed backbones' img_size; an unlisted block's changes nothing after pack.
+    assert repro(repo) == {"crop"}
+    # One backbone's cut re-runs its own branch only.
+    set_param(repo, "chips.mobilenet_v2.margin", 0.3)
+    assert repro(repo) == {"chips@mobilenet_v2", "train@mobilenet_v2", "embed@mobilenet_v2", "evaluate@mobilenet_v2"}
+    # An unlisted block changes nothing; a listed backbone's img_size re-runs its branch only.
     set_param(repo, "train.dlib_resnet.img_size", 40)
-    assert repro(repo) == {"pack"}
+    set_param(repo, "chips.dlib_resnet.size", 120)
+    assert repro(repo) == set()
     set_param(repo, "train.mobilenet_v2.img_size", 40)
-    assert repro(repo) == {"pack"} | per_backbone
-    assert np.load(repo / "data/arrays/train.npy", mmap_mode="r").shape[1:] == (40, 40, 3)
+    assert repro(repo) == {"chips@mobilenet_v2", "train@mobilenet_v2", "embed@mobilenet_v2", "evaluate@mobilenet_v2"}
+    assert np.load(repo / "data/arrays/mobilenet_v2/train.npy", mmap_mode="r").shape[1:] == (40, 40, 3)
+    assert np.load(repo / "data/arrays/resnet50/train.npy", mmap_mode="r").shape[1:] == (32, 32, 3)
+    # Adding a backbone with another preprocessing adds its branch and re-runs, removes nothing else.
+    before = {p: (repo / p).read_bytes() for p in ("models/resnet50.pt", "models/mobilenet_v2.pt")}
+    listed = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(listed)
+    params["backbones"].append("extra")
+    params["train"]["extra"] = {**params["train"]["mobilenet_v2"], "img_size": 24}
+    params["chips"]["extra"] = {"align": "none", "size": 24, "margin": 0.0}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = dvc(repo, "repro", "--dry")
+    assert set(re.findall(r"Running stage '([\w@.-]+)'", dry)) == {f"{s}@extra" for s in ("chips", "train", "embed",
+                                                                                           "evaluate")}  # fmt: skip
+    (repo / "params.yaml").write_text(listed)
+    assert "Data and pipelines are up to date" in dvc(repo, "status")
+    assert before == {p: (repo / p).read_bytes() for p in before}
     set_param(repo, "split.seed", 7)
-    assert repro(repo) == {"split", "pack"} | per_backbone
+    assert repro(repo) == {"split"} | chips | per_backbone
     set_param(repo, "train.resnet50.lr", 0.01)
     # The other backbone's branch is untouched.
     assert repro(repo) == {"train@resnet50", "embed@resnet50", "evaluate@resnet50"} | fused
     set_param(repo, "evaluate.backend", "ckdtree")
     assert repro(repo) == {"evaluate@resnet50", "evaluate@mobilenet_v2", "evaluate_fused@resnet50_mobilenet_v2"}
     set_param(repo, "sample.seed", 1)
-    assert repro(repo) == {"sample", "crop", "split", "pack"} | per_backbone
+    assert repro(repo) == {"sample", "crop", "split"} | chips | per_backbone
     # `dvc metrics show` prints the headlines: one narrow row per stage file, backbone and state,
     # short enough for a terminal (every key of every file once made ~190 columns).
     table = dvc(repo, "metrics", "show").splitlines()

@@ -28,8 +28,9 @@ def test_push_clone_pull_restores_everything(repo_root, tmp_path):
     assert not (clone / "models" / "resnet50.pt").exists()
     dvc(clone, "remote", "modify", "--local", "storage", "url", str(remote))
     dvc(clone, "pull")
-    # The packed arrays are cached and pushed, so the clone has them and nothing is stale.
-    assert (clone / "data" / "arrays" / "train.npy").is_file() and (clone / "data" / "arrays" / "train.json").is_file()
+    # Each backbone's chip arrays are cached and pushed, so the clone has them and nothing is stale.
+    arrays = clone / "data" / "arrays" / "resnet50"
+    assert (arrays / "train.npy").is_file() and (arrays / "train.json").is_file()
     assert "up to date" in dvc(clone, "status")
     assert repro(clone) == set()  # nothing re-runs after a pull
     # The app finds and loads what the pipeline built, from the pulled files alone.

@@ -72,12 +72,17 @@ SOURCE_MODE = "source_mode"  # PIL mode of the decoded file (RGB, L, CMYK, I;16,
 WIDTH = "width"  # decoded image size in pixels, after EXIF orientation
 HEIGHT = "height"
 N_FACES = "n_faces"  # detections in the final detection pass; null if never detected
-DETECTOR = "detector"  # which detector produced the kept box (haar_frontal, haar_profile, dlib_hog, ...)
-ALIGN = "align"  # how the crop was cut: none (square around the box), landmarks_5 or landmarks_68; null when rejected
-BBOX_X = "bbox_x"  # kept face box in source-image pixels (before margin)
+DETECTOR = "detector"  # which detector produced the kept box (haar_frontal, haar_profile, dlib_hog, yunet, ...)
+BBOX_X = "bbox_x"  # kept face box in source-image pixels (before margin; may reach past the photo's edge)
 BBOX_Y = "bbox_y"
 BBOX_W = "bbox_w"
 BBOX_H = "bbox_h"
+SCORE = "face_score"  # the kept face's detection score, 0..1 (yunet); null for detectors without one (haar, dlib_hog)
+# The kept face's 5 landmarks, in this order, as detectors that locate them give them (OpenCV's YuNet:
+# the person's right eye, on the image's left in a frontal photo, first). Each backbone's chip is cut
+# from the box and these (stages/chips.py); null for detectors without landmarks, and when rejected.
+LANDMARKS = ("right_eye", "left_eye", "nose_tip", "right_mouth", "left_mouth")
+LANDMARK_COLUMNS: tuple[str, ...] = tuple(f"{point}_{axis}" for point in LANDMARKS for axis in "xy")  # source pixels
 CROP_PATH = "crop_path"  # repo-relative path of the written crop; null when rejected
 SHA256 = "sha256"  # content hash of the input file bytes
 
@@ -94,11 +99,12 @@ MANIFEST_DTYPES: dict[str, str] = {
     HEIGHT: "Int32",
     N_FACES: "Int16",
     DETECTOR: "string",
-    ALIGN: "string",
     BBOX_X: "Int32",
     BBOX_Y: "Int32",
     BBOX_W: "Int32",
     BBOX_H: "Int32",
+    SCORE: "Float32",
+    **{name: "Float32" for name in LANDMARK_COLUMNS},
     CROP_PATH: "string",
     SHA256: "string",
     **{name: "boolean" for name in ATTRIBUTE_NAMES},
@@ -171,16 +177,15 @@ def validate_manifest(df: pd.DataFrame, base_dir: str | os.PathLike | None = Non
         raise SchemaError(f"manifest: status must be one of {[s.value for s in Status]}")
     kept = df[STATUS] == Status.KEPT
     rejected = ~kept
-    need_for_kept = [IDENTITY, CROP_PATH, DETECTOR, ALIGN, BBOX_X, BBOX_Y, BBOX_W, BBOX_H, WIDTH, HEIGHT]
+    need_for_kept = [IDENTITY, CROP_PATH, DETECTOR, BBOX_X, BBOX_Y, BBOX_W, BBOX_H, WIDTH, HEIGHT]
     for col in need_for_kept:
         if df.loc[kept, col].isna().any():
             raise SchemaError(f"manifest: kept rows must have {col}")
     if df.loc[kept, REASON].notna().any():
         raise SchemaError("manifest: kept rows must not have a reject reason")
-    if df.loc[kept, ALIGN].nunique() > 1:
-        raise SchemaError("manifest: kept crops were cut in different ways (align); re-run crop whole")
     if df.loc[rejected, CROP_PATH].notna().any():
         raise SchemaError("manifest: rejected rows must not have a crop")
+    _check_landmarks(df, kept)
     shared = df.loc[kept, CROP_PATH]
     if shared.duplicated().any():
         # Two photos written to one crop file: one overwrote the other, and if they are
@@ -201,6 +206,22 @@ def validate_manifest(df: pd.DataFrame, base_dir: str | os.PathLike | None = Non
         raise SchemaError("manifest: person and identity must match one to one")
     if base_dir is not None:
         _check_paths_exist(df.loc[kept, CROP_PATH], base_dir, "manifest")
+
+
+def _check_landmarks(df: pd.DataFrame, kept: pd.Series) -> None:
+    """A kept face has all 5 landmarks or none (its detector gives none); a rejected row has neither
+    landmarks nor a score; every kept face of one run has them or none does (one detector); scores in 0..1."""
+    present = df[list(LANDMARK_COLUMNS)].notna()
+    some, every = present.any(axis=1), present.all(axis=1)
+    if (some & ~every).any():
+        raise SchemaError("manifest: a face has some of its landmark columns but not all")
+    if (some | df[SCORE].notna())[~kept].any():
+        raise SchemaError("manifest: rejected rows must not have landmarks or a face score")
+    if every[kept].nunique() > 1:
+        raise SchemaError("manifest: some kept faces have landmarks and others not (two detectors); re-run crop whole")
+    scores = df[SCORE].dropna()
+    if ((scores < 0) | (scores > 1)).any():
+        raise SchemaError("manifest: face_score must be in 0..1")
 
 
 def validate_split(

@@ -1,7 +1,8 @@
 """Decode face crops once into a uint8 ``.npy`` array, in parallel, at the side it is used; read it back.
 
-The ``pack`` stage and ``python -m facesearch evaluate`` both go through
-:func:`pack_crops`. The array is written through a memory map by joblib
+``python -m facesearch evaluate`` and ``calibrate`` go through :func:`pack_crops`; the pipeline's
+``chips`` stage cuts its arrays from the photos (:mod:`facesearch.faces.chips`) at the same side with
+the same filter, and both are read back with :func:`load_array`. The array is written through a memory map by joblib
 workers, each filling its own rows, so memory stays at a chunk of images per
 worker whatever the number of crops, and the bytes are the same for any
 number of workers.
@@ -117,7 +118,7 @@ def read_info(array: str | os.PathLike) -> dict:
     """``{"rows", "crop_side", "side"}`` of a packed array; raises if it was not written by :func:`pack_crops`."""
     path = info_path(array)
     if not path.is_file():
-        raise ValueError(f"{array}: no {path.name} beside it (packed by an older version): re-run pack")
+        raise ValueError(f"{array}: no {path.name} beside it (packed by an older version): re-run the chips stage")
     return json.loads(path.read_text())
 
 
@@ -127,22 +128,23 @@ def load_array(
 ) -> np.ndarray:  # fmt: skip
     """Memory-map an array written by :func:`pack_crops`, checking it is current.
 
-    ``expected_rows`` guards against a stale pack; ``crop_side`` (``crop.size``)
+    ``expected_rows`` guards against a stale pack; ``crop_side`` (the chip size, ``chips.<backbone>.size``)
     against one packed from other crops (the array's side no longer shows it);
     ``min_side`` (the reader's ``img_size``) against one packed smaller than its
     reader needs (unless the crops themselves are smaller: then they are used as they are).
     """
     arr = np.load(path, mmap_mode="r")
     if expected_rows is not None and len(arr) != expected_rows:
-        raise ValueError(f"{path} has {len(arr)} images but its table has {expected_rows} rows: re-run pack")
+        raise ValueError(f"{path} has {len(arr)} images but its table has {expected_rows} rows: re-run the chips stage")
     if (crop_side is None and min_side is None) or not len(arr):
         return arr
     info = read_info(path)
     if info["rows"] != len(arr) or info["side"] != arr.shape[1]:
-        raise ValueError(f"{path} does not match its {info_path(path).name}: re-run pack")
+        raise ValueError(f"{path} does not match its {info_path(path).name}: re-run the chips stage")
     if crop_side is not None and info["crop_side"] != crop_side:
-        raise ValueError(f"{path} was packed from {info['crop_side']} px crops but crop.size is {crop_side}: "
-                         "re-run crop and pack (dvc repro)")  # fmt: skip
+        raise ValueError(f"{path} was packed from {info['crop_side']} px crops but its chip size is {crop_side}: "
+                         "re-run the chips stage (dvc repro)")  # fmt: skip
     if min_side is not None and arr.shape[1] < min(min_side, info["crop_side"]):
-        raise ValueError(f"{path} is packed at {arr.shape[1]} px, below img_size {min_side}: re-run pack (dvc repro)")
+        raise ValueError(f"{path} is packed at {arr.shape[1]} px, below img_size {min_side}: re-run the chips stage "
+                         "(dvc repro)")  # fmt: skip
     return arr

@@ -229,9 +229,12 @@ def _process(src, dst, cfg: FaceConfig, jpeg_quality: int, limits: CropLimits, r
         row[M.REASON] = detection.reason
         return row
     x, y, w, h = detection.chosen
-    crop = cut_face(image.rgb, detection.chosen, cfg)
+    points = detection.landmarks_of(detection.chosen)
+    crop = cut_face(image.rgb, detection.chosen, cfg, points=points)
     encoder = CROP_FORMATS[fmt][0]
     Image.fromarray(crop).save(dst, format=encoder, **({"quality": jpeg_quality} if encoder == "JPEG" else {}))
     row.update({M.STATUS: M.Status.KEPT.value, M.BBOX_X: x, M.BBOX_Y: y, M.BBOX_W: w, M.BBOX_H: h})
-    row[M.ALIGN] = cfg.alignment
+    row[M.SCORE] = detection.score_of(detection.chosen)
+    if points is not None:
+        row.update(zip(M.LANDMARK_COLUMNS, (v for point in points for v in point), strict=True))
     return row

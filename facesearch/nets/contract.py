@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from facesearch.faces.config import FaceConfig
+from facesearch.faces.config import FaceConfig, chip_config
 from facesearch.faces.sheet import ChipSheet
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ def crop_settings(
     - with ``override`` (``evaluate --crop-params FILE``) ``params_file``'s crop
       block and image guards, whatever the model says.
 
+    From a params file, a model's face settings are its backbone's: ``crop``'s detection joined with
+    ``chips.<backbone>`` (:func:`facesearch.faces.config.chip_config`), as the train stage records
+    them; a file without that block (written before the chips blocks) is read as one ``crop`` block.
+
     The input side is always the model's: the network was trained at it. The crop
     block is ``params_file``'s (empty when none is read): its file and image guards
     (:func:`facesearch.faces.cropping.image_guards`) are how a photo is read and written,
@@ -116,13 +120,16 @@ def crop_settings(
 
         if not Path(params_file).is_file():
             raise FileNotFoundError(f"crop settings file {params_file} does not exist")
-        crop = load_params(params_file)["crop"]
+        params = load_params(params_file)
+        crop = params["crop"]
     if crop is None:
         return {}, *model_preprocessing(payload)
     if override and "sheet" in (payload.get("preprocessing") or {}):
         raise ValueError("a fused model cuts each member network's chip with its own settings: other crop "
                          "settings (--crop-params) cannot replace them")  # fmt: skip
-    face = FaceConfig.from_params(crop)
+    backbone = (payload.get("config") or {}).get("backbone")
+    own_chip = backbone in (params.get("chips") or {})
+    face = chip_config(params, backbone) if own_chip else FaceConfig.from_params(crop)
     if override:
         return dict(crop), face, model_preprocessing(payload, fallback=face)[1]
     return dict(crop), *model_preprocessing(payload, fallback=face)

@@ -1,6 +1,6 @@
 """``python -m facesearch choose``: test-time augmentation and re-ranking, chosen on validation identities.
 
-    python -m facesearch choose --model models/dlib_resnet.pt --split data/split --arrays data/arrays \\
+    python -m facesearch choose --model models/dlib_resnet.pt --split data/split --arrays data/arrays/dlib_resnet \\
         --out choices.json [--descriptors DIR ...] [--grid rerank.yaml] [--rounds 10] [--jitters 10]
 
 The validation identities (``val.parquet``: never trained on, never tested on) are
@@ -164,7 +164,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def model_embeddings(
-    model_path: str, split: Path, arrays: Path, device: str, jitters: list[int],
+    model_path: str, split: Path, arrays: Path | None, device: str, jitters: list[int],
 ) -> dict[str, tuple[np.ndarray, int]]:  # fmt: skip
     """The val embeddings and forward passes per photo of each :func:`tta_variants` of the model, by name."""
     from facesearch.data.packing import load_array
@@ -176,6 +176,7 @@ def model_embeddings(
     model, payload = load_model(model_path, map_location=dev)
     face, size = model_preprocessing(payload)
     table = pd.read_parquet(split / "val.parquet")
+    arrays = Path("data/arrays") / model.config.backbone if arrays is None else arrays  # the chips stage's
     images = load_array(arrays / "val.npy", len(table), crop_side=face.size, min_side=size)
     out = {}
     for flip, n in tta_variants(model.config.flip_tta, model.config.tta_jitters, jitters):
@@ -190,7 +191,9 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", required=True, help="a trained model, e.g. models/dlib_resnet.pt")
     p.add_argument("--split", default="data/split", help="folder with val.parquet")
-    p.add_argument("--arrays", default="data/arrays", help="folder with the packed val.npy")
+    p.add_argument(
+        "--arrays", default=None, help="folder with the model's val.npy chips (default: data/arrays/<backbone>)"
+    )
     p.add_argument("--descriptors", action="append", default=[], metavar="DIR",
                    help="also score DIR/val.npy (rows of DIR/val.parquet's crop_path); repeatable")  # fmt: skip
     p.add_argument("--grid", default=None, help="YAML: name -> evaluate.rerank overrides (default: the four methods)")
@@ -213,7 +216,7 @@ def main(args) -> None:
     val = pd.read_parquet(split / "val.parquet")
     labels = val[M.IDENTITY].to_numpy()
     jitters = [int(n) for n in args.jitters.split(",") if n.strip()]
-    sets = model_embeddings(args.model, split, Path(args.arrays), args.device, jitters)
+    sets = model_embeddings(args.model, split, args.arrays and Path(args.arrays), args.device, jitters)
     candidates = list(sets)
     for folder in map(Path, args.descriptors):
         index = pd.read_parquet(folder / "val.parquet")

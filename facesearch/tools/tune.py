@@ -4,7 +4,7 @@
 
 Each recipe of ``--grid`` (a YAML mapping ``name: {train param: value, ...}``,
 overrides of ``params.yaml: train.<backbone>``) is trained once per seed by the
-train stage itself, on the pipeline's ``data/split`` and ``data/arrays``. The
+train stage itself, on the pipeline's ``data/split`` and ``data/arrays/<backbone>``. The
 score of a run is what the train stage selects its best epoch on: retrieval
 among the *validation* identities (disjoint from train and test). The untrained
 network's validation score is reported beside them as ``zero-shot``. Test
@@ -147,7 +147,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--split", default="data/split")
-    p.add_argument("--arrays", default="data/arrays")
+    p.add_argument("--arrays", default=None, help="the backbone's chip arrays (default: data/arrays/<backbone>)")
     p.add_argument("--out", required=True, help="JSON with every run and the summary")
     p.add_argument("--teacher", help="recipes of loss: distill distil this saved model (e.g. models/dlib_resnet.pt)")
 
@@ -158,7 +158,8 @@ def main(args) -> None:
     grid = yaml.safe_load(Path(args.grid).read_text())
     if not isinstance(grid, dict) or not all(isinstance(v, dict) for v in grid.values()):
         raise SystemExit("tune: --grid must map recipe names to mappings of train params")
-    result = tune(args.backbone, grid, [int(s) for s in args.seeds.split(",")], args.params, args.split, args.arrays,
+    result = tune(args.backbone, grid, [int(s) for s in args.seeds.split(",")], args.params, args.split,
+                  args.arrays or f"data/arrays/{args.backbone}",
                   args.teacher)  # fmt: skip
     write_json_atomic(args.out, result)
     print(markdown(result["summary"]), end="")

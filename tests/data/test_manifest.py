@@ -91,3 +91,33 @@ def test_person_and_identity_match_one_to_one(manifest):
         M.validate_manifest(named(manifest, ["p1", "p1", "p1", "p1", "p1", *good[5:]]))  # one name, two ids
     with pytest.raises(M.SchemaError, match="must have an identity"):
         M.validate_manifest(named(manifest, [*good[:5], "p9"]))
+
+
+def with_landmarks(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` as a yunet run writes it: every kept face with its score and 5 points."""
+    df = df.copy()
+    kept = df[M.STATUS] == "kept"
+    for k, col in enumerate(M.LANDMARK_COLUMNS):
+        df.loc[kept, col] = 20.0 + k
+    df.loc[kept, M.SCORE] = 0.95
+    return M.conform(df, M.MANIFEST_DTYPES)
+
+
+def test_landmarks_all_or_none(manifest):
+    M.validate_manifest(with_landmarks(manifest))
+    some = with_landmarks(manifest)
+    some.loc[some.index[0], M.LANDMARK_COLUMNS[3]] = None
+    with pytest.raises(M.SchemaError, match="some of its landmark columns"):
+        M.validate_manifest(some)
+    mixed = with_landmarks(manifest)
+    mixed.loc[mixed.index[0], list(M.LANDMARK_COLUMNS)] = None
+    with pytest.raises(M.SchemaError, match="two detectors"):
+        M.validate_manifest(mixed)
+    rejected = with_landmarks(manifest)
+    rejected.loc[rejected[M.STATUS] == "rejected", M.SCORE] = 0.5
+    with pytest.raises(M.SchemaError, match="rejected rows must not have landmarks"):
+        M.validate_manifest(rejected)
+    bad = with_landmarks(manifest)
+    bad.loc[bad.index[0], M.SCORE] = 1.5
+    with pytest.raises(M.SchemaError, match="face_score"):
+        M.validate_manifest(bad)

@@ -219,3 +219,53 @@ def test_own_chip_matches_align_crop_on_real_faces(celeba_photos):
         b = F.normalize(net(sface.chips_to_input(theirs)), dim=1)
     cos = (a * b).sum(1)
     assert cos.min() >= 0.999, f"worst cosine {cos.min():.5f}"
+
+
+# --- crop.detector: yunet (the detector registry's entry) ----------------------------------------
+def test_registry_entry_follows_the_policy_with_landmarks_and_scores(celeba_photos):
+    zoo_or_skip("yunet_int8bq")
+    from facesearch.faces.config import FaceConfig, find_faces
+
+    largest = FaceConfig(detector="yunet")
+    single = FaceConfig.from_params({"detector": "yunet", "policy": "single"})
+    for rgb in celeba_photos:
+        found = find_faces(rgb, largest)
+        assert found.detector == "yunet" and len(found.landmarks) == len(found.scores) == len(found.boxes)
+        if found.chosen is None:
+            continue
+        x, y, w, h = found.chosen
+        points = np.asarray(found.landmarks_of(found.chosen))
+        assert points.shape == (5, 2) and 0.0 <= found.score_of(found.chosen) <= 1.0
+        assert ((points >= (x - 0.1 * w, y - 0.1 * h)) & (points <= (x + 1.1 * w, y + 1.1 * h))).all()
+        assert points[0, 0] < points[1, 0]  # the person's right eye on the image's left (frontal photos)
+        if len(found.boxes) > 1:
+            assert find_faces(rgb, single).reason == "multiple_faces"
+
+
+def test_config_thresholds_reach_the_detector():
+    zoo_or_skip("yunet_int8bq")
+    strict = Y.YuNetConfig(score_threshold=0.99, nms_threshold=0.2, detect_side=320)
+    net = Y.detector_for(strict)
+    assert net is Y.detector_for(Y.YuNetConfig(score_threshold=0.99, nms_threshold=0.2, detect_side=320))  # reused
+    assert net is not Y.detector_for(Y.YuNetConfig())
+    assert net.detect_side == 320
+
+
+def test_yunet_crop_stage_records_landmarks_and_is_reproducible(small_sample, tmp_path):
+    """The crop stage with yunet on the synthetic sample: every photo one row, each kept face's 5 points
+    and score in the manifest, the same bytes twice."""
+    zoo_or_skip("yunet_int8bq")
+    from conftest import run_crop
+
+    from facesearch.data import manifest as M
+
+    df, metrics = run_crop(tmp_path / "a", small_sample, {"crop.detector": "yunet"})
+    M.validate_manifest(df, base_dir=tmp_path / "a")
+    kept = df[df[M.STATUS] == "kept"]
+    assert len(df) == metrics["n_input"] and len(kept) >= 0.5 * len(df)
+    assert set(kept[M.DETECTOR]) == {"yunet"}
+    assert kept[list(M.LANDMARK_COLUMNS)].notna().all().all() and kept[M.SCORE].between(0.9, 1).all()
+    rejected = df[df[M.STATUS] != "kept"]
+    assert rejected[[*M.LANDMARK_COLUMNS, M.SCORE]].isna().all().all()
+    run_crop(tmp_path / "b", small_sample, {"crop.detector": "yunet", "execution.n_jobs": 2})
+    assert (tmp_path / "a/data/manifest.parquet").read_bytes() == (tmp_path / "b/data/manifest.parquet").read_bytes()

@@ -1220,3 +1220,18 @@ def test_gallery_index_uses_the_stages_rerank_structure_only_when_current(tmp_pa
     assert isinstance(index.index, R.RerankIndex) and index.index.p.method == "dba_qe"
     assert isinstance(core.gallery_index(tmp_path / "after", emb[::-1].copy()), ExactIndex)  # stale: plain
     assert isinstance(core.gallery_index(tmp_path / "absent", emb), ExactIndex)
+
+
+def test_landmarks_view_marks_each_point_where_it_is_in_the_face():
+    """The query face's 5 landmarks (a detector that gives them: YuNet) drawn on a square view of its box."""
+    image = core.read_upload(png_bytes(Image.fromarray(np.full((300, 400, 3), 90, np.uint8))))
+    box = (100, 50, 140, 140)
+    points = ((140.0, 100.0), (200.0, 100.0), (170.0, 130.0), (145.0, 160.0), (195.0, 160.0))
+    view = core.landmarks_view(image, box, points, side=200)
+    assert view.shape == (200, 200, 3)
+    side = 140 * 1.4  # the box grown by the margin on each side
+    x0, y0 = 170 - side / 2, 120 - side / 2
+    for (px, py), colour in zip(points, core.LANDMARK_COLOURS, strict=True):
+        x, y = round((px - x0) * 200 / side), round((py - y0) * 200 / side)
+        assert tuple(view[y, x]) == colour
+    assert (view == 90).all(axis=2).mean() > 0.9  # small marks only

@@ -62,7 +62,8 @@ def test_numbers_from_another_source_or_none_exclude_nobody_and_say_so(folder, t
 
 
 def test_crop_params_file_overrides_the_model(folder, tmp_path):
-    params = write_params(tmp_path / "p.yaml", {"crop.size": 56})
+    # The model's backbone's chip (crop's detection + chips.mobilenet_v2), not crop's display size.
+    params = write_params(tmp_path / "p.yaml", {"crop.size": 40, "chips.mobilenet_v2.size": 56})
     m = evaluate_folder(tiny_model(tmp_path / "m.pt", []), str(folder), crop_params=str(params), n_jobs=1)
     assert m["crop"]["size"] == 56 and m["crop_source"] == str(params) and m["n_identities_excluded_seen"] == 0
     with pytest.raises(SystemExit, match="does not exist"):
