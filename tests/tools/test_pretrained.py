@@ -84,3 +84,33 @@ def test_a_calibration_of_other_weights_is_refused(shipped, tmp_path):
     save_model(tmp_path / "other.pt", model, extra=extra)
     with pytest.raises(SystemExit, match="is not the pretrained dlib_resnet"):
         cli(["pretrained", "dlib_resnet", "--out", "-", "--calibration-from", str(tmp_path / "other.pt")])
+
+
+def test_the_shipped_calibrations_fit_the_weights_they_ship_with():
+    """Every shipped calibration was fitted for exactly the model ``pretrained`` writes (else it refuses)."""
+    for name in P.MODELS:
+        path = P.calibration_file(name)
+        if not path.is_file():
+            continue
+        try:
+            mine = P.fingerprint(*P.build(name))
+        except P.PretrainedError as exc:  # the zoo's files are not installed here
+            pytest.skip(str(exc))
+        assert json.loads(path.read_text())["fingerprint"] == mine, name
+
+
+def test_the_fused_pretrained_model_is_both_networks_on_one_detection(tmp_path):
+    try:
+        model, extra = P.build("dlib_sface")
+    except P.PretrainedError as exc:
+        pytest.skip(str(exc))
+    sheet, size = model_preprocessing(extra)
+    dlib_chip, sface_chip = sheet.members
+    assert (dlib_chip.align, dlib_chip.landmarks, dlib_chip.size) == ("landmarks", 68, 150)
+    assert (sface_chip.align, sface_chip.size) == ("arcface", 112)
+    assert sheet.detector == "dlib_hog" and size == sheet.size == 300
+    assert extra["fused"]["weights"] == pytest.approx(P.FUSED_WEIGHTS)
+    assert [m["name"] for m in extra["fused"]["members"]] == ["dlib_resnet", "sface"]
+    assert model.config.embedding_dim == 256 and all(m.config.flip_tta for m in model.members)
+    seen = seen_in(extra, {"layout": "celeba", "identity_file_sha256": "0" * 64})
+    assert not seen.ids and "everyone is scored" in seen.rule
