@@ -121,7 +121,6 @@ def fingerprint(model, extra: dict) -> str:
     return model_fingerprint({"config": asdict(model.config), "state_dict": model.state_dict(), **extra})
 
 
-
 def write(name: str, out: str | Path) -> dict:
     """Write the pretrained model ``name`` with its shipped calibration to ``out``; returns its payload extras."""
     model, extra = build(name)
