@@ -43,6 +43,10 @@ RENAMED = {
     "dvc exp run -S 'backbones=[resnet50,mobilenet_v2,dlib_resnet]' -S crop.detector=dlib_hog -S crop.align=landmarks "
     "-S crop.landmarks=68 -S crop.size=150": "dvc exp run -S 'backbones=[resnet50,mobilenet_v2,dlib_resnet]' -S "
     "crop.detector=dlib_hog",
+    # Issue 28: "Search your own photos" indexes with the recommended fused model.
+    "python -m facesearch index build --model models/dlib_resnet.pt --photos ~/Pictures --out indexes/pictures": (
+        "python -m facesearch index build --model models/dlib_sface.pt --photos ~/Pictures --out indexes/pictures"
+    ),
 }
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
