@@ -105,7 +105,8 @@ MAX_ASPECT = 10
 # their input: a box under 40 px is upscaled blur to them, and CelebA, which they learnt
 # from, has no faces that small. Such faces are listed, marked, never pre-selected.
 MIN_FACE_SIDE = 40
-BACKBONE_LABELS = {"resnet50": "ResNet-50 (more accurate)", "mobilenet_v2": "MobileNet-V2 (faster)"}
+BACKBONE_LABELS = {"resnet50": "ResNet-50 (more accurate)", "mobilenet_v2": "MobileNet-V2 (faster)",
+                   "dlib_resnet": "dlib ResNet (face-pretrained)", "sface": "SFace (face-pretrained)"}  # fmt: skip
 
 # The formats the app accepts: the decoder's own (facesearch.data.images.ALLOWED_FORMATS),
 # each with the file extensions the uploader lets through and the name shown to
@@ -359,9 +360,18 @@ def available(root: Path) -> list[tuple[str, str]]:
     return out
 
 
-def model_label(backbone: str, state: str | None = None) -> str:
-    """E.g. "MobileNet-V2 (faster), fine-tuned"; an index's model has no state (it is the file's)."""
-    name = BACKBONE_LABELS.get(backbone, backbone)
+def model_label(backbone: str, state: str | None = None, payload: dict | None = None) -> str:
+    """E.g. "MobileNet-V2 (faster), fine-tuned"; an index's model has no state (it is the file's).
+
+    A fused model (``payload["fused"]``) is named by its members, e.g. "dlib ResNet 0.80 + SFace 0.20 (fused)".
+    """
+    fused = (payload or {}).get("fused")
+    if fused:
+        parts = [f"{BACKBONE_LABELS.get(m['name'], m['name']).split(' (')[0]} {w:.2f}"
+                 for m, w in zip(fused["members"], fused["weights"], strict=True)]  # fmt: skip
+        name = " + ".join(parts) + " (fused)"
+    else:
+        name = BACKBONE_LABELS.get(backbone, backbone)
     return name if state is None else f"{name}, {M.STATE_LABELS[state]}"
 
 
@@ -669,7 +679,8 @@ def load_index_gallery(folder: Path, threshold: float | None = None, models: Mut
     for col in BOX:
         table[col] = f[col].to_numpy()
     return Gallery(
-        title=f"the photo index {folder.name}", model_label=model_label(embedder.model.config.backbone),
+        title=f"the photo index {folder.name}",
+        model_label=model_label(embedder.model.config.backbone, payload=embedder.payload),
         model=embedder.model, settings=embedder.settings, size=embedder.size, embeddings=index.embeddings,
         index=structure, table=table, attributes=None,
         verdict=V.verdict(embedder.payload, len(f), threshold, "$FACESEARCH_THRESHOLD"),

@@ -91,6 +91,17 @@ def test_a_fused_model_indexes_and_searches_like_any(folder, members, tmp_path, 
 
     first = json.loads(capsys.readouterr().out.splitlines()[0])
     assert first["results"][0]["similarity"] == pytest.approx(1, abs=1e-4)
+    # The app searches it too, naming the fused model by its members; the query face is cut as a sheet.
+    from facesearch.data.images import decode_image as decode
+    from facesearch.gallery import app_core as A
+
+    gallery = A.load_index_gallery(tmp_path / "idx")
+    assert gallery.model_label == "MobileNet-V2 0.75 + MobileNet-V2 0.25 (fused)"
+    image = decode((folder / "img_celeba" / row[X.PHOTO]).read_bytes(), 40_000_000)
+    face = A.crop_face(image, box, gallery.settings)
+    assert face.shape == (96, 96, 3)  # two cells of 48 px on a 2-wide grid
+    answer = A.search(gallery, face)
+    assert answer.results[0].similarity == pytest.approx(1, abs=1e-4)
 
 
 def test_fuse_refuses_what_it_cannot_fuse(members, tmp_path, folder):
