@@ -44,6 +44,10 @@ def crop_params(face: FaceConfig) -> dict:
     haar = out.pop("haar")
     out["policy"] = haar.pop("policy")  # params.yaml keeps the policy at crop.policy, not crop.haar
     out["haar"] = haar
+    if face.detector != "yunet":
+        # Its block changes nothing then; left out, a record (and so a model's fingerprint: the photo
+        # index, the calibrations pretrained ships) stays what it was before the yunet detector existed.
+        del out["yunet"]
     return out
 
 

@@ -84,3 +84,10 @@ def test_a_calibration_of_other_weights_is_refused(shipped, tmp_path):
     save_model(tmp_path / "other.pt", model, extra=extra)
     with pytest.raises(SystemExit, match="is not the pretrained dlib_resnet"):
         cli(["pretrained", "dlib_resnet", "--out", "-", "--calibration-from", str(tmp_path / "other.pt")])
+
+
+def test_the_shipped_calibration_still_fits_the_model_pretrained_writes():
+    # A new FaceConfig field (the yunet block) must not change the record of a model that does not use
+    # it: the shipped verdict is bound to the fingerprint of the preprocessing record and the weights.
+    shipped = json.loads(P.calibration_file("dlib_resnet").read_text())
+    assert shipped["fingerprint"] == P.fingerprint(*P.build("dlib_resnet"))
