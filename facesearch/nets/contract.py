@@ -46,8 +46,8 @@ def crop_params(face: FaceConfig) -> dict:
     out["policy"] = haar.pop("policy")  # params.yaml keeps the policy at crop.policy, not crop.haar
     out["haar"] = haar
     if face.detector != "yunet":
-        # YuNet's settings only where YuNet finds the faces: records written before it existed stay
-        # the same, and so do the fingerprints the photo indexes know their models by.
+        # Its block changes nothing then; left out, a record (and so a model's fingerprint: the photo
+        # index, the calibrations pretrained ships) stays what it was before the yunet detector existed.
         del out["yunet"]
     return out
 

@@ -17,7 +17,7 @@ from conftest import BAD_MODELS, REPO, TINY, TINY_CROP, bad_model_files, run_tra
 
 from facesearch.data import manifest as M
 from facesearch.data.packing import load_array
-from facesearch.faces.config import FaceConfig
+from facesearch.faces.config import chip_config
 from facesearch.nets import training
 from facesearch.nets.contract import model_preprocessing, model_threshold, seen_identities
 from facesearch.nets.distances import unit_rows
@@ -46,7 +46,8 @@ def test_outputs_curves_contract_and_no_leftover_checkpoint(prepared):
     # The model carries its contract: how its crops were cut, its input side, whom it has seen.
     face, size = model_preprocessing(payload)
     params = load_params(prepared / "basic.yaml")
-    assert face == FaceConfig.from_params(params["crop"]) and face.size == TINY_CROP["crop.size"] and size == 32
+    assert face == chip_config(params, "mobilenet_v2") and size == 32
+    assert face.size == TINY_CROP["chips.mobilenet_v2.size"]
     split = prepared / "data" / "split"
     train_ids = sorted(pd.read_parquet(split / "train.parquet")[M.IDENTITY].unique().tolist())
     val_ids = sorted(pd.read_parquet(split / "val.parquet")[M.IDENTITY].unique().tolist())

@@ -114,11 +114,12 @@ def test_choose_scores_flip_and_descriptors_on_validation_identities_only(prepar
     os.chdir(work)
     try:
         cli_main(["choose", "--model", str(model), "--descriptors", "ref", "--rounds", "2", "--jitters", "2",
-                  "--out", "c.json"])  # fmt: skip
+                  "--out", "c.json", "--arrays", "data/arrays"])  # fmt: skip
         result = json.loads((work / "c.json").read_text())
         shuffled.iloc[1:].to_parquet(desc / "val.parquet")  # a photo missing: refused, not misaligned
         with pytest.raises(SystemExit, match="validation photos"):
-            cli_main(["choose", "--model", str(model), "--descriptors", "ref", "--out", "d.json"])
+            cli_main(["choose", "--model", str(model), "--descriptors", "ref", "--out", "d.json", "--arrays",
+                      "data/arrays"])  # fmt: skip
     finally:
         os.chdir(cwd)
     names = {r["embeddings"] for r in result["rows"]}

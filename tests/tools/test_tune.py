@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import TINY, run_train, write_params
+from conftest import TINY, TINY_CROP, run_train, write_params
 
 from facesearch.tools.cli import main as cli_main
 from facesearch.tools.tune import check_grid, summarise
@@ -32,12 +32,13 @@ def test_tune_trains_every_recipe_and_seed_on_validation_only(prepared, tmp_path
         shutil.copy(prepared / rel, work / rel)
     # keep: last, so each run's score is what its recipe and seed trained (the start would tie them all).
     recipe = TINY | {"epochs": 1, "keep": "last"}
-    write_params(work / "params.yaml", {f"train.mobilenet_v2.{k}": v for k, v in recipe.items()} | {"crop.size": 40})
+    write_params(work / "params.yaml", {f"train.mobilenet_v2.{k}": v for k, v in recipe.items()} | TINY_CROP)
     (work / "grid.yaml").write_text(yaml.safe_dump({"slow": {"lr": 1e-5}, "fast": {"lr": 3e-3}}))
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        cli_main(["tune", "--backbone", "mobilenet_v2", "--grid", "grid.yaml", "--seeds", "0,1", "--out", "t.json"])
+        cli_main(["tune", "--backbone", "mobilenet_v2", "--grid", "grid.yaml", "--seeds", "0,1", "--out", "t.json",
+                  "--arrays", "data/arrays"])  # fmt: skip
     finally:
         os.chdir(cwd)
     result = json.loads((work / "t.json").read_text())
@@ -74,14 +75,15 @@ def test_tune_chooses_distillation_recipes_with_the_teacher(prepared, tmp_path):
     teacher = run_train(prepared, "tune_teacher", {"epochs": 1, "seed": 1, "keep": "last"}) / "model.pt"
     recipe = TINY | {"epochs": 1, "keep": "last", "img_size": 24}
     params = write_params(tmp_path / "params.yaml", {f"train.mobilenet_v2.{k}": v for k, v in recipe.items()}
-                          | {"crop.size": 40})  # fmt: skip
+                          | TINY_CROP)  # fmt: skip
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"distil": {"loss": "distill", "lr": 3e-3}}))
     cwd = os.getcwd()
     os.chdir(prepared)
     try:
         # A distill recipe trains only with a teacher (train exits otherwise): the run is the proof it got one.
         cli_main(["tune", "--backbone", "mobilenet_v2", "--grid", str(tmp_path / "grid.yaml"), "--seeds", "0",
-                  "--params", str(params), "--teacher", str(teacher), "--out", str(tmp_path / "t.json")])  # fmt: skip
+                  "--params", str(params), "--teacher", str(teacher), "--out", str(tmp_path / "t.json"),
+                  "--arrays", "data/arrays"])  # fmt: skip
     finally:
         os.chdir(cwd)
     result = json.loads((tmp_path / "t.json").read_text())
