@@ -29,6 +29,7 @@ from facesearch.nets.contract import model_preprocessing, preprocessing_record
 from facesearch.nets.distances import unit_rows
 from facesearch.nets.models import ModelFileError, load_model, resolve_device
 from facesearch.retrieval.verdict import verdict
+from facesearch.threads import use_usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Embedder:
         except OSError as exc:
             raise PhotoIndexError(f"model file {path} cannot be read: {exc.strerror or exc}") from None
         dev = resolve_device(device)
+        use_usable_cpus()  # the app's indexes too: one thread per CPU this process may use
         settings, size = model_preprocessing(payload)
         return cls(os.path.abspath(path), model.to(dev), payload, settings, size, model_fingerprint(payload), dev)
 

@@ -54,6 +54,7 @@ from facesearch.retrieval import rerank as R
 from facesearch.retrieval import verification as V
 from facesearch.retrieval.metrics import attribute_matrix, evaluate, readable
 from facesearch.retrieval.protocol import choose_queries, eligible_images
+from facesearch.threads import use_usable_cpus
 from facesearch.tools import calibrate, choose, index_cli, pretrained, tune
 from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     res.add_argument("--show-section", default="metrics-show", help="with --readme: marker name of the README's "
                      "`dvc metrics show` block, rewritten from this checkout ('' to leave it)")  # fmt: skip
     args = parser.parse_args(argv)
+    # Every command that embeds (evaluate, calibrate, choose, index, search) does so with one thread
+    # per CPU this process may use; tune's runs set training's fixed count themselves.
+    use_usable_cpus()
     try:
         _run(args)
     except (DatasetError, ModelFileError, OSError) as exc:
