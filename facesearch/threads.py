@@ -31,9 +31,9 @@ def usable_cpus() -> int:
 def use_usable_cpus() -> int:
     """Set torch's intra-op threads to :func:`usable_cpus` (for inference); returns the count.
 
-    Embeddings do not depend on it in a way any stage records as a choice: a forward pass
-    reduces each output over its own inputs, and the embed stage's outputs are compared
-    by their metrics, like the search's matrix products, which numpy sizes the same way.
+    Unlike training, inference need not fix the count: measured here (torch 2.14, AVX-512),
+    1 and 2 threads give bit-equal ResNet-50 and MobileNet-V2 embeddings in eval mode (the
+    forward kernels split their work by output, the backward ones split sums).
     """
     import torch
 
