@@ -55,8 +55,8 @@ def worker(args: argparse.Namespace) -> None:
 
         # isort: split
         import torch
-    from facesearch.losses import semi_hard_loss
-    from facesearch.models import get_model
+    from facesearch.nets.losses import semi_hard_loss
+    from facesearch.nets.models import get_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
