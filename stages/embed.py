@@ -82,6 +82,10 @@ def embed(args: argparse.Namespace) -> None:
     face, size = model_preprocessing(payload)
     with atomic_dir(args.out) as tmp:
         write_json_atomic(tmp / "threshold.json", model_threshold(payload))
+        # What each state is, for evaluate's details and the results table: "before" is the
+        # network training started from, untrained when its weights were random.
+        weights = payload["config"].get("weights")
+        write_json_atomic(tmp / "states.json", {state: M.state_label(state, weights) for state in models})
         for name in SETS:
             table = pd.read_parquet(Path(args.split) / f"{name}.parquet")
             # Packed from the crops this model was trained on, at least at its input side.

@@ -141,7 +141,8 @@ def results_table(metrics_dir: str, backbones: list[str]) -> str:
         path = Path(metrics_dir) / f"{backbone}.json"
         try:
             m = json.loads(path.read_text())
-            rows = {label: (m[state], m[state]["n_queries"], m[state]["n_gallery"])
+            # Each state as the evaluate stage named it ("untrained (random weights)"), else generically.
+            rows = {m[state].get("model", label): (m[state], m[state]["n_queries"], m[state]["n_gallery"])
                     for state, label in M.STATE_LABELS.items()}  # fmt: skip
         except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the evaluate stage's
             raise SystemExit(f"results: {path} is no metrics file of the evaluate stage ({exc!r})") from None

@@ -91,3 +91,11 @@ def test_person_and_identity_match_one_to_one(manifest):
         M.validate_manifest(named(manifest, ["p1", "p1", "p1", "p1", "p1", *good[5:]]))  # one name, two ids
     with pytest.raises(M.SchemaError, match="must have an identity"):
         M.validate_manifest(named(manifest, [*good[:5], "p9"]))
+
+
+def test_a_state_says_what_it_is():
+    # The network training started from is named by its weights: random ones are no model (issue 26).
+    assert M.state_label("before", "none") == "untrained (random weights)"
+    assert M.state_label("before", "imagenet") == "ImageNet weights, not fine-tuned"
+    assert M.state_label("before") == M.STATE_LABELS["before"]  # weights unknown: the generic name
+    assert M.state_label("after", "none") == "fine-tuned"

@@ -425,7 +425,7 @@ def test_pipeline_gallery_counts_and_sources(root):
     assert gallery.people == split["identity"].nunique()
     assert gallery.photos == manifest.loc[split["crop_path"], "image_path"].nunique()
     assert gallery.counts_text == f"{gallery.people} people, {gallery.faces} faces, {gallery.photos} photos"
-    assert gallery.model_label == "MobileNet-V2 (faster), before fine-tuning"
+    assert gallery.model_label == "MobileNet-V2 (faster), untrained (random weights)"  # says what it is (issue 26)
     # Each result knows its source photo and box, from the crop stage's manifest.
     crop = core.crop_face(core.read_upload(sample_faces(root)[0].read_bytes()), None, gallery.settings)
     res = core.search(gallery, crop).results[0]
