@@ -869,7 +869,7 @@ def test_app_upload_to_results(app, root):
     assert shows(app, app_answer(gallery, photo)) and all("similarity **" in c and "identity " in c for c in captions)
     app.sidebar.selectbox[0].select_index(1).run()  # before fine-tuning: another model, same flow
     assert not app.exception and shows(app, app_answer(core.load_gallery(root, "mobilenet_v2", "before"), photo))
-    assert "before fine-tuning" in sidebar_text(app) and "fallback" in sidebar_text(app)
+    assert "untrained (random weights)" in sidebar_text(app) and "fallback" in sidebar_text(app)
 
 
 def test_app_names_who_matched_and_groups_by_person(app, root, monkeypatch):
