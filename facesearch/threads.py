@@ -4,7 +4,7 @@ Inference (the embed stage, ``python -m facesearch`` commands, the photo index) 
 thread per CPU the process may use: ``os.sched_getaffinity``, which ``taskset``, cgroup
 cpusets, Slurm and container runtimes narrow, not the machine's core count. Training keeps
 its fixed ``train.<backbone>.cpu_threads`` instead (float sums depend on the thread count:
-:func:`facesearch.training.set_deterministic`) and only warns when it exceeds the CPUs
+:func:`facesearch.nets.training.set_deterministic`) and only warns when it exceeds the CPUs
 available. How idle threads wait is set once, before torch loads, by the package itself
 (``facesearch/__init__.py``: ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose).
 """

@@ -59,7 +59,7 @@ def run_scores(payload: dict) -> dict[str, dict[str, float]]:
 
 def thresholds(payload: dict) -> dict[str, float | None]:
     """:data:`THRESHOLDS` of a trained model file (None where its record lacks one)."""
-    from facesearch.verification import identification_threshold
+    from facesearch.retrieval.verification import identification_threshold
 
     record = payload.get("threshold") or {}
     ident = record.get("identification")
