@@ -44,7 +44,9 @@ def recipe_sample(sample_factory, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        split.main(["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json"])
+        split.main(
+            ["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json", "--details", "d.json"]
+        )
         pack.main(["--split", "data/split", "--out", "data/arrays"])
     finally:
         os.chdir(cwd)
