@@ -37,19 +37,22 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import facesearch  # noqa: F401  (before torch: sets how its threads wait, facesearch/__init__.py)
+
+# isort: split
 import cv2
 import numpy as np
 import torch
+from PIL import Image
+
+from facesearch.faces.config import FaceConfig
+from facesearch.gallery import app_core as core
+from facesearch.params import load_params
+from facesearch.retrieval.knn import ExactIndex, KDTreeIndex
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from PIL import Image  # noqa: E402
-
-from facesearch.faces.config import FaceConfig  # noqa: E402
-from facesearch.gallery import app_core as core  # noqa: E402
-from facesearch.params import load_params  # noqa: E402
-from facesearch.retrieval.knn import ExactIndex, KDTreeIndex  # noqa: E402
 
 
 def run(gallery: core.Gallery, photos: list[bytes]) -> np.ndarray:

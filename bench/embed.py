@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import facesearch  # noqa: F401  (before torch: sets how its threads wait, facesearch/__init__.py)
+
 WARMUP_BATCHES = 1  # untimed: allocator, oneDNN kernel choice
 
 

@@ -28,12 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import facesearch  # noqa: F401  (before torch: sets how its threads wait, facesearch/__init__.py)
+
+# isort: split
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from facesearch.data.celeba import find_image_dir, list_images
 from facesearch.data.images import ImageRejected, decode_image

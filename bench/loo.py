@@ -35,13 +35,15 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import facesearch  # noqa: F401  (before torch: sets how its threads wait, facesearch/__init__.py)
+
+# isort: split
+import numpy as np
+import pandas as pd
+import torch
 from search import face_like  # bench/search.py
 
 from facesearch.data import manifest as M

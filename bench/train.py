@@ -38,6 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import facesearch  # noqa: F401  (before torch: sets how its threads wait, facesearch/__init__.py)
+
 WARMUP = 2  # untimed steps per run: allocator, compile, caches, the prefetch queue filling
 SOURCES = ("ready", "prefetch", "inline")
 

@@ -32,6 +32,7 @@ from facesearch.nets.contract import model_preprocessing, model_threshold
 from facesearch.nets.inference import embed_array
 from facesearch.nets.models import ModelConfig, ModelFileError, failure_line, load_model, resolve_device, seeded_model
 from facesearch.params import load_params
+from facesearch.threads import use_usable_cpus
 
 log = logging.getLogger("facesearch.embed")
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 def embed(args: argparse.Namespace) -> None:
     params = load_params(args.params)["embed"]
     device = resolve_device(params["device"])
+    use_usable_cpus()
     after, payload = load_model(args.model, map_location=device)
     if "seed" not in (payload.get("train_config") or {}):
         # "before" is rebuilt from the training seed: a model the train stage did not write has none.
@@ -80,6 +82,10 @@ def embed(args: argparse.Namespace) -> None:
     face, size = model_preprocessing(payload)
     with atomic_dir(args.out) as tmp:
         write_json_atomic(tmp / "threshold.json", model_threshold(payload))
+        # What each state is, for evaluate's details and the results table: "before" is the
+        # network training started from, untrained when its weights were random.
+        weights = payload["config"].get("weights")
+        write_json_atomic(tmp / "states.json", {state: M.state_label(state, weights) for state in models})
         for name in SETS:
             table = pd.read_parquet(Path(args.split) / f"{name}.parquet")
             # Packed from the crops this model was trained on, at least at its input side.

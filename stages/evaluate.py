@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         if list(index[M.CROP_PATH]) != list(table[M.CROP_PATH]):
             raise SystemExit(f"evaluate: {emb_dir}/{name} embeddings are not of the current split; re-run embed")
     model_threshold = json.loads((emb_dir / "threshold.json").read_text())
+    states_file = emb_dir / "states.json"  # what each state is (embed); older embeddings lack it
+    labels = json.loads(states_file.read_text()) if states_file.is_file() else dict(M.STATE_LABELS)
     val_labels = tables["val"][M.IDENTITY].to_numpy()
     results, timings, curves, rocs, tops, embeddings, structures, dets = {}, {}, {}, {}, {}, {}, {}, {}
     for state in M.STATES:
@@ -250,12 +252,12 @@ def main(argv: list[str] | None = None) -> None:
         # "after" is the kept epoch's validation score, "before" the starting network's.
         val_loo = leave_one_out_metrics(np.load(emb_dir / f"{state}_val.npy"), val_labels)
         results[state] |= ver | open_set | {f"val_{k}": v for k, v in val_loo.items()}
-    details = {s: readable(m) for s, m in results.items()}
+    details = {s: {"model": labels[s]} | readable(m) for s, m in results.items()}
     write_json_atomic(args.details, details)
     for state, path in (("before", args.metrics_before), ("after", args.metrics_after)):
         numbers = headline(details[state], ver_params)
         write_json_atomic(path, numbers)
-        log.info("%s: %s", state, numbers)
+        log.info("%s (%s): %s", state, labels[state], numbers)
     with atomic_dir(args.rerank) as tmp:
         for state, structure in structures.items():
             structure.save(tmp / state)

@@ -64,7 +64,14 @@ from facesearch.faces.config import FaceConfig, chip_config, chip_record
 from facesearch.nets.augment import AugmentConfig, augment
 from facesearch.nets.contract import crop_params, identities_record, model_preprocessing, preprocessing_record
 from facesearch.nets.inference import embed_array
-from facesearch.nets.losses import MINING, distillation_loss, offline_triplet_loss, pairwise_distances
+from facesearch.nets.losses import (
+    MINING,
+    distillation_loss,
+    negative_pairs,
+    offline_triplet_loss,
+    pairwise_distances,
+    spread_out_loss,
+)
 from facesearch.nets.models import (
     EmbeddingNet,
     ModelConfig,
@@ -142,6 +149,8 @@ class TrainConfig:
     loss: str  # triplet | semi_hard | batch_hard | distill (with --teacher)
     margin: float
     soft_margin: bool
+    spread_weight: float  # weight of the spread-out term added to the triplet losses (0: off)
+    head_bn: bool  # BatchNorm1d on the report's head output (ModelConfig.head_bn)
     semi_hard_epochs: int  # batch_hard only: semi-hard mining for these first epochs
     collapse_spread: float  # batch_hard only: below this mean pairwise distance, mine semi-hard
     distill_centre: bool  # distill only: targets are the teacher's embeddings less their train-crop mean
@@ -281,18 +290,29 @@ def load_teacher(
 def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: bool, target=None):
     """Loss and stats for one batch: ``active`` triplets, embedding ``spread``, ``fallback`` step.
 
-    ``target``: the teacher's embeddings of ``x`` (``loss: distill``). All stay device
-    tensors (or Python constants): a step has no host sync.
+    ``target``: the teacher's embeddings of ``x`` (``loss: distill``). The triplet losses add
+    ``spread_weight`` times the spread-out term on the batch's pairs of different people
+    (:func:`facesearch.nets.losses.spread_out_loss`). All stay device tensors (or Python
+    constants): a step has no host sync.
     """
     emb = model(x)
     spread = pairwise_distances(emb.detach().float()).mean()
     if target is not None:
         loss, stats = distillation_loss(emb, target)
         return loss, {**stats, "spread": spread, "fallback": 0.0}
+    loss, stats = triplet_loss(emb, labels, cfg, epoch, triplet_mode, spread)
+    if cfg.spread_weight > 0:
+        negatives = triplet_negatives(len(emb) // 3, emb.device) if triplet_mode else negative_pairs(labels)
+        loss = loss + cfg.spread_weight * spread_out_loss(emb, negatives)
+    return loss, {**stats, "spread": spread}
+
+
+def triplet_loss(emb, labels, cfg: TrainConfig, epoch: int, triplet_mode: bool, spread: torch.Tensor):
+    """The triplet loss ``cfg.loss`` names, with its ``active`` share and whether the guard ``fallback`` fired."""
     if triplet_mode:
         a, p, n = emb.chunk(3)
         loss, stats = offline_triplet_loss(a, p, n, cfg.margin, cfg.soft_margin)
-        return loss, {**stats, "spread": spread, "fallback": 0.0}
+        return loss, {**stats, "fallback": 0.0}
     mining = cfg.loss
     if mining == "batch_hard" and epoch < cfg.semi_hard_epochs:
         mining = "semi_hard"  # anti-collapse: easier negatives first
@@ -305,9 +325,17 @@ def compute_loss(model, x, labels, cfg: TrainConfig, epoch: int, triplet_mode: b
         hard, hard_stats = MINING["batch_hard"](emb, labels, cfg.margin, cfg.soft_margin)
         semi, semi_stats = MINING["semi_hard"](emb, labels, cfg.margin, cfg.soft_margin)
         active = torch.where(collapsed, semi_stats["active"], hard_stats["active"])
-        return torch.where(collapsed, semi, hard), {"active": active, "spread": spread, "fallback": collapsed.float()}
+        return torch.where(collapsed, semi, hard), {"active": active, "fallback": collapsed.float()}
     loss, stats = MINING[mining](emb, labels, cfg.margin, cfg.soft_margin)
-    return loss, {**stats, "spread": spread, "fallback": 0.0}
+    return loss, {**stats, "fallback": 0.0}
+
+
+def triplet_negatives(n: int, device: torch.device) -> torch.Tensor:
+    """(3n, 3n) bool: each offline triplet's anchor and negative (rows in anchor/positive/negative thirds)."""
+    i = torch.arange(n, device=device)
+    mask = torch.zeros(3 * n, 3 * n, dtype=torch.bool, device=device)
+    mask[i, 2 * n + i] = True
+    return mask | mask.T
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -398,7 +426,7 @@ def train(
     model_config = ModelConfig(
         args.backbone, weights=cfg.weights, embedding_dim=cfg.embedding_dim, normalize=cfg.normalize,
         trainable_layers=cfg.trainable_layers, img_size=cfg.img_size, flip_tta=cfg.flip_tta,
-        tta_jitters=cfg.tta_jitters,
+        tta_jitters=cfg.tta_jitters, head_bn=cfg.head_bn,
     )  # fmt: skip
     model = seeded_model(model_config, cfg.seed).to(device)
     channels_last = cfg.channels_last  # NHWC pays on CUDA and on CPU (oneDNN) alike

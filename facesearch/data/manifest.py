@@ -116,6 +116,19 @@ MANIFEST_COLUMNS: tuple[str, ...] = tuple(MANIFEST_DTYPES)
 # the untrained twin, then the trained model. Every table, file list and choice uses this order.
 STATES = ("before", "after")
 STATE_LABELS = {"before": "before fine-tuning", "after": "fine-tuned"}
+# What "before" is, by the weights training started from (train.<backbone>.weights): said wherever a
+# state is named, because a network with random weights embeds any two faces alike (cosine ~1 on the
+# sample) and reads as a broken model unless it says it is none (issue 26).
+START_LABELS = {"none": "untrained (random weights)", "imagenet": "ImageNet weights, not fine-tuned",
+                "dlib": "dlib's face network, not fine-tuned"}  # fmt: skip
+
+
+def state_label(state: str, weights: str | None = None) -> str:
+    """A model state in words: "fine-tuned", or the starting network named by its ``weights``."""
+    if state == "before" and weights in START_LABELS:
+        return START_LABELS[weights]
+    return STATE_LABELS[state]
+
 
 ANCHOR = "anchor"  # crop paths
 POSITIVE = "positive"

@@ -360,9 +360,12 @@ def available(root: Path) -> list[tuple[str, str]]:
     return out
 
 
-def model_label(backbone: str, state: str | None = None, payload: dict | None = None) -> str:
+def model_label(
+    backbone: str, state: str | None = None, weights: str | None = None, payload: dict | None = None
+) -> str:
     """E.g. "MobileNet-V2 (faster), fine-tuned"; an index's model has no state (it is the file's).
 
+    With the ``weights`` training started from, "before" says what it is: "untrained (random weights)".
     A fused model (``payload["fused"]``) is named by its members, e.g. "dlib ResNet 0.80 + SFace 0.20 (fused)".
     """
     fused = (payload or {}).get("fused")
@@ -372,7 +375,7 @@ def model_label(backbone: str, state: str | None = None, payload: dict | None = 
         name = " + ".join(parts) + " (fused)"
     else:
         name = BACKBONE_LABELS.get(backbone, backbone)
-    return name if state is None else f"{name}, {M.STATE_LABELS[state]}"
+    return name if state is None else f"{name}, {M.state_label(state, weights)}"
 
 
 def find_indexes(folder: Path) -> list[Path]:
@@ -409,7 +412,8 @@ def load_gallery(root: Path, backbone: str, state: str, threshold: float | None 
     n_photos = int(table.loc[photos_known, SOURCE_FILE].nunique() + (~photos_known).sum())
     people = int(table[M.IDENTITY].nunique())
     return Gallery(
-        title="the pipeline's test gallery", model_label=model_label(backbone, state), model=model,
+        title="the pipeline's test gallery", model=model,
+        model_label=model_label(backbone, state, payload.get("config", {}).get("weights")),
         settings=crop_settings(root, backbone), size=int(model.config.img_size), embeddings=embeddings,
         index=search_index, table=table, attributes=attribute_matrix(table),
         verdict=state_verdict(payload, state, len(table), threshold), people=people, faces=len(table),

@@ -25,10 +25,12 @@ from facesearch.data.images import ImageRejected, decode_image
 from facesearch.faces.config import FaceConfig
 from facesearch.faces.cropping import CropLimits, read_photo, shape_reason
 from facesearch.gallery import photos
+from facesearch.nets.config import fingerprinted_config
 from facesearch.nets.contract import model_preprocessing, preprocessing_record
 from facesearch.nets.distances import unit_rows
 from facesearch.nets.models import ModelFileError, load_model, resolve_device
 from facesearch.retrieval.verdict import verdict
+from facesearch.threads import use_usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def model_fingerprint(payload: dict) -> str:
     """
     face, size = model_preprocessing(payload)
     h = hashlib.sha256()
-    meta = {"config": payload["config"], "preprocessing": preprocessing_record(face, size)}
+    meta = {"config": fingerprinted_config(payload["config"]), "preprocessing": preprocessing_record(face, size)}
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name, tensor in sorted(payload["state_dict"].items()):
         t = tensor.detach().cpu().contiguous()
@@ -81,6 +83,7 @@ class Embedder:
         except OSError as exc:
             raise PhotoIndexError(f"model file {path} cannot be read: {exc.strerror or exc}") from None
         dev = resolve_device(device)
+        use_usable_cpus()  # the app's indexes too: one thread per CPU this process may use
         settings, size = model_preprocessing(payload)
         return cls(os.path.abspath(path), model.to(dev), payload, settings, size, model_fingerprint(payload), dev)
 

@@ -35,3 +35,19 @@ class ModelConfig:
     # dlib-style jitter (dlib's num_jitters): also average this many slightly rotated, zoomed and
     # shifted views (facesearch.transforms.jittered); each is one more forward pass. 0 in older files.
     tta_jitters: int = 0
+    # BatchNorm1d on the report's head output, before the L2 norm ("BNNeck", Luo et al. 2019): every
+    # embedding dimension centred and scaled alike, so no shared large direction dominates the
+    # cosine (docs/pipeline.md "Train", the sample's embeddings). Not for a backbone's own head. False in older files.
+    head_bn: bool = False
+
+
+# Fields added to ModelConfig after model files were first fingerprinted (a photo index knows its model
+# by a hash of its config, preprocessing and weights; pretrained ships calibrations bound to it), with
+# the value that changes nothing. A config holding that value is fingerprinted as if it lacked the
+# field, so adding a field does not turn every model into "another model".
+ADDED_FIELDS = {"head_bn": False}
+
+
+def fingerprinted_config(config: dict) -> dict:
+    """``config`` as a fingerprint sees it: :data:`ADDED_FIELDS` at their neutral value left out."""
+    return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}

@@ -97,8 +97,8 @@ def resolve_device(name: str = "auto", index: int | None = None) -> torch.device
 class EmbeddingNet(nn.Module):
     """backbone -> head [-> L2 norm].
 
-    The head is the report's AdaptiveAvgPool -> Flatten -> Linear(C, d) -> ReLU -> Linear(d, d),
-    unless the backbone brings its own (dlib's ResNet does).
+    The head is the report's AdaptiveAvgPool -> Flatten -> Linear(C, d) -> ReLU -> Linear(d, d)
+    [-> BatchNorm1d(d) with ``config.head_bn``], unless the backbone brings its own (dlib's ResNet does).
     """
 
     def __init__(self, features: nn.Module, channels: int, config: ModelConfig, head: nn.Module | None = None):
@@ -106,9 +106,12 @@ class EmbeddingNet(nn.Module):
         self.config = config
         self.backbone = features
         d = config.embedding_dim
+        if head is not None and config.head_bn:
+            raise ValueError(f"{config.backbone}: head_bn applies to the report's head, not the backbone's own")
         self.head = head or nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, d), nn.ReLU(inplace=True), nn.Linear(d, d)
-        )
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, d), nn.ReLU(inplace=True), nn.Linear(d, d),
+            *([nn.BatchNorm1d(d)] if config.head_bn else []),
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.head(self.backbone(x))

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from facesearch.io import atomic_path
+from facesearch.threads import check_fixed_threads
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ def set_deterministic(cpu_threads: int) -> None:
     2 threads give different weights for every backbone (measured), while the
     same count gives the same bits run after run.
     """
+    check_fixed_threads(cpu_threads, "training")
     torch.set_num_threads(cpu_threads)
     torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, for ops with no such kernel
     if torch.cuda.is_available():

@@ -115,8 +115,11 @@ def score(emb: np.ndarray, labels: np.ndarray, rerank: R.RerankParams, n_rounds:
 
 def verification(emb: np.ndarray, labels: np.ndarray, params: dict) -> dict:
     genuine, impostor = V.verification_scores(emb, labels, params["impostor_pairs"], params["seed"])
+    key = V.far_key(params["far"])
     m = V.verification_metrics(genuine, impostor, (params["far"],))
-    return {"ver_auc": m["roc_auc"], f"ver_tar@far{V.far_key(params['far'])}": m[f"tar@far{V.far_key(params['far'])}"]}
+    # The threshold too: near 1 it says different people crowd against the same-person bulk (issue 26).
+    return {"ver_auc": m["roc_auc"], f"ver_tar@far{key}": m[f"tar@far{key}"],
+            f"ver_threshold@far{key}": m[f"threshold@far{key}"]}  # fmt: skip
 
 
 def choose(results: list[dict], base: str) -> dict:
@@ -156,6 +159,7 @@ def tta_name(backbone: str, flip: bool, jitters: int) -> str:
 
 def markdown(results: list[dict]) -> str:
     cols = ["all loo_rank1", "all loo_mAP", "all rank1", "all mAP", "two rank1", "two mAP", "ver_auc"]
+    cols += sorted({k for r in results for k in r if k.startswith("ver_threshold@")})
     lines = ["| embeddings | re-ranking | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
     for r in results:
         cells = [f"{r[c]:.4f}" if isinstance(r.get(c), float) else "—" for c in cols]

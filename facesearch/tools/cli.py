@@ -54,6 +54,7 @@ from facesearch.retrieval import rerank as R
 from facesearch.retrieval import verification as V
 from facesearch.retrieval.metrics import attribute_matrix, evaluate, readable
 from facesearch.retrieval.protocol import choose_queries, eligible_images
+from facesearch.threads import use_usable_cpus
 from facesearch.tools import calibrate, choose, fuse, index_cli, pretrained, tune
 from facesearch.tools.labelled import crop_entries, embed_crops, unseen_entries
 
@@ -140,7 +141,8 @@ def results_table(metrics_dir: str, backbones: list[str]) -> str:
         path = Path(metrics_dir) / f"{backbone}.json"
         try:
             m = json.loads(path.read_text())
-            rows = {label: (m[state], m[state]["n_queries"], m[state]["n_gallery"])
+            # Each state as the evaluate stage named it ("untrained (random weights)"), else generically.
+            rows = {m[state].get("model", label): (m[state], m[state]["n_queries"], m[state]["n_gallery"])
                     for state, label in M.STATE_LABELS.items()}  # fmt: skip
         except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the evaluate stage's
             raise SystemExit(f"results: {path} is no metrics file of the evaluate stage ({exc!r})") from None
@@ -255,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     res.add_argument("--show-section", default="metrics-show", help="with --readme: marker name of the README's "
                      "`dvc metrics show` block, rewritten from this checkout ('' to leave it)")  # fmt: skip
     args = parser.parse_args(argv)
+    # Every command that embeds (evaluate, calibrate, choose, index, search) does so with one thread
+    # per CPU this process may use; tune's runs set training's fixed count themselves.
+    use_usable_cpus()
     try:
         _run(args)
     except (DatasetError, ModelFileError, OSError) as exc:

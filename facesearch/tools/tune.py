@@ -33,6 +33,11 @@ from facesearch.params import load_params
 log = logging.getLogger(__name__)
 
 SCORES = ("mAP", "rank1", "rank5")
+# The kept weights' verdict thresholds, also on the validation identities: the 1:1 one at
+# verification.far and the identification one for a gallery of TAIL_GALLERY faces. Near 1 they say
+# different people crowd against the same-person bulk, whatever the ranking scores (issue 26).
+THRESHOLDS = ("threshold", "threshold_id")
+TAIL_GALLERY = 100
 
 
 ZERO_SHOT = "zero-shot (untrained)"
@@ -52,6 +57,16 @@ def run_scores(payload: dict) -> dict[str, dict[str, float]]:
     return {name: {s: float(r[f"val_{s}"]) for s in SCORES} for name, r in pick.items()}
 
 
+def thresholds(payload: dict) -> dict[str, float | None]:
+    """:data:`THRESHOLDS` of a trained model file (None where its record lacks one)."""
+    from facesearch.retrieval.verification import identification_threshold
+
+    record = payload.get("threshold") or {}
+    ident = record.get("identification")
+    return {"threshold": record.get("similarity"),
+            "threshold_id": identification_threshold(ident, TAIL_GALLERY) if ident else None}  # fmt: skip
+
+
 def summarise(runs: dict[str, list[dict[str, float]]]) -> list[dict]:
     """Mean and sample standard deviation per recipe, best validation mAP first."""
     rows = []
@@ -61,15 +76,20 @@ def summarise(runs: dict[str, list[dict[str, float]]]) -> list[dict]:
             values = np.array([sc[s] for sc in scores])
             row[f"{s}_mean"] = float(values.mean())
             row[f"{s}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None  # JSON has no NaN
+        for s in THRESHOLDS:
+            values = [sc[s] for sc in scores if sc.get(s) is not None]
+            row[f"{s}_mean"] = float(np.mean(values)) if values else None
         rows.append(row)
     # On a tie the untrained network wins: no fine-tuning is the cheaper choice.
     return sorted(rows, key=lambda r: (-r["mAP_mean"], -r["rank1_mean"], r["recipe"] != ZERO_SHOT, r["recipe"]))
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| recipe | seeds | val mAP | val Rank-1 | val Rank-5 |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"| recipe | seeds | val mAP | val Rank-1 | val Rank-5 | val threshold at FAR | val threshold, "
+             f"{TAIL_GALLERY} faces |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         cells = [f"{r[f'{s}_mean']:.4f} ± {r[f'{s}_sd'] or 0:.4f}" for s in SCORES]
+        cells += ["—" if r.get(f"{s}_mean") is None else f"{r[f'{s}_mean']:.4f}" for s in THRESHOLDS]
         lines.append(f"| {r['recipe']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -129,11 +149,15 @@ def tune(
                                 *(["--teacher", teacher] if teacher else [])])  # fmt: skip
                 payload = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
                 scores = run_scores(payload)
-                runs.setdefault(name, []).append(scores["best"])
-                per_run.append({"recipe": name, "seed": seed, "kept_epoch": payload["best_epoch"], **scores["best"]})
+                tail = thresholds(payload)
+                runs.setdefault(name, []).append(scores["best"] | tail)
+                per_run.append({"recipe": name, "seed": seed, "kept_epoch": payload["best_epoch"], **scores["best"],
+                                **tail})  # fmt: skip
                 if name == next(iter(grid)):
                     zero_shot.append(scores["zero_shot"])
-                log.info("  val %s", {k: round(v, 4) for k, v in scores["best"].items()})
+                log.info(
+                    "  val %s", {k: None if v is None else round(v, 4) for k, v in (scores["best"] | tail).items()}
+                )
     summary = summarise({**runs, ZERO_SHOT: zero_shot})
     return {"backbone": backbone, "teacher": teacher, "seeds": seeds, "grid": grid, "runs": per_run, "summary": summary,
             "chosen": next(r["recipe"] for r in summary)}  # fmt: skip

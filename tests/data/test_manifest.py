@@ -121,3 +121,11 @@ def test_landmarks_all_or_none(manifest):
     bad.loc[bad.index[0], M.SCORE] = 1.5
     with pytest.raises(M.SchemaError, match="face_score"):
         M.validate_manifest(bad)
+
+
+def test_a_state_says_what_it_is():
+    # The network training started from is named by its weights: random ones are no model (issue 26).
+    assert M.state_label("before", "none") == "untrained (random weights)"
+    assert M.state_label("before", "imagenet") == "ImageNet weights, not fine-tuned"
+    assert M.state_label("before") == M.STATE_LABELS["before"]  # weights unknown: the generic name
+    assert M.state_label("after", "none") == "fine-tuned"

@@ -425,7 +425,7 @@ def test_pipeline_gallery_counts_and_sources(root):
     assert gallery.people == split["identity"].nunique()
     assert gallery.photos == manifest.loc[split["crop_path"], "image_path"].nunique()
     assert gallery.counts_text == f"{gallery.people} people, {gallery.faces} faces, {gallery.photos} photos"
-    assert gallery.model_label == "MobileNet-V2 (faster), before fine-tuning"
+    assert gallery.model_label == "MobileNet-V2 (faster), untrained (random weights)"  # says what it is (issue 26)
     # Each result knows its source photo and box, from the crop stage's manifest.
     crop = core.crop_face(core.read_upload(sample_faces(root)[0].read_bytes()), None, gallery.settings)
     res = core.search(gallery, crop).results[0]
@@ -869,7 +869,7 @@ def test_app_upload_to_results(app, root):
     assert shows(app, app_answer(gallery, photo)) and all("similarity **" in c and "identity " in c for c in captions)
     app.sidebar.selectbox[0].select_index(1).run()  # before fine-tuning: another model, same flow
     assert not app.exception and shows(app, app_answer(core.load_gallery(root, "mobilenet_v2", "before"), photo))
-    assert "before fine-tuning" in sidebar_text(app) and "fallback" in sidebar_text(app)
+    assert "untrained (random weights)" in sidebar_text(app) and "fallback" in sidebar_text(app)
 
 
 def test_app_names_who_matched_and_groups_by_person(app, root, monkeypatch):

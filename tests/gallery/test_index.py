@@ -993,3 +993,12 @@ def test_search_fpir_moves_the_verdict_with_the_promise(models, people, tmp_path
     assert loose < next(XS.search(tmp_path / "idx", [photo]))["threshold"] < strict
     with pytest.raises(XE.PhotoIndexError, match="--fpir"):
         next(XS.search(tmp_path / "idx", [photo], fpir=1.5))
+
+
+def test_a_field_added_to_the_config_keeps_older_fingerprints(models):
+    """A model file written before ModelConfig had head_bn and one written after (head_bn false) are one model
+    to an index; head_bn true is another."""
+    payload = torch.load(models["a"], weights_only=True)
+    old = {**payload, "config": {k: v for k, v in payload["config"].items() if k != "head_bn"}}
+    assert XE.model_fingerprint(old) == XE.model_fingerprint({**payload, "config": {**old["config"], "head_bn": False}})
+    assert XE.model_fingerprint(old) != XE.model_fingerprint({**payload, "config": {**old["config"], "head_bn": True}})

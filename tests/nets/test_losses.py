@@ -10,9 +10,11 @@ from facesearch.nets.losses import (
     DISTILL_ACTIVE_COSINE,
     batch_hard_loss,
     distillation_loss,
+    negative_pairs,
     offline_triplet_loss,
     pairwise_distances,
     semi_hard_loss,
+    spread_out_loss,
 )
 
 
@@ -130,3 +132,25 @@ def test_distillation_loss_is_one_minus_the_mean_cosine(batch):
     student = student.clone().requires_grad_(True)
     distillation_loss(student, teacher)[0].backward()
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_spread_out_is_zero_for_orthogonal_people_and_high_for_one_direction():
+    labels = torch.arange(4)
+    negatives = negative_pairs(labels)
+    assert negatives.sum() == 12 and not negatives.diagonal().any()
+    assert spread_out_loss(torch.eye(4, 8), negatives) == 0  # cosines 0: mean 0, second moment 0 <= 1/8
+    same = torch.ones(4, 8, requires_grad=True)  # one shared direction: cosine 1 for every pair
+    loss = spread_out_loss(same, negatives)
+    assert torch.isclose(loss, torch.tensor(1 + (1 - 1 / 8)))
+    loss.backward()
+    assert same.grad.abs().sum() > 0
+
+
+def test_spread_out_counts_only_pairs_of_different_people(batch):
+    emb, labels = batch
+    negatives = negative_pairs(labels)
+    cos = F.normalize(emb, dim=1) @ F.normalize(emb, dim=1).T
+    values = cos[labels[:, None] != labels[None, :]]
+    expected = values.mean() ** 2 + F.relu(values.pow(2).mean() - 1 / emb.shape[1])
+    assert torch.isclose(spread_out_loss(emb, negatives), expected, atol=1e-6)
+    assert spread_out_loss(emb, torch.zeros_like(negatives)) == 0  # no pair of different people: nothing to spread

@@ -47,6 +47,19 @@ def test_head_shape_and_normalisation(name, channels):
         assert not torch.allclose(raw(torch.randn(2, 3, 32, 32)).norm(dim=1), torch.ones(2))
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
+def test_head_bn_normalises_the_head_output(name):
+    torch.manual_seed(0)
+    model = get_model(name, weights="none", embedding_dim=16, img_size=32, head_bn=True)
+    assert isinstance(model.head[-1], nn.BatchNorm1d) and model.head[-1].num_features == 16
+    assert model.config.head_bn
+    with torch.no_grad():
+        z = model.train()(torch.randn(4, 3, 32, 32))
+    assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
+    with pytest.raises(ValueError, match="head_bn"):
+        get_model("dlib_resnet", weights="none", head_bn=True)  # dlib's own head is the point of that backbone
+
+
 def test_freeze_last_n_layers_counts_parameter_layers():
     model = get_model("mobilenet_v2", weights="none", trainable_layers=10)
     layers = parameter_layers(model)

@@ -82,7 +82,7 @@ def test_metrics_shape_cmc_and_figure(evaluated):
     assert (np.diff(cmc["after"]) >= 0).all() and cmc["after"].iloc[-1] == 1.0
     assert Image.open(evaluated / "fig.png").size == (10 * 112, 2 * 112)
     table = results_table(str(evaluated / "metrics"), ["m"])
-    assert table.count("\n") == 4 and "fine-tuned" in table
+    assert table.count("\n") == 4 and "| m | fine-tuned |" in table and "| m | untrained (random weights) |" in table
     text = replace_section("a\n<!-- r:start -->\nold\n<!-- r:end -->\nb", "r", table)
     assert "old" not in text and table in text
 
@@ -93,6 +93,10 @@ def test_headline_is_a_few_details_under_short_names(evaluated, prepared):
     long_names = {"rank1": "rank1", "mAP": "mAP", "loo_mAP": "loo_mAP", "val_mAP": "val_mAP",
                   "tpir@fpir1e-2": "openall_tpir@fpir1e-2", "fpir": "openall_fpir", "fnir": "openall_fnir",
                   "tar@far1e-3": "ver_tar@far1e-3"}  # fmt: skip
+    # Each state says what it is: the tiny recipe starts from random weights (issue 26).
+    assert json.loads((evaluated / "emb" / "states.json").read_text()) == {
+        "before": "untrained (random weights)", "after": "fine-tuned"}  # fmt: skip
+    assert (details["before"]["model"], details["after"]["model"]) == ("untrained (random weights)", "fine-tuned")
     for state in ("before", "after"):
         headline = json.loads((evaluated / f"{state}.json").read_text())
         assert headline == {short: details[state][long] for short, long in long_names.items()}, state

@@ -259,6 +259,25 @@ def test_offline_triplets_and_batch_hard_guard(prepared):
     assert payload["history"][-1]["fallback"] == 1.0
 
 
+def test_the_spread_out_term_is_added_on_pairs_of_different_people():
+    from dataclasses import replace
+
+    from facesearch.nets.losses import negative_pairs, spread_out_loss
+
+    params = load_params(REPO / "params.yaml")["train"]["mobilenet_v2"]
+    cfg = replace(train.TrainConfig.from_params(params), loss="semi_hard", spread_weight=0.0)
+    emb = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    net = torch.nn.Identity()
+    plain, stats = train.compute_loss(net, emb, labels, cfg, 0, False)
+    spread, _ = train.compute_loss(net, emb, labels, replace(cfg, spread_weight=2.0), 0, False)
+    assert torch.isclose(spread - plain, 2.0 * spread_out_loss(emb, negative_pairs(labels)))
+    assert set(stats) == {"active", "spread", "fallback"}
+    # Offline triplets (anchor, positive, negative thirds): only each anchor and its own negative.
+    mask = train.triplet_negatives(2, torch.device("cpu"))
+    assert {tuple(ij) for ij in mask.nonzero().tolist()} == {(0, 4), (4, 0), (1, 5), (5, 1)}
+
+
 def test_unknown_params_are_rejected(prepared):
     with pytest.raises(ValueError, match="unknown train params"):
         run_train(prepared, "typo", {"learning_rate": 0.1})

@@ -99,7 +99,7 @@ def test_choose_scores_flip_and_descriptors_on_validation_identities_only(prepar
     work = tmp_path / "work"
     for rel in ("data/split/train.parquet", "data/split/val.parquet", "data/split/triplets.parquet",
                 "data/arrays/train.npy", "data/arrays/train.json", "data/arrays/val.npy",
-                "data/arrays/val.json", "params.yaml"):  # fmt: skip
+                "data/arrays/val.json", "data/source.json", "params.yaml"):  # fmt: skip
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(prepared / rel, work / rel)
     model = run_train(work, "m", {"epochs": 1, "tta_jitters": 0}) / "model.pt"  # saved as flip, no jitter
@@ -129,4 +129,4 @@ def test_choose_scores_flip_and_descriptors_on_validation_identities_only(prepar
     assert result["chosen"]["embeddings"] != "ref"  # the choice is among the model's own settings
     assert result["n_val_photos"] == len(val)
     for r in result["rows"]:
-        assert 0 <= r["two mAP"] <= 1 and "all loo_mAP" in r and "ver_auc" in r
+        assert 0 <= r["two mAP"] <= 1 and "all loo_mAP" in r and "ver_auc" in r and "ver_threshold@far1e-3" in r

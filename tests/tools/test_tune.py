@@ -11,7 +11,7 @@ import yaml
 from conftest import TINY, TINY_CROP, run_train, write_params
 
 from facesearch.tools.cli import main as cli_main
-from facesearch.tools.tune import check_grid, summarise
+from facesearch.tools.tune import ZERO_SHOT, check_grid, summarise
 
 
 def test_summary_is_mean_and_sd_best_first():
@@ -48,6 +48,10 @@ def test_tune_trains_every_recipe_and_seed_on_validation_only(prepared, tmp_path
     best = max(result["summary"], key=lambda r: r["mAP_mean"])
     assert result["chosen"] == best["recipe"]
     assert all(r["seeds"] == 2 for r in result["summary"])
+    # Each run's verdict thresholds on the validation identities, beside its ranking scores.
+    # (float32 cosines: a hair above 1 where the tiny runs put different people together)
+    assert all(-1 <= r[k] <= 1 + 1e-5 for r in result["runs"] for k in ("threshold", "threshold_id"))
+    assert result["summary"][0]["threshold_mean"] is not None or result["summary"][0]["recipe"] == ZERO_SHOT
     # Different seeds are different runs (else the spread would be meaningless).
     slow = [r for r in result["runs"] if r["recipe"] == "slow"]
     assert slow[0]["mAP"] != slow[1]["mAP"] or slow[0]["rank1"] != slow[1]["rank1"]
