@@ -161,7 +161,7 @@ def write_params(path: Path, overrides: dict | None = None) -> Path:
         node = params
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node[key]
+            node = node.setdefault(key, {})  # a block the repo's params leave empty ({}), e.g. fusions
         node[leaf] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

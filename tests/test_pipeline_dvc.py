@@ -30,7 +30,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def test_dvc_reruns_exactly_what_changed(repo_root, tmp_path):
     repo = tiny_repo_copy(repo_root, tmp_path / "repo")
-    # The fused model of the two (params.yaml: fusions) follows either member.
+    # A fused model of the two (params.yaml: fusions, empty by default) follows either member.
+    set_param(repo, "fusions.resnet50_mobilenet_v2", {"members": ["resnet50", "mobilenet_v2"], "step": 0.5})
     fused = {"fuse@resnet50_mobilenet_v2", "evaluate_fused@resnet50_mobilenet_v2"}
     per_backbone = {f"{stage}@{b}" for stage in ("train", "embed", "evaluate") for b in ("resnet50", "mobilenet_v2")}
     per_backbone |= fused
