@@ -89,7 +89,7 @@ def test_reads_refuse_arrays_that_are_not_current(tmp_path):
     assert load_array(out, crop_side=40, min_side=16).shape[1] == 24  # larger than needed: resized on the fly
     with pytest.raises(ValueError, match="re-run the chips stage"):
         load_array(out, expected_rows=4)
-    with pytest.raises(ValueError, match=r"from 40 px crops but crop\.size is 48"):
+    with pytest.raises(ValueError, match="from 40 px crops but its chip size is 48"):
         load_array(out, crop_side=48)
     with pytest.raises(ValueError, match="below img_size 32"):
         load_array(out, min_side=32)
