@@ -87,9 +87,9 @@ def test_reads_refuse_arrays_that_are_not_current(tmp_path):
     pack_crops(paths, out, side=24)
     assert load_array(out, expected_rows=3, crop_side=40, min_side=24).shape == (3, 24, 24, 3)
     assert load_array(out, crop_side=40, min_side=16).shape[1] == 24  # larger than needed: resized on the fly
-    with pytest.raises(ValueError, match="re-run pack"):
+    with pytest.raises(ValueError, match="re-run the chips stage"):
         load_array(out, expected_rows=4)
-    with pytest.raises(ValueError, match=r"from 40 px crops but crop\.size is 48"):
+    with pytest.raises(ValueError, match="from 40 px crops but its chip size is 48"):
         load_array(out, crop_side=48)
     with pytest.raises(ValueError, match="below img_size 32"):
         load_array(out, min_side=32)
@@ -113,7 +113,7 @@ def test_pack_roundtrip_and_stale_guard(tmp_path):
     assert pack_crops(paths, tmp_path / "a.npy") == 3
     arr = load_array(tmp_path / "a.npy", expected_rows=3)
     assert np.array_equal(arr, imgs)
-    with pytest.raises(ValueError, match="re-run pack"):
+    with pytest.raises(ValueError, match="re-run the chips stage"):
         load_array(tmp_path / "a.npy", expected_rows=4)
     Image.fromarray(imgs[0][:10]).save(tmp_path / "odd.png")
     with pytest.raises(ValueError, match="expected"):

@@ -62,7 +62,7 @@ def models(people, tmp_path_factory) -> dict[str, Path]:
     faces = []
     for path in all_files(people):
         rgb = decode_image(path.read_bytes(), 40_000_000).rgb
-        faces.append(photos.crops(rgb, photos.detect(rgb, CROP).boxes, CROP))
+        faces.append(photos.crops(rgb, photos.detect(rgb, CROP), CROP))
     d = tmp_path_factory.mktemp("models")
     return {name: tiny_model(d / f"{name}.pt", seed, np.concatenate(faces)) for name, seed in (("a", 0), ("b", 1))}
 
