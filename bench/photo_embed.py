@@ -19,11 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import facesearch  # noqa: F401  (before torch: sets how its threads wait, facesearch/__init__.py)
 from facesearch.data.celeba import find_image_dir, list_images
 from facesearch.data.images import ImageRejected
 from facesearch.gallery.embedder import LIMITS, Embedder, file_faces
@@ -60,6 +58,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="dlib_resnet,sface,dlib_sface", help="pretrained names; first: baseline")
     args = parser.parse_args()
+    import cv2
+    import torch
+
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     photos = [p.read_bytes() for p in photo_paths(Path(args.data), args.n, args.seed)]

@@ -162,7 +162,7 @@ def test_core_raises_only_upload_errors(monkeypatch, caplog):
     monkeypatch.setattr(photos, "find_faces", boom)
     with pytest.raises(core.UploadError, match="Looking for faces"):
         core.find_faces(photo, core.FaceConfig())
-    monkeypatch.setattr(photos, "face_crop", boom)
+    monkeypatch.setattr(photos, "cut_face", boom)
     with pytest.raises(core.UploadError, match="Cutting the face"):
         core.crop_face(photo, (0, 0, 10, 10), core.FaceConfig())
     monkeypatch.setattr(photos, "embed_array", boom)

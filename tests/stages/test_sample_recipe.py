@@ -39,7 +39,7 @@ def recipe_sample(sample_factory, tmp_path_factory):
     data = sample_factory(identities=30, images_per_identity=8, seed=7)
     run_crop(work, data, {"crop.size": 64})
     write_params(work / "params.yaml", {"crop.size": 64, "split.val_fraction": 0.3, "split.test_fraction": 0.1})
-    from stages import pack, split
+    from stages import chips, split
 
     cwd = os.getcwd()
     os.chdir(work)
@@ -47,7 +47,8 @@ def recipe_sample(sample_factory, tmp_path_factory):
         split.main(
             ["--manifest", "data/manifest.parquet", "--out", "data/split", "--metrics", "m.json", "--details", "d.json"]
         )
-        pack.main(["--split", "data/split", "--out", "data/arrays"])
+        chips.main(["--backbone", "mobilenet_v2", "--data", str(data), "--split", "data/split",
+                    "--out", "data/arrays/mobilenet_v2"])  # fmt: skip
     finally:
         os.chdir(cwd)
     return work
@@ -63,7 +64,7 @@ def separation(work, name: str, overrides: dict) -> dict:
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        train.main(["--backbone", "mobilenet_v2", "--split", "data/split", "--arrays", "data/arrays",
+        train.main(["--backbone", "mobilenet_v2", "--split", "data/split", "--arrays", "data/arrays/mobilenet_v2",
                     "--out", f"{name}/model.pt", "--checkpoint", f"{name}/ckpt", "--live", f"{name}/live",
                     "--source", "data/source.json", "--params", str(params)])  # fmt: skip
     finally:
@@ -71,7 +72,7 @@ def separation(work, name: str, overrides: dict) -> dict:
     model, payload = load_model(work / name / "model.pt")
     val = pd.read_parquet(work / "data/split/val.parquet")
     labels = val["identity"].to_numpy()
-    emb = embed_array(model, load_array(work / "data/arrays/val.npy", len(val)), 64, torch.device("cpu"))
+    emb = embed_array(model, load_array(work / "data/arrays/mobilenet_v2/val.npy", len(val)), 64, torch.device("cpu"))
     sim = emb @ emb.T
     i, j = np.triu_indices(len(emb), 1)
     different = labels[i] != labels[j]

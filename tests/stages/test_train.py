@@ -343,6 +343,9 @@ DISTILL = {
     "lr": 0.003,
     "keep": "last",
     "distill_centre": True,
+    # The sample recipe's head batch norm (issue 26) re-centres the student's output each batch: its
+    # agreement with raw teacher targets is not what this test measures.
+    "head_bn": False,
 }
 
 
