@@ -32,17 +32,13 @@ from facesearch.io import atomic_dir, write_json_atomic, write_parquet_atomic
 from facesearch.nets import fused as FU
 from facesearch.nets.models import ModelFileError, failure_line, load_model, save_model
 from facesearch.params import load_params
-from facesearch.retrieval.metrics import leave_one_out_metrics
+from facesearch.retrieval.metrics import leave_one_out_map
 from facesearch.retrieval.verification import calibrate
 
 log = logging.getLogger("facesearch.fuse")
 
 SETS = ("query", "gallery", "val")  # the embed stage's
 STATES = ("before", "after")
-
-
-def loo_map(emb: np.ndarray, labels: np.ndarray) -> float:
-    return float(leave_one_out_metrics(emb, labels)["mAP"])
 
 
 def read_member(folder: Path) -> dict:
@@ -90,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
 
     val = [m["emb"][("after", "val")] for m in members]
     for name, emb in zip(names, val, strict=True):
-        log.info("%s alone: validation LOO mAP %.4f", name, loo_map(emb, labels["val"]))
-    chosen = FU.choose_weights(val, labels["val"], loo_map, float(spec["step"]))
+        log.info("%s alone: validation LOO mAP %.4f", name, leave_one_out_map(emb, labels["val"]))
+    chosen = FU.choose_weights(val, labels["val"], leave_one_out_map, float(spec["step"]))
     log.info("weights %s: validation LOO mAP %.4f", chosen["weights"], chosen["score"])
 
     verification = params["verification"]

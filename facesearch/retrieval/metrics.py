@@ -126,6 +126,11 @@ def leave_one_out_metrics(
     return summary(first, ap, ks)
 
 
+def leave_one_out_map(emb: np.ndarray, labels: np.ndarray) -> float:
+    """The leave-one-out mAP of :func:`leave_one_out_metrics`: the score fused-model weights are chosen by."""
+    return float(leave_one_out_metrics(emb, labels)["mAP"])
+
+
 def loo_queries(labels: np.ndarray) -> tuple[dict, np.ndarray, int]:
     """(identity -> its image indices ascending, indices of the images that query, most relevant per query).
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import asdict
 
 import numpy as np
 
 from facesearch.data.layouts import AUTO, LABELLED_LAYOUTS
 from facesearch.nets import fused as FU
 from facesearch.nets.models import ModelFileError, failure_line, load_model, resolve_device, save_model
-from facesearch.retrieval.metrics import leave_one_out_metrics
+from facesearch.retrieval.metrics import leave_one_out_map
 from facesearch.tools.calibrate import CalibrationError, folder_embeddings, settings, summary_lines, verdict_record
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,6 @@ def member_parts(fused: np.ndarray, dims: list[int], weights: list[float]) -> li
     return [fused[:, a:b] / np.sqrt(w) for a, b, w in zip(bounds[:-1], bounds[1:], weights, strict=True)]
 
 
-def loo_map(emb: np.ndarray, labels: np.ndarray) -> float:
-    """Leave-one-out mAP over the photos (every photo a query against all others)."""
-    return float(leave_one_out_metrics(emb, labels)["mAP"])
-
-
 def fuse_models(
     models: list[str], out: str, weights: str | None = None, data: str | None = None, split: str | None = None,
     step: float = 0.1, params_file: str | None = "params.yaml", layout: str = AUTO, n_jobs: int = -1,
@@ -87,15 +83,15 @@ def fuse_models(
         cfg = settings(params_file, None, None)
         dev = resolve_device(device)
         # One pass over the folder with equal weights gives every member's embeddings at once.
-        payload = {"config": FU.fused_config_fields(net.members, net.sheet), **extra}
+        payload = {"config": asdict(net.config), **extra}
         emb, labels, record = folder_embeddings(
             net, payload, data, layout=layout, trained_elsewhere=trained_elsewhere, n_jobs=n_jobs, device=dev,
             split=split, parts=("val",), purpose="fuse",
         )  # fmt: skip
         parts = member_parts(emb, [m.config.embedding_dim for m in net.members], list(net.weights))
-        chosen = FU.choose_weights(parts, labels, loo_map, step)
+        chosen = FU.choose_weights(parts, labels, leave_one_out_map, step)
         for name, part in zip(names, parts, strict=True):
-            log.info("fuse: %s alone, LOO mAP %.4f", name, loo_map(part, labels))
+            log.info("fuse: %s alone, LOO mAP %.4f", name, leave_one_out_map(part, labels))
         log.info("fuse: weights %s, LOO mAP %.4f on %s", chosen["weights"], chosen["score"], record["description"])
         net, extra = FU.fused_payload([m for m, _ in loaded], [p for _, p in loaded], names, chosen["weights"],
                                       chosen={"on": record, "score": "leave-one-out mAP", **chosen})  # fmt: skip
